@@ -1,0 +1,194 @@
+"""``PruMergeEncoder``: a Hugging Face CLIP vision tower (+ LLaVA projector) with the reducer inside its graph.
+
+The tower is run layer by layer up to what is needed: LLaVA reads the penultimate layer's output, and PruMerge
+needs only the last layer's q/k, which are that same tensor through the last layer's ``layer_norm1`` and
+``q_proj``/``k_proj``. So the last layer's attention and MLP are never computed, and no forward hook (global,
+stateful, not exportable) is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_state, vision_state
+from .errors import CheckpointError, ConfigError, InputError
+from .reduce.config import Method, ReducerConfig
+from .reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
+
+_SUPPORTED_TOWERS = ("clip_vision_model",)
+
+
+class PruMergeEncoder(nn.Module):
+    """``pixel_values [B, 3, H, W]`` -> :class:`ReducedTokens` (tokens optionally projected to the LLM width).
+
+    ``method="none"`` returns the plain LLaVA features (every patch, or CLS + patches for the ``full`` feature
+    strategy) in the same contract, as the unreduced baseline.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        reducer: ReducerConfig,
+        projector: nn.Module | None = None,
+        feature_layer: int = -2,
+        keep_cls: bool = False,
+        source: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.tower = tower
+        self.reducer = reducer
+        self.projector = projector
+        self.keep_cls = keep_cls
+        self.source = source or {}
+        config = tower.config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.grid = config.image_size // config.patch_size
+        self.num_patches = self.grid * self.grid
+        if not -(self.num_layers + 1) <= feature_layer <= self.num_layers:
+            raise ConfigError(f"feature layer {feature_layer} is outside the tower's {self.num_layers + 1} hidden states")
+        self.feature_index = feature_layer % (self.num_layers + 1)  # index into HF hidden_states
+        if reducer.method is Method.NONE:
+            self.capacity = self.num_patches + (1 if keep_cls else 0)
+        else:
+            self.capacity = reducer.resolved_capacity(self.num_patches)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        method: str | Method = "prumerge",
+        project: bool = True,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        **reducer_options: Any,
+    ) -> "PruMergeEncoder":
+        """Load the vision side of a CLIP vision, CLIP or LLaVA (llava-hf layout) checkpoint.
+
+        ``project=True`` applies the LLaVA projector when the checkpoint has one (tokens come out LLM-ready).
+        Extra keyword arguments are :class:`ReducerConfig` fields (``attention``, ``order``, ``capacity``, ...).
+        """
+        from transformers import AutoConfig
+
+        reducer = ReducerConfig(method=Method.parse(method), **reducer_options)
+        checkpoint = Checkpoint.open(path_or_id, revision=revision)
+        try:
+            config = AutoConfig.from_pretrained(str(checkpoint.config_dir()))
+        except Exception as exc:
+            raise CheckpointError(f"{checkpoint.source}: cannot parse config.json ({exc})") from exc
+
+        model_type = config.model_type
+        feature_layer, keep_cls, projector_config = -2, False, None
+        if model_type == "llava":
+            vision_config = config.vision_config
+            feature_layer = config.vision_feature_layer
+            if not isinstance(feature_layer, int):
+                raise CheckpointError(f"{checkpoint.source}: multi-layer vision features {feature_layer} are not supported")
+            keep_cls = config.vision_feature_select_strategy == "full"
+            projector_config = config if project else None
+            wanted = lambda key: is_vision_key(key) or (project and is_projector_key(key))  # noqa: E731
+        elif model_type == "clip":
+            vision_config = config.vision_config
+            wanted = lambda key: key.startswith("vision_model.")  # noqa: E731
+        elif model_type == "clip_vision_model":
+            vision_config = config
+            wanted = lambda key: True  # noqa: E731
+        else:
+            raise CheckpointError(
+                f"{checkpoint.source}: model type {model_type!r} is not supported (expected llava, clip or clip_vision_model)"
+            )
+        if vision_config.model_type not in _SUPPORTED_TOWERS:
+            raise CheckpointError(f"{checkpoint.source}: vision tower {vision_config.model_type!r} is not supported yet")
+
+        state = checkpoint.read_tensors(wanted)
+        tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
+        projector = None
+        if projector_config is not None:
+            projector = _load_projector(projector_config, projector_state(state), checkpoint.source)
+        source = {"model": checkpoint.source, "revision": revision, "fingerprint": checkpoint.fingerprint(), "model_type": model_type}
+        encoder = cls(tower, reducer, projector=projector, feature_layer=feature_layer, keep_cls=keep_cls, source=source)
+        return encoder.to(dtype).eval()
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def output_width(self) -> int:
+        if self.projector is not None:
+            return self.projector.linear_2.out_features
+        return self.tower.config.hidden_size
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        expected = (3, self.image_size, self.image_size)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InputError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise InputError(f"pixel_values must be [batch, {', '.join(map(str, expected))}], got {tuple(pixel_values.shape)}")
+
+    def tower_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(hidden [B, 1+P, D], q, k)``: the LLaVA feature layer's output and the last layer's q/k.
+
+        Only ``max(feature_index, num_layers - 1)`` layers run (the last layer's input is all q/k need).
+        """
+        tower = self.tower
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype)))
+        states = [hidden]
+        for layer in tower.encoder.layers[: max(self.feature_index, self.num_layers - 1)]:
+            out = layer(states[-1], attention_mask=None)
+            states.append(out[0] if isinstance(out, tuple) else out)
+        last = tower.encoder.layers[self.num_layers - 1]
+        normed = last.layer_norm1(states[self.num_layers - 1])
+        return states[self.feature_index], last.self_attn.q_proj(normed), last.self_attn.k_proj(normed)
+
+    def forward(self, pixel_values: torch.Tensor) -> ReducedTokens:
+        self.check_pixels(pixel_values)
+        hidden, q, k = self.tower_outputs(pixel_values)
+        batch = hidden.shape[0]
+        if self.reducer.method is Method.NONE:
+            check_inputs(hidden[:, 1:], q, k)
+            features = hidden if self.keep_cls else hidden[:, 1:]
+            count = features.shape[1]
+            out = ReducedTokens(
+                features,
+                torch.full((batch,), count, dtype=torch.int64, device=features.device),
+                torch.arange(count, device=features.device).expand(batch, count) - (1 if self.keep_cls else 0),
+                torch.zeros(batch, dtype=torch.bool, device=features.device),
+            )
+        else:
+            out = reduce_tokens(hidden[:, 1:], q, k, self.reducer, num_heads=self.num_heads)
+        if self.projector is None:
+            return out
+        projected = self.projector(out.tokens)
+        valid = torch.arange(projected.shape[1], device=projected.device).unsqueeze(0) < out.num_tokens.unsqueeze(-1)
+        projected = torch.where(valid.unsqueeze(-1), projected, torch.zeros_like(projected))  # padding stays zero
+        return ReducedTokens(projected, out.num_tokens, out.indices, out.truncated)
+
+
+def _load_tower(vision_config, state: dict, source: str) -> nn.Module:
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(vision_config)
+    needed = {k for k in tower.state_dict() if not k.startswith("post_layernorm.")}
+    missing = sorted(needed - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{source}: vision tower weights missing from the checkpoint: {shown}")
+    tower.load_state_dict(state, strict=False)
+    return tower
+
+
+def _load_projector(config, state: dict, source: str) -> nn.Module:
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    projector = LlavaMultiModalProjector(config)
+    expected = set(projector.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: projector weights missing from the checkpoint: {', '.join(missing)}")
+    projector.load_state_dict({k: state[k] for k in expected})
+    return projector

@@ -1,0 +1,51 @@
+"""PruMerge / PruMerge+ in pure torch: CLS attention, IQR outlier budget, key-cosine merge, PruMerge+ sampling.
+
+``prumerge.reduce.config`` is stdlib-only (the manifest and the torch-free runtime read it); the torch parts are
+imported on first use so that importing the config does not pull in torch.
+"""
+
+from importlib import import_module
+
+from .config import (
+    EXTRA_TOKEN_INDEX,
+    PADDING_INDEX,
+    Attention,
+    MergeWeights,
+    Method,
+    Order,
+    ReducerConfig,
+    default_capacity,
+    max_outliers,
+)
+
+_LAZY = {
+    "cls_attention": ".attention",
+    "merge_tokens": ".merge",
+    "iqr_outlier_count": ".outliers",
+    "linear_quantile": ".outliers",
+    "ReducedTokens": ".reducer",
+    "reduce_tokens": ".reducer",
+    "Selection": ".selection",
+    "plus_stride": ".selection",
+    "select_tokens": ".selection",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "EXTRA_TOKEN_INDEX",
+    "PADDING_INDEX",
+    "Attention",
+    "MergeWeights",
+    "Method",
+    "Order",
+    "ReducerConfig",
+    "default_capacity",
+    "max_outliers",
+    *_LAZY,
+]

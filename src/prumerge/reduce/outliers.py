@@ -1,0 +1,39 @@
+"""Adaptive token budget: how many patch scores are IQR outliers, per image.
+
+The official code pools the whole batch into one numpy array (so at batch > 1 every image gets the batch's
+count); here each image gets its own count, computed with sort + fixed-index interpolation so the graph stays
+static and exports to ONNX (``torch.quantile`` does not export everywhere).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def linear_quantile(sorted_scores: torch.Tensor, q: float) -> torch.Tensor:
+    """``q``-quantile of ascending ``[B, P]`` scores with numpy's default 'linear' method, shape ``[B]``.
+
+    The position ``q*(P-1)`` is known at trace time, so this is two static gathers and a lerp written the way
+    numpy writes it (interpolating from the nearer end), which keeps results bit-close to ``np.percentile``.
+    """
+    n = sorted_scores.shape[-1]
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    t = pos - lo
+    a = sorted_scores[..., lo]
+    b = sorted_scores[..., hi]
+    if t >= 0.5:
+        return b - (b - a) * (1.0 - t)
+    return a + (b - a) * t
+
+
+def iqr_outlier_count(scores: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
+    """Number of scores strictly above ``Q3 + factor * IQR`` for each row of ``[B, P]``; int64 ``[B]``."""
+    ordered = torch.sort(scores, dim=-1).values
+    q1 = linear_quantile(ordered, 0.25)
+    q3 = linear_quantile(ordered, 0.75)
+    upper = q3 + factor * (q3 - q1)
+    return (scores > upper.unsqueeze(-1)).sum(dim=-1)

@@ -1,0 +1,96 @@
+"""The reducer as one function with one output contract, shared by PyTorch, ONNX export and every runtime.
+
+Contract (all shapes static, so padded ONNX / TensorRT graphs stay static):
+``tokens [B, C, D]``, ``num_tokens [B]`` int64, ``indices [B, C]`` int64, ``truncated [B]`` bool, where ``C`` is the
+capacity. Slots below ``num_tokens - 1`` hold merged tokens (``indices`` = source patch), slot ``num_tokens - 1``
+holds the extra token (``EXTRA_TOKEN_INDEX``), later slots are zero padding (``PADDING_INDEX``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..errors import InputError
+from .attention import cls_attention
+from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
+from .merge import merge_tokens
+from .outliers import iqr_outlier_count
+from .selection import select_tokens
+
+
+class ReducedTokens(NamedTuple):
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    indices: torch.Tensor
+    truncated: torch.Tensor
+
+
+def _tracing() -> bool:
+    """True while torch.onnx / torch.export / jit trace the graph: data checks must not enter the graph then."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    exporting = getattr(torch.onnx, "is_in_onnx_export", lambda: False)()
+    return bool(compiling or exporting or torch.jit.is_tracing())
+
+
+def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Shape checks always; a finiteness check in eager mode (NaN scores would make the selection arbitrary)."""
+    if features.dim() != 3:
+        raise InputError(f"features must be [batch, patches, width], got shape {tuple(features.shape)}")
+    batch, num_patches, _ = features.shape
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != num_patches + 1:
+            raise InputError(
+                f"{name} must be [batch, 1 + patches, width] = [{batch}, {num_patches + 1}, *] "
+                f"(CLS first), got shape {tuple(t.shape)}"
+            )
+    if q.shape[2] != k.shape[2]:
+        raise InputError(f"q and k widths differ: {q.shape[2]} vs {k.shape[2]}")
+    if num_patches < 2:
+        raise InputError(f"the reducer needs at least 2 patches, got {num_patches}")
+    if not _tracing():
+        for name, t in (("features", features), ("q", q), ("k", k)):
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{name} contains NaN or Inf values; the vision tower produced invalid activations")
+
+
+def reduce_tokens(
+    features: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: ReducerConfig = ReducerConfig(),
+    num_heads: int = 1,
+) -> ReducedTokens:
+    """Run PruMerge / PruMerge+ on ``features [B, P, D]`` with last-layer ``q, k [B, 1 + P, Dk]``.
+
+    Computation is float32 whatever the input dtype (fp16 softmax and quantiles would move the outlier
+    threshold); tokens come back in the features' dtype.
+    """
+    if config.method is Method.NONE:
+        raise InputError("reduce_tokens needs method 'prumerge' or 'prumerge+'; 'none' keeps all patches")
+    check_inputs(features, q, k)
+    out_dtype = features.dtype
+    features, q, k = features.float(), q.float(), k.float()
+    batch, num_patches, width = features.shape
+    capacity = config.resolved_capacity(num_patches)
+
+    scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention)
+    outliers = iqr_outlier_count(scores, config.iqr_factor)
+    selection = select_tokens(scores, outliers, config, capacity)
+    merged, extra = merge_tokens(features, k[:, 1:], scores, selection.slots, selection.selected, config)
+
+    slot = torch.arange(capacity, device=features.device).unsqueeze(0)
+    count = selection.num_selected.unsqueeze(-1)
+    pad_rows = capacity - merged.shape[1]
+    merged = torch.cat([merged, merged.new_zeros(batch, pad_rows, width)], dim=1)
+    slots = torch.cat([selection.slots, selection.slots.new_full((batch, pad_rows), PADDING_INDEX)], dim=1)
+    is_token = (slot < count).unsqueeze(-1)
+    is_extra = (slot == count).unsqueeze(-1)
+    tokens = torch.where(is_token, merged, torch.where(is_extra, extra, torch.zeros_like(merged)))
+    indices = torch.where(
+        slot < count,
+        slots,
+        torch.where(slot == count, torch.full_like(slots, EXTRA_TOKEN_INDEX), torch.full_like(slots, PADDING_INDEX)),
+    )
+    return ReducedTokens(tokens.to(out_dtype), selection.num_selected + 1, indices, selection.truncated)

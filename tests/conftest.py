@@ -1,0 +1,53 @@
+"""Tiny models built from configs and saved to disk, so tests load them through the same path as a user's checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=112, patch_size=14
+)
+
+
+def tiny_vision_config(**overrides):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**{**TINY_VISION, **overrides})
+
+
+def tiny_llava(seed=0, **vision_overrides):
+    import torch
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=512,
+    )
+    config = LlavaConfig(vision_config=tiny_vision_config(**vision_overrides), text_config=text, image_token_id=255)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    import torch
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(1)
+    model = CLIPVisionModel(tiny_vision_config()).eval()
+    path = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    model = tiny_llava()
+    path = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(path)
+    return path
