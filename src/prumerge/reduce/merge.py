@@ -7,7 +7,6 @@ here one batched similarity matrix, one top-k and one sparse-weight matmul do th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .config import MergeWeights, ReducerConfig
 
@@ -28,27 +27,37 @@ def merge_tokens(
     """
     batch, num_patches, width = features.shape
     num_slots = slots.shape[1]
-    unit_keys = F.normalize(keys, p=2, dim=-1)
-    gather_index = slots.unsqueeze(-1).expand(batch, num_slots, width)
-    slot_keys = unit_keys.gather(1, gather_index)
-    slot_features = features.gather(1, gather_index)
+    # Cosine similarity as raw dot products scaled by inverse norms: the same value as F.normalize'd keys
+    # (same eps clamp) without dividing the whole [B, P, D] key tensor.
+    inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
+    gather_index = slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1])
+    slot_keys = keys.gather(1, gather_index)
+    slot_features = features.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, width))
 
-    similarity = torch.matmul(slot_keys, unit_keys.transpose(1, 2))  # [B, S, P]
+    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
+    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
     similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))  # a patch is not its own neighbour
     num_neighbors = min(config.neighbors, num_patches - 1)
-    slot_scores = scores.unsqueeze(1).expand(batch, num_slots, num_patches)
-    weights = torch.zeros_like(similarity)
     if num_neighbors > 0:
-        neighbors = torch.topk(similarity, num_neighbors, dim=-1).indices
-        weights = weights.scatter(-1, neighbors, slot_scores.gather(-1, neighbors))
-    neighbor_sum = torch.matmul(weights, features)
+        neighbors = torch.topk(similarity, num_neighbors, dim=-1).indices  # [B, S, n]
+        weights = scores.gather(1, neighbors.reshape(batch, -1)).reshape(batch, num_slots, 1, num_neighbors)
+        # Row gather from the flattened batch (index_select) + one small matmul per slot: S*n*D work instead of a
+        # dense [S, P] x [P, D] product.
+        flat = (neighbors + (torch.arange(batch, device=features.device) * num_patches).view(batch, 1, 1)).reshape(-1)
+        neighbor_features = features.reshape(batch * num_patches, width).index_select(0, flat)
+        neighbor_features = neighbor_features.reshape(batch, num_slots, num_neighbors, width)
+        neighbor_sum = torch.matmul(weights, neighbor_features).squeeze(2)  # [B, S, D]
+        weight_total = weights.sum(dim=-1).squeeze(2).unsqueeze(-1)  # [B, S, 1]
+    else:
+        neighbor_sum = torch.zeros_like(slot_features)
+        weight_total = slot_features.new_zeros(batch, num_slots, 1)
     merged = slot_features + neighbor_sum
 
     pruned_weights = torch.where(selected, torch.zeros_like(scores), scores).unsqueeze(1)  # [B, 1, P]
     extra = torch.matmul(pruned_weights, features)
     if config.merge_weights is MergeWeights.NORMALIZED:
         own = scores.gather(-1, slots).unsqueeze(-1)
-        merged = (own * slot_features + neighbor_sum) / (own + weights.sum(-1, keepdim=True))
+        merged = (own * slot_features + neighbor_sum) / (own + weight_total)
         total = pruned_weights.sum(-1, keepdim=True)
         extra = extra / torch.where(total > 0, total, torch.ones_like(total))
     return merged, extra
