@@ -5,7 +5,10 @@ Imports of torch-heavy modules happen inside the commands, so ``--help`` and tor
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,6 +31,146 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="prumerge-export")
 def main() -> None:
     """Export LLaVA-style vision towers with the PruMerge / PruMerge+ token reducer inside the graph."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def build_options(func):
+    """Options shared by ``build`` and ``demo`` (one definition, so the two cannot drift)."""
+    decorators = [
+        click.option("--method", type=click.Choice(["prumerge", "prumerge+", "none"]), default="prumerge", show_default=True),
+        click.option("--output", type=click.Choice(["padded", "dynamic"]), default="padded", show_default=True,
+                     help="padded: static [B, K_max, D] (TensorRT 10.3 / JetPack 6); dynamic: token axis trimmed to the batch's longest count"),
+        click.option("--max-tokens", type=int, default=None, help="capacity K_max (default: enough for the method on this grid)"),
+        click.option("--opset", type=int, default=18, show_default=True),
+        click.option("--fp16", is_flag=True, help="export fp16 weights (the reducer still computes in fp32)"),
+        click.option("--batch-max", type=int, default=16, show_default=True, help="largest batch the graph accepts"),
+        click.option("--attention", type=click.Choice(["official", "per_head"]), default="official", show_default=True),
+        click.option("--order", type=click.Choice(["official", "spatial"]), default="official", show_default=True),
+        click.option("--merge-weights", type=click.Choice(["official", "normalized"]), default="official", show_default=True),
+        click.option("--iqr-factor", type=float, default=1.5, show_default=True),
+        click.option("--neighbors", type=int, default=32, show_default=True),
+        click.option("--min-keep", type=int, default=1, show_default=True),
+        click.option("--force", is_flag=True, help="replace an existing output directory"),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+
+
+def _options_from(kwargs) -> "object":
+    from .export.build import BuildOptions
+
+    reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep")}
+    if kwargs["method"] == "none":
+        reducer = {}
+    return BuildOptions(method=kwargs.pop("method"), output=kwargs.pop("output"), max_tokens=kwargs.pop("max_tokens"),
+                        opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"), batch_max=kwargs.pop("batch_max"),
+                        revision=kwargs.pop("revision", None), project=not kwargs.pop("no_project", False),
+                        reducer_options=reducer)
+
+
+def _build(model: str, out: Path, options, force: bool):
+    from .export.build import build_artifact
+
+    console = _console()
+    with console.status("starting") as status:
+        manifest = build_artifact(model, out, options, force=force,
+                                  progress=lambda m: (status.update(m), console.log(m)))
+    return manifest
+
+
+def _print_manifest_summary(manifest, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"artifact {out}", show_header=False)
+    vision, reducer, validation = manifest.vision, manifest.reducer, manifest.validation
+    table.add_row("source", str(manifest.source.get("model")))
+    table.add_row("method", f"{reducer['method']}  (capacity {reducer['capacity']} of {reducer['num_patches']} patches + extra)")
+    table.add_row("graph", f"{vision['file']}  {vision['contract']} contract, opset {vision['opset']}, {vision['precision']}")
+    table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
+    table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
+                                f"indices identical={validation['indices_identical']}, max |err|={validation['max_abs_error']:.2e}")
+    table.add_row("TensorRT", "ops supported (" + vision["tensorrt"]["tensorrt_version"] + ")" if vision["tensorrt"]["ok"]
+                  else "NOT compatible: " + ", ".join(vision["tensorrt"]["unsupported"] + vision["tensorrt"]["violations"]))
+    table.add_row("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in manifest.files.items()))
+    Console().print(table)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="artifact directory to write")
+@click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
+@click.option("--no-project", is_flag=True, help="stop before the LLaVA projector (tokens in vision width)")
+@build_options
+def build(model, out, force, **kwargs):
+    """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint) to an artifact directory."""
+    options = _options_from(kwargs)
+    _print_manifest_summary(_build(model, out, options, force), out)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--images", type=int, default=4, show_default=True, help="synthetic images to compare on")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--no-reference", is_flag=True, help="skip the PyTorch comparison (source checkpoint not at hand)")
+def verify(directory, images, provider, no_reference):
+    """Re-hash DIRECTORY's files and compare its graph on onnxruntime with the PyTorch reference."""
+    from .export.verify import verify_artifact
+
+    report = verify_artifact(directory, images=images, provider=provider, reference=not no_reference)
+    click.echo(json.dumps(report, indent=2))
+    click.secho("verify: OK", fg="green", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the full summary as JSON")
+def inspect(directory, as_json):
+    """Print an artifact's manifest and graph summary."""
+    from .export.verify import inspect_artifact
+
+    info = inspect_artifact(directory)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(directory), show_header=False)
+    for section in ("source", "reducer", "vision", "preprocess", "llm", "validation", "graph"):
+        table.add_row(section, json.dumps(info[section]))
+    table.add_row("tensorrt", json.dumps({k: info["tensorrt"][k] for k in ("tensorrt_version", "ok", "unsupported", "violations", "data_dependent")}))
+    table.add_row("files", json.dumps(info["files"]))
+    Console(width=160).print(table)
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts/demo"), show_default=True)
+@build_options
+def demo(out, force, **kwargs):
+    """Build the built-in demo model (random weights, offline) and run its vision graph on synthetic images."""
+    from .demo import DESCRIPTION, build_demo_checkpoint, demo_images
+    from .manifest import staged_directory
+    from .runtime.vision import VisionSession
+
+    click.secho(DESCRIPTION, fg="yellow", err=True)
+    out = Path(out)
+    checkpoint = out.parent / f"{out.name}-checkpoint"
+    if force or not (checkpoint / "config.json").is_file():
+        with staged_directory(checkpoint, force=True) as stage:
+            build_demo_checkpoint(stage)
+    manifest = _build(str(checkpoint), out, _options_from(kwargs), force)
+    _print_manifest_summary(manifest, out)
+    session = VisionSession.open(out)
+    result = session.run(demo_images())
+    for b, n in enumerate(result.num_tokens):
+        kept = result.indices[b, : n - 1]
+        click.echo(f"image {b}: {int(n)} visual tokens for the LLM (of {manifest.reducer['num_patches']} patches); "
+                   f"first kept patches {kept[:8].tolist()}{' (truncated)' if result.truncated[b] else ''}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,6 +114,7 @@ class PruMergeEncoder(nn.Module):
             projector = _load_projector(projector_config, projector_state(state), checkpoint.source)
         source = {"model": checkpoint.source, "revision": revision, "fingerprint": checkpoint.fingerprint(), "model_type": model_type}
         encoder = cls(tower, reducer, projector=projector, feature_layer=feature_layer, keep_cls=keep_cls, source=source)
+        encoder.checkpoint_config = config  # the whole HF config (LLM side included), for the artifact manifest
         return encoder.to(dtype).eval()
 
     # ------------------------------------------------------------------ forward

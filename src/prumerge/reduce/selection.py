@@ -28,8 +28,9 @@ def plus_stride(keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     The official code computes ``int(1 / (k / P))`` in floating point and crashes (``arange`` step 0) when the
     stride is 0; integer division is exact and the stride is clamped to 1 (sample every patch).
     """
-    step = torch.div(num_patches, keep, rounding_mode="floor")
-    return torch.clamp(torch.div(step, 3, rounding_mode="floor"), min=1)
+    # Float division and floor are exact here (integers far below 2**24) and keep int64 math out of the graph.
+    step = torch.floor(num_patches / keep.to(torch.float32))
+    return torch.clamp(torch.floor(step / 3), min=1).to(torch.int64)
 
 
 def select_tokens(scores: torch.Tensor, outliers: torch.Tensor, config: ReducerConfig, capacity: int) -> Selection:

@@ -1,0 +1,74 @@
+"""The built-in demo model, so ``prumerge-export demo`` runs offline on a fresh machine.
+
+What it is, plainly: a LLaVA-1.5-layout checkpoint whose CLIP tower is built from a config (336 px, patch 14: the
+real 24x24 = 576-patch grid, but 6 layers of width 256) with RANDOM weights, a random projector, and a tiny random
+Llama as language model. No CLIP weights exist offline. To make the reducer's behaviour look like it does on a trained
+CLIP (a few percent of patches with outlying CLS attention), the last layer's q/k projections are scaled up.
+The token counts it prints show the pipeline working end to end; they are not what a trained LLaVA would keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DESCRIPTION = (
+    "demo model: LLaVA-1.5 layout, config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "
+    "with RANDOM weights (last-layer q/k scaled to mimic a trained CLIP's peaked attention), random projector, "
+    "tiny random Llama. Token counts show the pipeline working, not what a trained LLaVA would keep."
+)
+SHARPEN = 10.0
+
+
+def build_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Write the demo checkpoint (config.json, model.safetensors, preprocessor_config.json) to ``path``."""
+    import json
+
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=511)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        last = model.model.vision_tower.encoder.layers[-1].self_attn
+        last.q_proj.weight.mul_(SHARPEN)
+        last.k_proj.weight.mul_(SHARPEN)
+    path = Path(path)
+    model.save_pretrained(path)
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    (path / "README.md").write_text(f"# prumerge demo checkpoint\n\n{DESCRIPTION}\n")
+    return path
+
+
+def demo_images(count: int = 4, size: int = 400, seed: int = 0):
+    """Synthetic photos-in-spirit (shapes on gradients, varied aspect ratios) as PIL images."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        width, height = size + 80 * (i % 3), size - 40 * (i % 2)
+        base = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * rng.random(3)[None, None, :]
+        canvas = Image.fromarray(np.broadcast_to(base, (height, width, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
+            x1, y1 = x0 + int(rng.integers(30, 160)), y0 + int(rng.integers(30, 160))
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color)
+        images.append(canvas)
+    return images

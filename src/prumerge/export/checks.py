@@ -1,0 +1,108 @@
+"""Graph checks after export: ONNX validity, TensorRT parser op support, and where shapes become data-dependent.
+
+Follows optimum's habit of treating validation as a real step with typed errors: a graph that fails here is never
+written into an artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ExportError
+
+OP_TABLE = "tensorrt_onnx_ops.json"
+
+
+@dataclasses.dataclass
+class OpSupportReport:
+    """Which of a graph's ops TensorRT's ONNX parser (of ``tensorrt_version``) accepts, and what to watch."""
+
+    tensorrt_version: str
+    op_counts: dict
+    unsupported: list
+    violations: list  # restriction breaches (e.g. TopK K not constant or too large)
+    data_dependent: list  # nodes whose output shape depends on data
+
+    @property
+    def ok(self) -> bool:
+        return not self.unsupported and not self.violations
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"ok": self.ok}
+
+    def summary(self) -> str:
+        lines = [f"TensorRT {self.tensorrt_version} ONNX parser: {'all ops supported' if self.ok else 'NOT compatible'}"]
+        if self.unsupported:
+            lines.append("  unsupported ops: " + ", ".join(self.unsupported))
+        lines += [f"  restriction: {v}" for v in self.violations]
+        if self.data_dependent:
+            lines.append("  data-dependent shapes at: " + ", ".join(self.data_dependent))
+        else:
+            lines.append("  no data-dependent shapes (static output buffers)")
+        return "\n".join(lines)
+
+
+def load_op_table() -> dict:
+    return json.loads(resources.files("prumerge.data").joinpath(OP_TABLE).read_text())
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` full check (with shape inference) on the file, external data included."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # onnx raises ValidationError / InferenceError / protobuf errors
+        raise ExportError(f"{path.name} fails the ONNX checker: {exc}") from exc
+
+
+def op_support(model, table: dict | None = None) -> OpSupportReport:
+    """Check every node (subgraphs included) of an ``onnx.ModelProto`` against the TensorRT op table."""
+    from onnx import numpy_helper
+
+    table = table or load_op_table()
+    supported, restrictions = set(table["supported"]), table.get("restrictions", {})
+    data_dependent_ops = set(table.get("data_dependent_ops", []))
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            constants[node.output[0]] = node.attribute[0].t
+    counts: dict = {}
+    unsupported, violations, dynamic = set(), [], []
+    for node in _walk(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            unsupported.add(f"{node.domain}::{node.op_type}")
+            continue
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if node.op_type not in supported:
+            unsupported.add(node.op_type)
+        if node.op_type in data_dependent_ops:
+            dynamic.append(f"{node.op_type} ({node.name or node.output[0]})")
+        if node.op_type == "TopK" and "TopK" in restrictions:
+            k_name = node.input[1] if len(node.input) > 1 else ""
+            if k_name not in constants:
+                violations.append(f"TopK {node.name}: K is not a build-time constant")
+            else:
+                k = int(numpy_helper.to_array(constants[k_name]).reshape(-1)[0])
+                limit = restrictions["TopK"].get("k_max")
+                if limit is not None and k >= limit:
+                    violations.append(f"TopK {node.name}: K={k} must be below {limit}")
+        if node.op_type == "CumSum" and (len(node.input) < 2 or node.input[1] not in constants):
+            violations.append(f"CumSum {node.name}: axis is not a build-time constant")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > table.get("max_opset", opset):
+        violations.append(f"opset {opset} is newer than TensorRT {table['tensorrt_version']} parses ({table['max_opset']})")
+    return OpSupportReport(table["tensorrt_version"], dict(sorted(counts.items())), sorted(unsupported), violations, dynamic)
+
+
+def _walk(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _walk(attr.g)
+            for sub in attr.graphs:
+                yield from _walk(sub)

@@ -1,0 +1,106 @@
+"""The exported vision graph: ``pixel_values -> tokens, num_tokens, indices, truncated``, and its ONNX export.
+
+Two output contracts:
+``padded``  static shapes ``[B, C, D]`` (C = capacity); nothing data-dependent, so TensorRT 10.3 (JetPack 6) builds it.
+``dynamic`` the token axis is trimmed to the batch's longest count, ``[B, N, D]`` with ``N = max(num_tokens)``
+            (``[1, num_tokens, D]`` at batch 1), via one NonZero: for onnxruntime and TensorRT with output allocators.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..encoder import PruMergeEncoder
+from ..errors import ConfigError, ExportError
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 64 << 20  # larger graphs keep weights in vision.onnx.data
+
+
+class Contract(str, enum.Enum):
+    PADDED = "padded"
+    DYNAMIC = "dynamic"
+
+    @classmethod
+    def parse(cls, value) -> "Contract":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown output contract {value!r}; choose padded or dynamic") from None
+
+
+class VisionGraph(nn.Module):
+    """The module that is exported: the encoder, plus the trim for the dynamic contract."""
+
+    def __init__(self, encoder: PruMergeEncoder, contract: Contract = Contract.PADDED) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.contract = Contract.parse(contract)
+
+    def forward(self, pixel_values: torch.Tensor):
+        out = self.encoder(pixel_values)
+        if self.contract is Contract.PADDED:
+            return out.tokens, out.num_tokens, out.indices, out.truncated
+        slots = torch.arange(out.tokens.shape[1], device=out.tokens.device)
+        keep = torch.nonzero(slots < out.num_tokens.max()).squeeze(1)  # data-dependent length
+        return out.tokens.index_select(1, keep), out.num_tokens, out.indices.index_select(1, keep), out.truncated
+
+
+def output_shapes(encoder: PruMergeEncoder, contract: Contract) -> dict:
+    """Declared output shapes with named axes (``batch``; ``num_tokens_max`` for the dynamic contract)."""
+    width = encoder.output_width
+    slots = encoder.capacity if Contract.parse(contract) is Contract.PADDED else "num_tokens_max"
+    return {
+        "tokens": ["batch", slots, width],
+        "num_tokens": ["batch"],
+        "indices": ["batch", slots],
+        "truncated": ["batch"],
+    }
+
+
+def export_onnx(
+    encoder: PruMergeEncoder,
+    path: Path,
+    contract: Contract = Contract.PADDED,
+    opset: int = DEFAULT_OPSET,
+    batch_max: int = 64,
+) -> Path:
+    """Export with ``torch.onnx.export(dynamo=True)``; the batch axis is dynamic (1..batch_max)."""
+    if opset < 18:
+        raise ConfigError(f"opset {opset} is not available from the dynamo exporter; use 18 or newer")
+    if batch_max < 1:
+        raise ConfigError(f"batch_max must be >= 1, got {batch_max}")
+    graph = VisionGraph(encoder, contract).eval()
+    example_batch = 2 if batch_max >= 2 else 1
+    dtype = next(encoder.parameters()).dtype
+    example = torch.randn(example_batch, 3, encoder.image_size, encoder.image_size).to(dtype)
+    dynamic_shapes = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=batch_max)}} if batch_max >= 2 else None
+    size = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                graph,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for the {Contract.parse(contract).value} contract: {exc}") from exc
+    return path

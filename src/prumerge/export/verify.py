@@ -1,0 +1,73 @@
+"""``verify`` and ``inspect`` of a finished artifact directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ArtifactError, CheckpointError
+from ..manifest import Manifest
+
+
+def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1) -> dict:
+    """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
+    source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
+    from ..runtime.vision import VisionSession
+    from .validate import TOLERANCE, compare_outputs, require, synthetic_pixels
+
+    session = VisionSession.open(directory, provider=provider, verify=True)
+    manifest = session.manifest
+    pixels = synthetic_pixels(images, session.image_size, seed=seed)
+    got = session.run_pixels(pixels)
+    report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "provider": session.provider,
+              "num_tokens": got.num_tokens.tolist()}
+    if not reference:
+        return report
+    import torch
+
+    from ..encoder import PruMergeEncoder
+
+    source = manifest.source.get("model")
+    try:
+        encoder = PruMergeEncoder.from_pretrained(
+            source, method=manifest.reducer["method"], project=manifest.vision["projected"],
+            revision=manifest.source.get("revision"),
+            **{k: v for k, v in manifest.reducer["options"].items() if k != "method"},
+        )
+    except CheckpointError as exc:
+        raise ArtifactError(f"cannot rebuild the PyTorch reference from {source!r} ({exc}); use --no-reference to check hashes and the graph only") from exc
+    if manifest.vision["precision"] == "fp16":
+        encoder = encoder.half()
+    with torch.no_grad():
+        ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
+    result = compare_outputs(
+        {"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()},
+        {"tokens": got.tokens, "num_tokens": got.num_tokens, "indices": got.indices},
+        TOLERANCE[manifest.vision["precision"]], session.provider,
+    )
+    require(result, f"verify {directory}")
+    return report | {"reference": result.to_dict()}
+
+
+def inspect_artifact(directory: str | Path) -> dict:
+    """Manifest essentials plus a graph summary (node count, op histogram, file sizes). Loads no weights."""
+    import onnx
+
+    directory = Path(directory)
+    manifest = Manifest.read(directory)
+    graph = onnx.load(str(directory / manifest.vision["file"]), load_external_data=False).graph
+    ops: dict = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "source": manifest.source,
+        "reducer": manifest.reducer,
+        "vision": {k: v for k, v in manifest.vision.items() if k != "tensorrt"},
+        "tensorrt": manifest.vision.get("tensorrt"),
+        "preprocess": manifest.preprocess,
+        "llm": manifest.llm,
+        "validation": manifest.validation,
+        "files": manifest.files,
+        "graph": {"nodes": len(graph.node), "initializers": len(graph.initializer), "ops": dict(sorted(ops.items()))},
+        "created_utc": manifest.created_utc,
+        "packages": manifest.packages,
+    }

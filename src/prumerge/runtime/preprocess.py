@@ -1,0 +1,172 @@
+"""Image preprocessing with PIL + numpy only, from the artifact's own description.
+
+Devices get no transformers and no torchvision: the build writes the processor's settings (size, crop, mean/std,
+pad-to-square) into the artifact, and this module reproduces ``CLIPImageProcessorPil`` / ``LlavaImageProcessorPil``
+from them (checked pixel for pixel in the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """What the vision graph expects of an image, in the order applied: pad, resize, crop, rescale, normalise."""
+
+    image_size: int  # side of the square pixel_values the graph takes
+    resize_shortest_edge: int | None = None  # None: no resize (the image must already be image_size)
+    resample: int = Image.Resampling.BICUBIC
+    crop_height: int | None = None
+    crop_width: int | None = None
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    pad_to_square: bool = False
+
+    @classmethod
+    def from_processor_dict(cls, processor: dict | None, image_size: int) -> "PreprocessConfig":
+        """From a ``preprocessor_config.json`` (CLIP / LLaVA processors); CLIP defaults for the tower's size if absent."""
+        if not processor:
+            return cls(image_size=image_size, resize_shortest_edge=image_size, crop_height=image_size, crop_width=image_size)
+        size = processor.get("size", {"shortest_edge": image_size}) if processor.get("do_resize", True) else None
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if size is not None and "shortest_edge" not in size:
+            if size.get("height") != size.get("width"):
+                raise InputError(f"unsupported processor size {size}: only shortest_edge or square sizes")
+            size = {"shortest_edge": size["height"]}
+        crop = processor.get("crop_size", {"height": image_size, "width": image_size})
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        do_crop = processor.get("do_center_crop", True)
+        if do_crop and (int(crop["height"]), int(crop["width"])) != (image_size, image_size):
+            raise InputError(f"the processor crops to {crop} but the vision tower takes {image_size}x{image_size} images")
+        return cls(
+            image_size=image_size,
+            resize_shortest_edge=None if size is None else int(size["shortest_edge"]),
+            resample=int(processor.get("resample", Image.Resampling.BICUBIC)),
+            crop_height=int(crop["height"]) if do_crop else None,
+            crop_width=int(crop["width"]) if do_crop else None,
+            rescale_factor=float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0,
+            image_mean=tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)) if processor.get("do_normalize", True) else (0.0, 0.0, 0.0),
+            image_std=tuple(processor.get("image_std", OPENAI_CLIP_STD)) if processor.get("do_normalize", True) else (1.0, 1.0, 1.0),
+            pad_to_square=bool(processor.get("do_pad", False)),
+        )
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["image_mean"], data["image_std"] = list(self.image_mean), list(self.image_std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        data = dict(data)
+        data["image_mean"], data["image_std"] = tuple(data["image_mean"]), tuple(data["image_std"])
+        return cls(**data)
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open a path, bytes, PIL image or HWC uint8 array as an RGB PIL image; one clear error otherwise."""
+    if isinstance(image, Image.Image):
+        pil = image
+    elif isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise InputError(f"an image array must be HxW or HxWxC with C in 1, 3, 4; got shape {image.shape}")
+        if image.dtype != np.uint8:
+            if np.issubdtype(image.dtype, np.floating) and image.size and 0.0 <= image.min() and image.max() <= 1.0:
+                image = np.round(image * 255)
+            image = np.clip(image, 0, 255).astype(np.uint8)
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    elif isinstance(image, (bytes, bytearray)):
+        pil = _open(io.BytesIO(image), "<bytes>")
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        pil = _open(path, str(path))
+    else:
+        raise InputError(f"unsupported image type {type(image).__name__}: give a path, bytes, PIL image or numpy array")
+    return pil.convert("RGB") if pil.mode != "RGB" else pil
+
+
+def _open(source: Any, name: str) -> Image.Image:
+    try:
+        pil = Image.open(source)
+        pil.load()  # decode now, so a truncated file fails here with its name
+        return pil
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot decode image {name}: {exc}") from exc
+
+
+def _pad_to_square(pil: Image.Image, mean: Sequence[float]) -> Image.Image:
+    width, height = pil.size
+    if width == height:
+        return pil
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(pil, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def preprocess_image(image: ImageLike, config: PreprocessConfig) -> np.ndarray:
+    """One image -> float32 ``[3, S, S]`` pixel values."""
+    pil = load_image(image)
+    if config.pad_to_square:
+        pil = _pad_to_square(pil, config.image_mean)
+    if config.resize_shortest_edge is not None:
+        width, height = pil.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = config.resize_shortest_edge, int(config.resize_shortest_edge * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        if size != pil.size:
+            pil = pil.resize(size, resample=config.resample)
+    array = np.asarray(pil, dtype=np.uint8)
+    if config.crop_height is not None:
+        array = _center_crop(array, config.crop_height, config.crop_width)
+    if array.shape[0] != config.image_size or array.shape[1] != config.image_size:
+        raise InputError(
+            f"preprocessing produced a {array.shape[1]}x{array.shape[0]} image but the vision graph takes "
+            f"{config.image_size}x{config.image_size}; the artifact's preprocessing settings are inconsistent"
+        )
+    pixels = array.astype(np.float32) * np.float32(config.rescale_factor)
+    mean = np.asarray(config.image_mean, dtype=np.float32)
+    std = np.asarray(config.image_std, dtype=np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1).copy()
+
+
+def _center_crop(array: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    height, width = array.shape[:2]
+    if crop_height > height or crop_width > width:  # pad with zeros first, like the processors do
+        top, left = max(0, (crop_height - height) // 2), max(0, (crop_width - width) // 2)
+        padded = np.zeros((max(height, crop_height), max(width, crop_width), array.shape[2]), dtype=array.dtype)
+        padded[top : top + height, left : left + width] = array
+        array, (height, width) = padded, padded.shape[:2]
+    top, left = int((height - crop_height) / 2.0), int((width - crop_width) / 2.0)
+    return array[top : top + crop_height, left : left + crop_width]
+
+
+def preprocess_batch(images: Iterable[ImageLike] | ImageLike, config: PreprocessConfig) -> np.ndarray:
+    """Images (one or several) -> float32 ``[B, 3, S, S]``."""
+    if isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
+        images = [images]
+    batch = [preprocess_image(image, config) for image in images]
+    if not batch:
+        raise InputError("no images given")
+    return np.stack(batch)

@@ -1,0 +1,123 @@
+"""``VisionSession``: an artifact's vision graph on onnxruntime, behind one small interface.
+
+Loading checks the artifact first (manifest format, the manifest's own hash, every file's sha256), so a tampered
+or half-copied artifact fails at load with the file's name, not later with a confusing onnxruntime message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailableError, InputError
+from ..manifest import Manifest
+from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclasses.dataclass
+class VisionOutput:
+    """The token contract as numpy arrays; ``tokens[b, :num_tokens[b]]`` are image ``b``'s LLM-ready tokens."""
+
+    tokens: np.ndarray  # [B, N, D]
+    num_tokens: np.ndarray  # [B] int64
+    indices: np.ndarray  # [B, N] int64 source patch, -1 extra token, -2 padding
+    truncated: np.ndarray  # [B] bool
+
+    def image(self, b: int) -> np.ndarray:
+        return self.tokens[b, : int(self.num_tokens[b])]
+
+    def per_image(self) -> list[np.ndarray]:
+        return [self.image(b) for b in range(len(self.num_tokens))]
+
+
+class VisionSession:
+    """Open with :meth:`open`; call :meth:`run` on images or :meth:`run_pixels` on preprocessed arrays."""
+
+    def __init__(self, directory: Path, manifest: Manifest, session, provider: str) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.session = session
+        self.provider = provider
+        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess)
+        spec = manifest.inputs[0]
+        self.input_name = spec.name
+        self.input_dtype = np.dtype(spec.dtype)
+        self.image_size = int(spec.shape[-1])
+        self.batch_max = int(manifest.vision.get("batch_max", 1))
+
+    @classmethod
+    def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True) -> "VisionSession":
+        """Load an artifact. ``provider``: cpu | cuda | tensorrt (onnxruntime EPs; missing ones fall back to CPU
+        with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked)."""
+        directory = Path(directory)
+        manifest = Manifest.read(directory)
+        if verify:
+            manifest.verify_files(directory)
+        if manifest.vision.get("format") != "onnx":
+            raise ArtifactError(f"{directory}: vision graph format {manifest.vision.get('format')!r} needs another session")
+        return cls(directory, manifest, *_ort_session(directory / manifest.vision["file"], provider))
+
+    # ------------------------------------------------------------------ running
+    def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
+        """Paths, bytes, PIL images or HWC arrays -> reduced tokens (preprocessed as the checkpoint's processor does)."""
+        return self.run_pixels(preprocess_batch(images, self.preprocess))
+
+    def run_pixels(self, pixel_values: np.ndarray) -> VisionOutput:
+        """``[B, 3, S, S]`` normalised pixels -> reduced tokens. Batches over ``batch_max`` are split."""
+        if not isinstance(pixel_values, np.ndarray):
+            raise InputError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise InputError(f"pixel_values must have shape [batch, 3, {self.image_size}, {self.image_size}], got {pixel_values.shape}")
+        if not np.isfinite(pixel_values).all():
+            raise InputError("pixel_values contains NaN or Inf")
+        feed = pixel_values.astype(self.input_dtype, copy=False)
+        parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
+        return parts[0] if len(parts) == 1 else _concat(parts, int(self.manifest.reducer["padding_index"]))
+
+    def _run(self, feed: np.ndarray) -> VisionOutput:
+        tokens, num_tokens, indices, truncated = self.session.run(None, {self.input_name: feed})
+        return VisionOutput(tokens, num_tokens.astype(np.int64), indices.astype(np.int64), truncated.astype(bool))
+
+
+def _ort_session(path: Path, provider: str):
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise BackendUnavailableError("onnxruntime is not installed") from exc
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    available = set(ort.get_available_providers())
+    wanted = [p for p in PROVIDERS[provider] if p in available]
+    if wanted[0] != PROVIDERS[provider][0]:
+        warnings.warn(f"{PROVIDERS[provider][0]} is not available in this onnxruntime; running on {wanted[0]}", RuntimeWarning, stacklevel=3)
+    try:
+        session = ort.InferenceSession(str(path), providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
+    return session, session.get_providers()[0]
+
+
+def _concat(parts: list[VisionOutput], padding_index: int) -> VisionOutput:
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(a, fill):
+        out = np.full((a.shape[0], width, *a.shape[2:]), fill, dtype=a.dtype)
+        out[:, : a.shape[1]] = a
+        return out
+
+    return VisionOutput(
+        np.concatenate([pad(p.tokens, 0) for p in parts]),
+        np.concatenate([p.num_tokens for p in parts]),
+        np.concatenate([pad(p.indices, padding_index) for p in parts]),
+        np.concatenate([p.truncated for p in parts]),
+    )
