@@ -51,3 +51,22 @@ def llava_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava")
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
+    """Builds (once per session) the artifact for (model, method, contract) and returns its directory."""
+    from prumerge.export.build import BuildOptions, build_artifact
+
+    cache = {}
+    models = {"clip": clip_dir, "llava": llava_dir}
+
+    def make(model="llava", method="prumerge", output="padded", **options):
+        key = (model, method, output, tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{method}-{output}"
+            build_artifact(str(models[model]), out, BuildOptions(method=method, output=output, **options))
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -166,6 +166,8 @@ def preprocess_batch(images: Iterable[ImageLike] | ImageLike, config: Preprocess
     """Images (one or several) -> float32 ``[B, 3, S, S]``."""
     if isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
         images = [images]
+    elif not isinstance(images, (list, tuple)):
+        raise InputError(f"unsupported image type {type(images).__name__}: give a path, bytes, PIL image, numpy array or a list of them")
     batch = [preprocess_image(image, config) for image in images]
     if not batch:
         raise InputError("no images given")

@@ -1,0 +1,47 @@
+"""The device side runs with torch and transformers made unimportable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "torchvision", "onnxscript"):
+                raise ImportError(f"{name} is blocked: the runtime must not import it")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_vision_session_without_torch(artifact_factory, tmp_path):
+    directory = artifact_factory("llava", "prumerge+", "dynamic")
+    image = tmp_path / "img.png"
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(image)
+    script = BLOCKER + textwrap.dedent(
+        f"""
+        import prumerge, prumerge.runtime
+        from prumerge.runtime import VisionSession
+        out = VisionSession.open({str(directory)!r}).run([{str(image)!r}, {str(image)!r}])
+        assert out.num_tokens[0] == out.num_tokens[1]
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print("tokens", out.tokens.shape, out.num_tokens.tolist())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tokens (2," in result.stdout
