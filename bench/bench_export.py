@@ -1,0 +1,112 @@
+"""ViT-L/14-336 + PruMerge + LLaVA-1.5 projector: onnxruntime CPU vs torch eager, one run, same inputs.
+
+Prints export time, file sizes, latency of each runtime (median over runs, batch 1) with their ratio (goal:
+onnxruntime >= 1.3x faster) and each runtime's peak RSS (each measured in its own child process so the numbers
+do not mix). Random weights, last-layer q/k sharpened (see common.py).
+Usage: python bench/bench_export.py [--runs N] [--method prumerge|prumerge+] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_encoder(method: str):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from common import VIT_L_336, sharpen, vit_l_tower
+    from prumerge.encoder import PruMergeEncoder
+    from prumerge.reduce import ReducerConfig
+
+    tower = vit_l_tower()
+    sharpen(tower, 6.0)
+    llava = LlavaConfig(vision_config=CLIPVisionConfig(**VIT_L_336), text_config=LlamaConfig(hidden_size=4096))
+    torch.manual_seed(1)
+    projector = LlavaMultiModalProjector(llava).eval()
+    return PruMergeEncoder(tower, ReducerConfig(method=method), projector=projector).eval()
+
+
+def child(kind: str, workdir: Path, runs: int, method: str) -> None:
+    """Run one runtime alone and print latency + peak RSS as JSON."""
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from common import timed
+
+    pixels = np.load(workdir / "pixels.npy")
+    if kind == "torch":
+        import torch
+
+        encoder = make_encoder(method)
+        x = torch.from_numpy(pixels)
+        with torch.inference_mode():
+            out = encoder(x)
+            latency = timed(lambda: encoder(x), runs)
+        counts = out.num_tokens.tolist()
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(workdir / "vision.onnx"), providers=["CPUExecutionProvider"])
+        out = session.run(None, {"pixel_values": pixels})
+        latency = timed(lambda: session.run(None, {"pixel_values": pixels}), runs)
+        counts = out[1].tolist()
+    print(json.dumps({"latency_s": latency, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "num_tokens": counts}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--method", default="prumerge")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--child", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prumerge-bench-"))
+    if args.child:
+        return child(args.child, workdir, args.runs, args.method)
+
+    import numpy as np
+    import torch
+
+    from prumerge.export.checks import check_onnx
+    from prumerge.export.graph import export_onnx
+
+    encoder = make_encoder(args.method)
+    start = time.perf_counter()
+    export_onnx(encoder, workdir / "vision.onnx", "padded", batch_max=8)
+    export_s = time.perf_counter() - start
+    check_onnx(workdir / "vision.onnx")
+    sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(workdir.iterdir()) if p.name.startswith("vision")}
+    del encoder
+    pixels = np.random.default_rng(0).normal(size=(1, 3, 336, 336)).astype(np.float32)
+    np.save(workdir / "pixels.npy", pixels)
+
+    results = {}
+    for kind in ("torch", "ort"):
+        cmd = [sys.executable, __file__, "--child", kind, "--workdir", str(workdir), "--runs", str(args.runs), "--method", args.method]
+        results[kind] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+    print(f"ViT-L/14-336 + {args.method} + LLaVA-1.5 projector (1024->4096->4096), random weights; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch 1, median of {args.runs} runs")
+    print(f"export (dynamo, opset 18): {export_s:.1f} s; files: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+    for kind, label in (("torch", "torch eager"), ("ort", "onnxruntime CPU")):
+        r = results[kind]
+        print(f"{label:<16} {r['latency_s'] * 1e3:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB   tokens {r['num_tokens']}")
+    ratio = results["torch"]["latency_s"] / results["ort"]["latency_s"]
+    same = results["torch"]["num_tokens"] == results["ort"]["num_tokens"]
+    print(f"onnxruntime speed-up over torch eager: {ratio:.2f}x (goal >= 1.3x); same token counts: {same}")
+
+
+if __name__ == "__main__":
+    main()
