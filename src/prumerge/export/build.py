@@ -1,7 +1,8 @@
-"""``build``: checkpoint -> artifact directory (vision.onnx + manifest.json), staged and renamed at the end.
+"""``build``: checkpoint -> artifact directory (vision graph(s), LLM, manifest.json), staged and renamed at the end.
 
-Stages: load the vision side, export, check the graph, validate onnxruntime against PyTorch, describe, hash.
-Any failure removes the staging directory, so nothing that looks like an artifact is left behind.
+Stages: load the vision side, export, check the graph, validate onnxruntime against PyTorch, optionally export the
+unreduced baseline graph and the quantised LLM, describe, hash. Any failure removes the staging directory, so
+nothing that looks like an artifact is left behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..manifest import Manifest, describe_files, staged_directory
 from ..reduce.config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method
 
 VISION_FILE = "vision.onnx"
-PACKAGES = ("prumerge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy")
+BASELINE_FILE = "vision_none.onnx"
+PACKAGES = ("prumerge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy")
 
 
 @dataclasses.dataclass
@@ -37,6 +39,9 @@ class BuildOptions:
     project: bool = True
     revision: str | None = None
     reducer_options: dict = dataclasses.field(default_factory=dict)
+    llm_precision: str | None = "auto"  # int4 | int8 | fp16 | fp32 | None (no LLM); auto: int4 for LLaVA checkpoints
+    llm_provider: str = "cpu"
+    baseline: bool = False  # also export the unreduced (method none) graph, for comparisons and profiling
 
 
 Progress = Callable[[str], None]
@@ -45,17 +50,10 @@ Progress = Callable[[str], None]
 def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
                    progress: Progress | None = None) -> Manifest:
     """Build the artifact for ``model`` (local checkpoint dir or hub id) into ``out``; return its manifest."""
-    import numpy as np
-    import onnx
-
     from ..encoder import PruMergeEncoder
     from ..runtime.preprocess import PreprocessConfig
-    from .checks import check_onnx, op_support
-    from .graph import INPUT_NAME, Contract, export_onnx, output_shapes
-    from .validate import TOLERANCE, compare_outputs, require, synthetic_pixels
 
     step = progress or (lambda message: None)
-    contract = Contract.parse(options.output)
     method = Method.parse(options.method)
     if options.max_tokens is not None and method is Method.NONE:
         raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
@@ -65,26 +63,30 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             model, method=method, project=options.project, revision=options.revision,
             capacity=options.max_tokens, **options.reducer_options,
         )
-        precision = "fp16" if options.fp16 else "fp32"
-        if options.fp16:
-            encoder = encoder.half()
+        config = encoder.checkpoint_config
+        is_llava = getattr(config, "model_type", None) == "llava"
+        llm_precision = options.llm_precision
+        if llm_precision == "auto":
+            llm_precision = "int4" if is_llava and options.project else None
+        if llm_precision and not (is_llava and options.project):
+            raise ConfigError("--llm-precision needs a LLaVA checkpoint with its projector; use --no-llm for vision-only builds")
+        vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
+        baseline = None
+        if options.baseline and method is not Method.NONE:
+            plain = PruMergeEncoder.from_pretrained(model, method="none", project=options.project, revision=options.revision)
+            baseline = _vision_graph(plain, stage / BASELINE_FILE, options, step)
 
-        step(f"exporting {method.value} ({contract.value} contract, opset {options.opset}) to ONNX")
-        path = export_onnx(encoder, stage / VISION_FILE, contract, options.opset, options.batch_max)
+        llm = _llm_facts(config) if is_llava and options.project else None
+        if llm_precision:
+            from .llm import build_llm
 
-        step("checking the graph (onnx.checker, TensorRT op support)")
-        check_onnx(path)
-        graph = onnx.load(str(path), load_external_data=False)
-        support = op_support(graph)
-        opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-
-        step(f"validating onnxruntime against PyTorch on {options.validate_images} images")
-        pixels = synthetic_pixels(options.validate_images, encoder.image_size)
-        validation = require(_validate(encoder, path, pixels, TOLERANCE[precision], compare_outputs), "build validation")
+            step(f"converting the language model to an {llm_precision} ONNX decoder (onnxruntime-genai builder)")
+            llm = build_llm(model, options.revision, config, stage, llm_precision, options.llm_provider)
+        if llm is not None and llm["hidden_size"] != encoder.output_width:
+            raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
 
         step("writing manifest")
-        checkpoint_processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
-        preprocess = PreprocessConfig.from_processor_dict(checkpoint_processor, encoder.image_size)
+        processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
         manifest = Manifest(
             source=encoder.source,
             reducer={
@@ -98,23 +100,11 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
                 "extra_token_index": EXTRA_TOKEN_INDEX,
                 "padding_index": PADDING_INDEX,
             },
-            vision={
-                "file": VISION_FILE,
-                "format": "onnx",
-                "opset": opset,
-                "precision": precision,
-                "contract": contract.value,
-                "batch_max": options.batch_max,
-                "projected": encoder.projector is not None,
-                "output_width": encoder.output_width,
-                "inputs": [{"name": INPUT_NAME, "dtype": "float32" if precision == "fp32" else "float16",
-                            "shape": ["batch", 3, encoder.image_size, encoder.image_size]}],
-                "outputs": _measured_outputs(path, output_shapes(encoder, contract), np),
-                "tensorrt": support.to_dict(),
-            },
-            preprocess=preprocess.to_dict(),
-            llm=_llm_info(encoder),
-            validation=validation.to_dict(),
+            vision=vision,
+            baseline=baseline,
+            preprocess=PreprocessConfig.from_processor_dict(processor, encoder.image_size).to_dict(),
+            llm=llm,
+            validation=vision.pop("validation"),
             packages=_package_versions() | {"python": platform.python_version()},
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -124,9 +114,52 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     return manifest
 
 
-def _validate(encoder, path, pixels, tolerance, compare_outputs):
+def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) -> dict:
+    """Export, check and validate one vision graph; return its manifest entry (with its validation)."""
+    import onnx
+
+    from .checks import check_onnx, op_support
+    from .graph import INPUT_NAME, Contract, export_onnx, output_shapes
+    from .validate import TOLERANCE, require, synthetic_pixels
+
+    contract = Contract.parse(options.output)
+    precision = "fp16" if options.fp16 else "fp32"
+    if options.fp16:
+        encoder = encoder.half()
+    method = encoder.reducer.method.value
+    step(f"exporting {path.name}: {method}, {contract.value} contract, opset {options.opset}, {precision}")
+    export_onnx(encoder, path, contract, options.opset, options.batch_max)
+    step(f"checking {path.name} (onnx.checker, TensorRT op support)")
+    check_onnx(path)
+    graph = onnx.load(str(path), load_external_data=False)
+    support = op_support(graph)
+    step(f"validating {path.name} on onnxruntime against PyTorch ({options.validate_images} images)")
+    pixels = synthetic_pixels(options.validate_images, encoder.image_size)
+    validation = require(_validate(encoder, path, pixels, TOLERANCE[precision]), f"validation of {path.name}")
+    return {
+        "file": path.name,
+        "format": "onnx",
+        "method": method,
+        "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        "precision": precision,
+        "contract": contract.value,
+        "batch_max": options.batch_max,
+        "capacity": encoder.capacity,
+        "projected": encoder.projector is not None,
+        "output_width": encoder.output_width,
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32" if precision == "fp32" else "float16",
+                    "shape": ["batch", 3, encoder.image_size, encoder.image_size]}],
+        "outputs": _measured_outputs(graph, output_shapes(encoder, contract)),
+        "tensorrt": support.to_dict(),
+        "validation": validation.to_dict(),
+    }
+
+
+def _validate(encoder, path, pixels, tolerance):
     import onnxruntime as ort
     import torch
+
+    from .validate import compare_outputs
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     dtype = next(encoder.parameters()).dtype
@@ -138,13 +171,13 @@ def _validate(encoder, path, pixels, tolerance, compare_outputs):
     return compare_outputs(reference, got, tolerance, "CPUExecutionProvider")
 
 
-def _measured_outputs(path, declared: dict, np) -> list:
+def _measured_outputs(graph, declared: dict) -> list:
     """Output specs read back from the saved graph (what was built, not what was asked), named axes kept."""
+    import numpy as np
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     specs = []
-    for out in graph.output:
+    for out in graph.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else declared[out.name][i] for i, d in enumerate(out.type.tensor_type.shape.dim)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)
         specs.append({"name": out.name, "dtype": np.dtype(dtype).name, "shape": dims})
@@ -163,13 +196,11 @@ def _copy_processor_config(source: str | None, revision: str | None, stage: Path
     return json.loads(path.read_text())
 
 
-def _llm_info(encoder) -> dict | None:
-    """What the runtime must know of the language model to accept these tokens (the LLM itself comes later)."""
-    config = getattr(encoder, "checkpoint_config", None)
-    if config is None or getattr(config, "model_type", None) != "llava":
-        return None
+def _llm_facts(config) -> dict:
+    """What is known of the language model without converting it (``--no-llm`` builds)."""
     text = config.text_config
     return {
+        "decoder": None,
         "model_type": text.model_type,
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,

@@ -4,6 +4,7 @@ A device needs only onnxruntime (or TensorRT), numpy, pillow and, for text, toke
 """
 
 from .preprocess import PreprocessConfig, load_image, preprocess_batch, preprocess_image
+from .pipeline import GenerationResult, Pipeline
 from .vision import VisionOutput, VisionSession
 
-__all__ = ["PreprocessConfig", "VisionOutput", "VisionSession", "load_image", "preprocess_batch", "preprocess_image"]
+__all__ = ["GenerationResult", "Pipeline", "PreprocessConfig", "VisionOutput", "VisionSession", "load_image", "preprocess_batch", "preprocess_image"]

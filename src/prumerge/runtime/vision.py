@@ -42,29 +42,36 @@ class VisionOutput:
 class VisionSession:
     """Open with :meth:`open`; call :meth:`run` on images or :meth:`run_pixels` on preprocessed arrays."""
 
-    def __init__(self, directory: Path, manifest: Manifest, session, provider: str) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, graph: dict, session, provider: str) -> None:
         self.directory = directory
         self.manifest = manifest
+        self.graph = graph
         self.session = session
         self.provider = provider
         self.preprocess = PreprocessConfig.from_dict(manifest.preprocess)
-        spec = manifest.inputs[0]
-        self.input_name = spec.name
-        self.input_dtype = np.dtype(spec.dtype)
-        self.image_size = int(spec.shape[-1])
-        self.batch_max = int(manifest.vision.get("batch_max", 1))
+        spec = graph["inputs"][0]
+        self.input_name = spec["name"]
+        self.input_dtype = np.dtype(spec["dtype"])
+        self.image_size = int(spec["shape"][-1])
+        self.batch_max = int(graph.get("batch_max", 1))
 
     @classmethod
-    def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True) -> "VisionSession":
+    def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True, graph: str = "vision") -> "VisionSession":
         """Load an artifact. ``provider``: cpu | cuda | tensorrt (onnxruntime EPs; missing ones fall back to CPU
-        with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked)."""
+        with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked).
+        ``graph="baseline"`` opens the unreduced graph of a build made with ``--baseline``."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if verify:
             manifest.verify_files(directory)
-        if manifest.vision.get("format") != "onnx":
-            raise ArtifactError(f"{directory}: vision graph format {manifest.vision.get('format')!r} needs another session")
-        return cls(directory, manifest, *_ort_session(directory / manifest.vision["file"], provider))
+        spec = {"vision": manifest.vision, "baseline": manifest.baseline}.get(graph)
+        if spec is None:
+            if graph == "baseline":
+                raise ArtifactError(f"{directory} has no baseline (method none) graph; rebuild with --baseline")
+            raise InputError(f"unknown graph {graph!r}; choose vision or baseline")
+        if spec.get("format") != "onnx":
+            raise ArtifactError(f"{directory}: vision graph format {spec.get('format')!r} needs another session")
+        return cls(directory, manifest, spec, *_ort_session(directory / spec["file"], provider))
 
     # ------------------------------------------------------------------ running
     def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:

@@ -1,0 +1,177 @@
+"""The language model of a LLaVA checkpoint -> an ONNX decoder that takes ``inputs_embeds`` (int4 by default).
+
+The maintained tool does the conversion: onnxruntime-genai's model builder (``exclude_embeds=true`` so visual tokens
+can be fed as embeddings; MatMulNBits int4 weight-only quantisation; KV cache; GroupQueryAttention). prumerge only
+prepares its input (the LLM half of the checkpoint as a plain causal-LM directory, written shard by shard by
+renaming keys, so a 7B model is never instantiated) and records what the runtime needs: the embedding table, the
+tokenizer, the prompt format, the decoder's I/O names and cache geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointError, ConfigError, ExportError
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+LLM_DIR = "llm"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
+PROMPT_SLOT = "{prompt}"
+LLAVA15_FORMAT = "USER: {prompt} ASSISTANT:"
+_SENTINEL = "\u2063PRUMERGE_PROMPT\u2063"
+
+
+def _lm_key(key: str) -> str | None:
+    """Checkpoint key -> causal-LM key, for every LLaVA key layout (legacy ``language_model.model.*`` and 5.x
+    ``model.language_model.*``); None for vision/projector keys."""
+    if key.startswith("language_model."):
+        return key[len("language_model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("lm_head."):
+        return key
+    return None
+
+
+def extract_language_model(checkpoint: Checkpoint, text_config, out: Path) -> Path:
+    """Write the LLM half of ``checkpoint`` as a causal-LM directory (config, safetensors shards, tokenizer)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = checkpoint.file("model.safetensors.index.json", required=False)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif checkpoint.file("model.safetensors", required=False) is not None:
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{checkpoint.source}: the LLM export needs safetensors weights")
+    weight_map, found = {}, 0
+    for number, shard in enumerate(shards):
+        tensors = {}
+        with safe_open(str(checkpoint.file(shard)), framework="pt") as handle:
+            for key in handle.keys():
+                target = _lm_key(key)
+                if target is not None:
+                    tensors[target] = handle.get_tensor(key).contiguous()
+        if tensors:
+            name = f"model-{number:05d}.safetensors"
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            found += len(tensors)
+        del tensors
+    if not any(k.startswith("model.embed_tokens") for k in weight_map):
+        raise CheckpointError(f"{checkpoint.source}: no language-model weights found (expected language_model.* keys)")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config = text_config.to_dict()
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}.get(config.get("model_type"))
+    if arch is None:
+        raise ConfigError(f"language model type {config.get('model_type')!r} is not supported by the LLM export yet")
+    config["architectures"] = [arch]
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    for name in TOKENIZER_FILES:
+        path = checkpoint.file(name, required=False)
+        if path is not None:
+            shutil.copyfile(path, out / name)
+    if not (out / "tokenizer.json").is_file():
+        raise CheckpointError(f"{checkpoint.source}: no tokenizer.json; the runtime's tokenizer needs the fast-tokenizer file")
+    return out
+
+
+def run_model_builder(hf_dir: Path, out: Path, precision: str, provider: str, cache_dir: Path) -> None:
+    """onnxruntime-genai's model builder as a subprocess (its CLI is its stable interface)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown LLM precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("the LLM export needs onnxruntime-genai (pip install onnxruntime-genai), or pass --no-llm") from exc
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", precision,
+           "-e", provider, "-c", str(cache_dir), "--extra_options", "exclude_embeds=true"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise ExportError(f"onnxruntime-genai model builder failed ({precision}, {provider}):\n{tail}")
+
+
+def prompt_format(hf_dir: Path) -> tuple[str, bool]:
+    """(format with ``{prompt}``, whether the runtime must prepend BOS), from the checkpoint's chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    fmt = None
+    if tokenizer.chat_template:
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                                     tokenize=False)
+            if rendered.count(_SENTINEL) == 1:
+                fmt = rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
+        except Exception:  # templates that need structured content: fall back to LLaVA-1.5's format
+            fmt = None
+    fmt = fmt or LLAVA15_FORMAT
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id
+    starts_with_bos = tokenizer.bos_token is not None and fmt.startswith(tokenizer.bos_token)
+    return fmt, bool(adds_bos and not starts_with_bos)
+
+
+def build_llm(source: str, revision: str | None, config, stage: Path, precision: str, provider: str) -> dict:
+    """Build ``stage/llm/`` and return the manifest's ``llm`` section (measured from the built decoder)."""
+    import numpy as np
+    import onnx
+    from safetensors import safe_open
+
+    checkpoint = Checkpoint.open(source, revision=revision)
+    work = stage / ".llm-work"
+    hf_dir = extract_language_model(checkpoint, config.text_config, work / "hf")
+    out = stage / LLM_DIR
+    run_model_builder(hf_dir, out, precision, provider, work / "cache")
+
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(hf_dir / index["model.embed_tokens.weight"]), framework="np") as handle:
+        table = handle.get_tensor("model.embed_tokens.weight")
+    np.save(out / "embeddings.npy", table.astype(np.float16 if precision in ("int4", "int8", "fp16") else np.float32))
+    fmt, add_bos = prompt_format(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (hf_dir / name).is_file() and not (out / name).is_file():
+            shutil.copyfile(hf_dir / name, out / name)
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    decoder = onnx.load(str(out / genai["decoder"]["filename"]), load_external_data=False).graph
+    inputs = {i.name: i for i in decoder.input}
+    eos = genai.get("eos_token_id")
+    shutil.rmtree(work)
+    return {
+        "directory": LLM_DIR,
+        "builder": "onnxruntime-genai",
+        "precision": precision,
+        "provider": provider,
+        "model_type": config.text_config.model_type,
+        "decoder": genai["decoder"]["filename"],
+        "embeddings": "embeddings.npy",
+        "tokenizer": "tokenizer.json",
+        "hidden_size": genai["decoder"]["hidden_size"],
+        "vocab_size": genai["vocab_size"],
+        "num_layers": genai["decoder"]["num_hidden_layers"],
+        "num_kv_heads": genai["decoder"]["num_key_value_heads"],
+        "head_size": genai["decoder"]["head_size"],
+        "context_length": genai["context_length"],
+        "io": genai["decoder"]["inputs"] | genai["decoder"]["outputs"],
+        "has_position_ids": "position_ids" in inputs,
+        "kv_dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inputs["past_key_values.0.key"].type.tensor_type.elem_type)).name,
+        "embeds_dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inputs["inputs_embeds"].type.tensor_type.elem_type)).name,
+        "bos_token_id": genai.get("bos_token_id"),
+        "eos_token_ids": eos if isinstance(eos, list) else [eos],
+        "add_bos": add_bos,
+        "prompt_format": fmt,
+        "image_marker": "<image>",
+        "image_token_id": getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
+    }

@@ -1,0 +1,120 @@
+"""The quantised decoder on onnxruntime: embeddings in, logits out, KV cache kept as OrtValues between steps.
+
+The decoder (built by onnxruntime-genai's builder with ``exclude_embeds``) takes ``inputs_embeds``, an attention
+mask and the past key/values; it computes rotary positions itself from the mask, so positions are contiguous.
+Presents are bound as outputs and fed back as the next step's past without a copy through numpy (I/O binding).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailableError, InputError
+
+
+class OnnxDecoder:
+    def __init__(self, directory: Path, spec: dict, provider: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        from .vision import PROVIDERS
+
+        self.spec = spec
+        base = directory / spec["directory"]
+        wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()
+                  and p != "TensorrtExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(base / spec["decoder"]), providers=wanted)
+        except Exception as exc:
+            raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec['decoder']}: {exc}") from exc
+        self.embeddings = np.load(base / spec["embeddings"], mmap_mode="r")
+        self.io = spec["io"]
+        self.layers = int(spec["num_layers"])
+        self.kv_shape = (int(spec["num_kv_heads"]), int(spec["head_size"]))
+        self.kv_dtype = np.dtype(spec["kv_dtype"])
+        self.embeds_dtype = np.dtype(spec["embeds_dtype"])
+        self.context_length = int(spec["context_length"])
+        self._names = [(self.io["past_key_names"] % i, self.io["present_key_names"] % i) for i in range(self.layers)]
+        self._names += [(self.io["past_value_names"] % i, self.io["present_value_names"] % i) for i in range(self.layers)]
+
+    def embed(self, token_ids) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
+            raise InputError(f"token id out of range for a vocabulary of {self.embeddings.shape[0]}")
+        return np.asarray(self.embeddings[ids], dtype=np.float32)
+
+    def start(self) -> "KVCache":
+        import onnxruntime as ort
+
+        empty = np.zeros((1, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.kv_dtype)
+        return KVCache({past: ort.OrtValue.ortvalue_from_numpy(empty) for past, _ in self._names}, 0)
+
+    def step(self, embeds: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
+        """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] and the grown cache."""
+        binding = self.session.io_binding()
+        total = cache.length + embeds.shape[0]
+        if total > self.context_length:
+            raise InputError(f"the sequence needs {total} positions but the model's context is {self.context_length}")
+        binding.bind_cpu_input(self.io["inputs_embeds"], np.ascontiguousarray(embeds[None].astype(self.embeds_dtype)))
+        binding.bind_cpu_input(self.io["attention_mask"], np.ones((1, total), dtype=np.int64))
+        bound = []
+        for past, present in self._names:
+            binding.bind_ortvalue_input(past, cache.values[past])
+            binding.bind_output(present, "cpu")
+            bound.append(present)
+        binding.bind_output(self.io["logits"], "cpu")
+        bound.append(self.io["logits"])
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
+        logits = outputs[self.io["logits"]].numpy()[0, -1].astype(np.float32)
+        grown = KVCache({past: outputs[present] for past, present in self._names}, total)
+        return logits, grown
+
+
+class KVCache:
+    def __init__(self, values: dict, length: int) -> None:
+        self.values = values
+        self.length = length
+
+
+def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling over ``softmax(logits / temperature)``."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = (logits - logits.max()) / temperature
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+    chosen = probs[keep] / probs[keep].sum()
+    return int(rng.choice(keep, p=chosen))
+
+
+class Stopwatch:
+    """Named wall-clock intervals in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict = {}
+
+    def timed(self, name: str):
+        watch = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.ms[name] = watch.ms.get(name, 0.0) + (time.perf_counter() - self.start) * 1e3
+
+        return _Span()
+
+
+def ensure_tokenizers():
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise BackendUnavailableError("the tokenizers package is needed to run the LLM") from exc
+    return Tokenizer

@@ -1,0 +1,191 @@
+"""``Pipeline``: image(s) + prompt -> reduced visual tokens -> quantised LLM -> text, with counts and timings.
+
+The prompt's ``<image>`` markers are expanded to exactly each image's ``num_tokens`` reduced tokens (the count the
+vision graph reports, so buffers are sized from data, not from the method's nominal budget). Visual tokens and text
+embeddings are concatenated into one ``inputs_embeds`` prefill; decoding continues on the KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, ConfigError, InputError
+from .llm import OnnxDecoder, Stopwatch, choose_token, ensure_tokenizers
+from .preprocess import ImageLike, preprocess_batch
+from .vision import VisionSession
+
+POSITIONS = ("contiguous",)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    token_ids: list
+    visual_tokens: list  # per image
+    prompt_tokens: int  # text + visual positions in the prefill
+    generated_tokens: int
+    stop_reason: str  # eos | stop_string | max_new_tokens
+    timings_ms: dict  # preprocess, vision, embed, prefill, decode, ttft, total; decode_ms_per_token, tokens_per_s
+    method: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Pipeline:
+    def __init__(self, vision: VisionSession, decoder: OnnxDecoder, tokenizer, spec: dict) -> None:
+        self.vision = vision
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.marker = spec.get("image_marker", "<image>")
+
+    @classmethod
+    def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
+                       verify: bool = True) -> "Pipeline":
+        """Open an artifact built with an LLM. ``method="none"`` runs its unreduced baseline graph instead."""
+        directory = Path(directory)
+        vision = VisionSession.open(directory, provider=provider, verify=verify, graph=_graph_for(method))
+        spec = vision.manifest.llm
+        if not spec or not spec.get("decoder"):
+            raise ArtifactError(f"{directory} has no LLM (built with --no-llm or from a vision-only checkpoint)")
+        if int(spec["hidden_size"]) != int(vision.graph["output_width"]):
+            raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {vision.graph['output_width']}")
+        Tokenizer = ensure_tokenizers()
+        tokenizer = Tokenizer.from_file(str(directory / spec["directory"] / spec["tokenizer"]))
+        return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec)
+
+    # ------------------------------------------------------------------ prompt assembly
+    def _encode(self, text: str) -> list:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch):
+        """(inputs_embeds [T, D], visual token counts) for one prompt with ``len(images)`` markers."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty")
+        markers = prompt.count(self.marker)
+        if markers != len(images):
+            if not images:
+                raise InputError(f"the prompt has {markers} {self.marker} marker(s) but no image was given")
+            if markers == 0:
+                raise InputError(f"{len(images)} image(s) given but the prompt has no {self.marker} marker; put one where each image goes")
+            raise InputError(f"the prompt has {markers} {self.marker} marker(s) for {len(images)} image(s); they must match")
+        if len(images) > self.vision.batch_max:
+            raise InputError(f"{len(images)} images exceed this artifact's batch limit of {self.vision.batch_max}")
+        text = self.spec["prompt_format"].format(prompt=prompt) if template else prompt
+        pieces = text.split(self.marker)
+        visual = []
+        if images:
+            with clock.timed("preprocess"):
+                pixels = preprocess_batch(list(images), self.vision.preprocess)
+            with clock.timed("vision"):
+                out = self.vision.run_pixels(pixels)
+            visual = [out.image(b).astype(np.float32) for b in range(len(images))]
+        with clock.timed("embed"):
+            ids = [self.spec["bos_token_id"]] if self.spec.get("add_bos") else []
+            parts = []
+            for i, piece in enumerate(pieces):
+                piece_ids = (ids if i == 0 else []) + self._encode(piece)
+                if piece_ids:
+                    parts.append(self.decoder.embed(piece_ids))
+                if i < len(visual):
+                    parts.append(visual[i])
+            embeds = np.concatenate(parts, axis=0)
+        if embeds.shape[0] >= self.decoder.context_length:
+            raise InputError(f"the prompt needs {embeds.shape[0]} positions (visual tokens included) but the model's context is {self.decoder.context_length}")
+        return embeds, [int(v.shape[0]) for v in visual]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), stream: bool = False,
+                 seed: int | None = None, template: bool = True, positions: str = "contiguous"):
+        """Generate an answer. ``stream=True`` returns an iterator of text pieces whose ``result`` attribute
+        holds the :class:`GenerationResult` once exhausted; otherwise the result itself."""
+        if positions not in POSITIONS:
+            raise ConfigError(
+                f"positions={positions!r} is not available: this decoder (onnxruntime-genai, GroupQueryAttention with fused "
+                "rotary) derives positions from the attention mask, so visual tokens get contiguous positions"
+            )
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 < top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        stream_obj = _Stream(self, list(images), prompt, max_new_tokens, temperature, top_p, tuple(stop), seed, template)
+        if stream:
+            return stream_obj
+        for _ in stream_obj:
+            pass
+        return stream_obj.result
+
+
+class _Stream:
+    """Iterator over decoded text pieces; ``result`` is set when generation ends."""
+
+    def __init__(self, pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template):
+        self.args = (pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template)
+        self.result: GenerationResult | None = None
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iter
+
+    def _run(self):
+        pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template = self.args
+        clock = Stopwatch()
+        start = time.perf_counter()
+        embeds, visual = pipeline.build_prompt(images, prompt, template, clock)
+        room = pipeline.decoder.context_length - embeds.shape[0]
+        budget = min(max_new_tokens, room)
+        rng = np.random.default_rng(seed)
+        eos = set(pipeline.spec.get("eos_token_ids") or [])
+        with clock.timed("prefill"):
+            cache = pipeline.decoder.start()
+            logits, cache = pipeline.decoder.step(embeds, cache)
+        ttft = (time.perf_counter() - start) * 1e3
+        generated, emitted, reason, steps = [], "", "max_new_tokens", 0
+        decode_start = time.perf_counter()
+        while True:
+            token = choose_token(logits, temperature, top_p, rng)
+            if token in eos:
+                reason = "eos"
+                break
+            generated.append(token)
+            text = pipeline.tokenizer.decode(generated, skip_special_tokens=True)
+            hit = next((s for s in stop if s and s in text), None)
+            if hit is not None:
+                text = text[: text.index(hit)]
+                reason = "stop_string"
+            if len(text) > len(emitted) and not text.endswith("\ufffd"):
+                yield text[len(emitted):]
+                emitted = text
+            if hit is not None or len(generated) >= budget:
+                break
+            logits, cache = pipeline.decoder.step(pipeline.decoder.embed([token]), cache)
+            steps += 1
+        decode_ms = (time.perf_counter() - decode_start) * 1e3
+        timings = {**{k: round(v, 3) for k, v in clock.ms.items()}, "ttft": round(ttft, 3), "decode": round(decode_ms, 3),
+                   "total": round((time.perf_counter() - start) * 1e3, 3)}
+        timings["decode_ms_per_token"] = round(decode_ms / steps, 3) if steps else None
+        timings["tokens_per_s"] = round(1e3 * steps / decode_ms, 2) if steps and decode_ms > 0 else None
+        final = pipeline.tokenizer.decode(generated, skip_special_tokens=True)
+        if reason == "stop_string":
+            final = emitted
+        self.result = GenerationResult(final, generated, visual, int(embeds.shape[0]), len(generated), reason, timings,
+                                       pipeline.vision.graph.get("method", "?"))
+
+
+def _graph_for(method: str | None) -> str:
+    if method in (None, "", "default"):
+        return "vision"
+    if method == "none":
+        return "baseline"
+    raise ConfigError(f"method override {method!r} is not available at run time; only 'none' (the baseline graph)")
