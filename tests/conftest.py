@@ -20,16 +20,42 @@ def tiny_vision_config(**overrides):
     return CLIPVisionConfig(**{**TINY_VISION, **overrides})
 
 
+TINY_VOCAB = 320
+CORPUS = [
+    "a photo of a cat on a mat", "what is in this picture", "describe the image in detail", "the quick brown fox",
+    "jumps over the lazy dog", "USER: ASSISTANT:", "there are two birds and a tree", "red green blue yellow",
+] * 20
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained here on a few sentences, with a LLaVA-1.5 style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - 8, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    return fast
+
+
 def tiny_llava(seed=0, **vision_overrides):
     import torch
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     text = LlamaConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, max_position_embeddings=512,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=TINY_VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
     )
-    config = LlavaConfig(vision_config=tiny_vision_config(**vision_overrides), text_config=text, image_token_id=255)
+    config = LlavaConfig(vision_config=tiny_vision_config(**vision_overrides), text_config=text, image_token_id=TINY_VOCAB - 1)
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -50,6 +76,7 @@ def llava_dir(tmp_path_factory):
     model = tiny_llava()
     path = tmp_path_factory.mktemp("llava")
     model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -61,7 +88,8 @@ def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
     cache = {}
     models = {"clip": clip_dir, "llava": llava_dir}
 
-    def make(model="llava", method="prumerge", output="padded", **options):
+    def make(model="llava", method="prumerge", output="padded", llm_precision=None, **options):
+        options["llm_precision"] = llm_precision
         key = (model, method, output, tuple(sorted(options.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"{model}-{method}-{output}"

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_help_lists_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("build", "verify", "inspect", "demo"):
+    for command in ("build", "verify", "inspect", "demo", "run"):
         assert command in result.output
 
 
@@ -23,7 +23,7 @@ def test_build_inspect_verify(tmp_path, llava_dir):
     runner = CliRunner()
     out = tmp_path / "art"
     result = runner.invoke(main, ["build", str(llava_dir), "--out", str(out), "--method", "prumerge+", "--output", "dynamic",
-                                  "--batch-max", "4"])
+                                  "--batch-max", "4", "--baseline"])
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file()
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
@@ -35,6 +35,20 @@ def test_build_inspect_verify(tmp_path, llava_dir):
 
     again = runner.invoke(main, ["build", str(llava_dir), "--out", str(out)])
     assert again.exit_code == 7 and "already exists" in again.output
+
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (160, 120), (200, 30, 30)).save(image)
+    answer = runner.invoke(main, ["run", str(out), "--image", str(image), "--prompt", "<image> describe", "--max-new-tokens", "3", "--json"])
+    assert answer.exit_code == 0, answer.output
+    data = json.loads(answer.output)
+    assert data["method"] == "prumerge+" and len(data["visual_tokens"]) == 1 and "ttft" in data["timings_ms"]
+    baseline = json.loads(runner.invoke(main, ["run", str(out), "--image", str(image), "--prompt", "<image> describe",
+                                               "--max-new-tokens", "2", "--json", "--method-override", "none"]).output)
+    assert baseline["visual_tokens"] == [64] and baseline["method"] == "none"
+    missing = runner.invoke(main, ["run", str(out), "--prompt", "<image> describe"])
+    assert missing.exit_code == 3 and "no image was given" in missing.output
 
 
 def test_bad_model_is_one_clear_error(tmp_path):
@@ -49,3 +63,4 @@ def test_demo_runs_offline(tmp_path):
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output
     assert result.output.count("visual tokens for the LLM") == 4
+    assert "[prumerge] answer" in result.output and "[none] answer" in result.output

@@ -60,9 +60,9 @@ def test_llava_encoder_projects_and_none_matches_get_image_features(llava_dir):
         baseline = PruMergeEncoder.from_pretrained(llava_dir, method="none")(pixels)
         expected = hf.get_image_features(pixel_values=pixels).pooler_output
         expected = torch.stack(list(expected)) if isinstance(expected, (list, tuple)) else expected
-        assert baseline.tokens.shape == (2, 64, 48) and baseline.num_tokens.tolist() == [64, 64]
+        assert baseline.tokens.shape == (2, 64, 64) and baseline.num_tokens.tolist() == [64, 64]
         assert baseline.indices[0].tolist() == list(range(64))
-        torch.testing.assert_close(baseline.tokens, expected.reshape(2, 64, 48), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(baseline.tokens, expected.reshape(2, 64, 64), rtol=1e-5, atol=1e-5)
 
         reduced = PruMergeEncoder.from_pretrained(llava_dir, method="prumerge")(pixels)
         raw = PruMergeEncoder.from_pretrained(llava_dir, method="prumerge", project=False)(pixels)

@@ -54,15 +54,15 @@ def test_manifest_records_what_was_built(artifact_factory):
     directory = artifact_factory("llava", "prumerge", "padded")
     info = inspect_artifact(directory)
     assert info["reducer"]["capacity"] == 17 and info["reducer"]["num_patches"] == 64
-    assert info["vision"]["output_width"] == 48 == info["llm"]["hidden_size"]
+    assert info["vision"]["output_width"] == 64 == info["llm"]["hidden_size"]
     outputs = {o["name"]: o for o in info["vision"]["outputs"]}
-    assert outputs["tokens"]["shape"] == ["batch", 17, 48] and outputs["num_tokens"]["dtype"] == "int64"
+    assert outputs["tokens"]["shape"] == ["batch", 17, 64] and outputs["num_tokens"]["dtype"] == "int64"
     assert info["validation"]["ok"] and info["tensorrt"]["ok"] and not info["tensorrt"]["data_dependent"]
     assert "TopK" in info["graph"]["ops"]
     assert set(info["files"]) == {"vision.onnx"}
     dynamic = inspect_artifact(artifact_factory("llava", "prumerge", "dynamic"))
     assert any(d.startswith("NonZero") for d in dynamic["tensorrt"]["data_dependent"])
-    assert dynamic["vision"]["outputs"][0]["shape"] == ["batch", "num_tokens_max", 48]
+    assert dynamic["vision"]["outputs"][0]["shape"] == ["batch", "num_tokens_max", 64]
 
 
 def test_verify_passes_and_reports(artifact_factory):
@@ -73,7 +73,7 @@ def test_verify_passes_and_reports(artifact_factory):
 def test_method_none_baseline_artifact(artifact_factory, llava_dir):
     directory = artifact_factory("llava", "none", "padded")
     out = VisionSession.open(directory).run_pixels(synthetic_pixels(2, 112))
-    assert out.num_tokens.tolist() == [64, 64] and out.tokens.shape == (2, 64, 48)
+    assert out.num_tokens.tolist() == [64, 64] and out.tokens.shape == (2, 64, 64)
 
 
 def test_small_capacity_truncates_and_says_so(artifact_factory):

@@ -25,8 +25,8 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def test_vision_session_without_torch(artifact_factory, tmp_path):
-    directory = artifact_factory("llava", "prumerge+", "dynamic")
+def test_vision_session_and_pipeline_without_torch(artifact_factory, tmp_path):
+    directory = artifact_factory("llava", "prumerge+", "dynamic", llm_precision="int4")
     image = tmp_path / "img.png"
     from PIL import Image
     import numpy as np
@@ -40,8 +40,13 @@ def test_vision_session_without_torch(artifact_factory, tmp_path):
         assert out.num_tokens[0] == out.num_tokens[1]
         assert "torch" not in sys.modules and "transformers" not in sys.modules
         print("tokens", out.tokens.shape, out.num_tokens.tolist())
+        from prumerge.runtime import Pipeline
+        result = Pipeline.from_artifacts({str(directory)!r}).generate({str(image)!r}, "<image> describe", max_new_tokens=4)
+        assert result.generated_tokens >= 1 or result.stop_reason == "eos"
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print("generated", result.token_ids, result.visual_tokens)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "tokens (2," in result.stdout
+    assert "tokens (2," in result.stdout and "generated" in result.stdout

