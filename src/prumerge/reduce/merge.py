@@ -1,7 +1,8 @@
 """Fold pruned information into the survivors: key-cosine nearest neighbours and the extra token.
 
 The official code does this with a Python loop over kept tokens, re-concatenating the other tokens each time;
-here one batched similarity matrix, one top-k and one sparse-weight matmul do the same sum for every slot.
+here one batched similarity matrix, one top-k, one row gather and a small matmul per slot do the same sum for
+every slot at once.
 """
 
 from __future__ import annotations
@@ -9,6 +10,21 @@ from __future__ import annotations
 import torch
 
 from .config import MergeWeights, ReducerConfig
+
+
+def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` most key-cosine-similar other patches of each slot's patch, ``[B, S, count]``.
+
+    Cosine similarity as raw dot products scaled by inverse norms: the same value as F.normalize'd keys (same eps
+    clamp) without dividing the whole [B, P, D] key tensor. A patch is never its own neighbour.
+    """
+    batch, num_slots = slots.shape
+    inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
+    slot_keys = keys.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1]))
+    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
+    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
+    similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
+    return torch.topk(similarity, count, dim=-1).indices
 
 
 def merge_tokens(
@@ -27,19 +43,10 @@ def merge_tokens(
     """
     batch, num_patches, width = features.shape
     num_slots = slots.shape[1]
-    # Cosine similarity as raw dot products scaled by inverse norms: the same value as F.normalize'd keys
-    # (same eps clamp) without dividing the whole [B, P, D] key tensor.
-    inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
-    gather_index = slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1])
-    slot_keys = keys.gather(1, gather_index)
     slot_features = features.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, width))
-
-    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
-    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
-    similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))  # a patch is not its own neighbour
     num_neighbors = min(config.neighbors, num_patches - 1)
     if num_neighbors > 0:
-        neighbors = torch.topk(similarity, num_neighbors, dim=-1).indices  # [B, S, n]
+        neighbors = nearest_neighbors(keys, slots, num_neighbors)  # [B, S, n]
         weights = scores.gather(1, neighbors.reshape(batch, -1)).reshape(batch, num_slots, 1, num_neighbors)
         # Row gather from the flattened batch (index_select) + one small matmul per slot: S*n*D work instead of a
         # dense [S, P] x [P, D] product.

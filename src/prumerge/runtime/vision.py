@@ -56,10 +56,12 @@ class VisionSession:
         self.batch_max = int(graph.get("batch_max", 1))
 
     @classmethod
-    def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True, graph: str = "vision") -> "VisionSession":
+    def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True, graph: str = "vision",
+             profile_dir: str | Path | None = None) -> "VisionSession":
         """Load an artifact. ``provider``: cpu | cuda | tensorrt (onnxruntime EPs; missing ones fall back to CPU
         with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked).
-        ``graph="baseline"`` opens the unreduced graph of a build made with ``--baseline``."""
+        ``graph="baseline"`` opens the unreduced graph of a build made with ``--baseline``. ``profile_dir`` turns on
+        onnxruntime's per-node profiler (JSON written there by :meth:`end_profiling`)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if verify:
@@ -71,7 +73,7 @@ class VisionSession:
             raise InputError(f"unknown graph {graph!r}; choose vision or baseline")
         if spec.get("format") != "onnx":
             raise ArtifactError(f"{directory}: vision graph format {spec.get('format')!r} needs another session")
-        return cls(directory, manifest, spec, *_ort_session(directory / spec["file"], provider))
+        return cls(directory, manifest, spec, *_ort_session(directory / spec["file"], provider, profile_dir))
 
     # ------------------------------------------------------------------ running
     def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
@@ -91,12 +93,16 @@ class VisionSession:
         parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
         return parts[0] if len(parts) == 1 else _concat(parts, int(self.manifest.reducer["padding_index"]))
 
+    def end_profiling(self) -> Path:
+        """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""
+        return Path(self.session.end_profiling())
+
     def _run(self, feed: np.ndarray) -> VisionOutput:
         tokens, num_tokens, indices, truncated = self.session.run(None, {self.input_name: feed})
         return VisionOutput(tokens, num_tokens.astype(np.int64), indices.astype(np.int64), truncated.astype(bool))
 
 
-def _ort_session(path: Path, provider: str):
+def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = None):
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - a dependency
@@ -107,8 +113,12 @@ def _ort_session(path: Path, provider: str):
     wanted = [p for p in PROVIDERS[provider] if p in available]
     if wanted[0] != PROVIDERS[provider][0]:
         warnings.warn(f"{PROVIDERS[provider][0]} is not available in this onnxruntime; running on {wanted[0]}", RuntimeWarning, stacklevel=3)
+    options = ort.SessionOptions()
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / path.stem)
     try:
-        session = ort.InferenceSession(str(path), providers=wanted)
+        session = ort.InferenceSession(str(path), options, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
     return session, session.get_providers()[0]

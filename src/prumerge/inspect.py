@@ -1,0 +1,146 @@
+"""``prumerge.inspect.render``: a picture of what PruMerge kept, sampled and merged for one image.
+
+Left: the model's view of the image (after its preprocessing) with the patch grid and a heat map of CLS attention.
+Right: kept patches outlined in red (rank by attention printed for the first ten), PruMerge+ samples in cyan, each
+pruned patch tinted with the colour of the kept token it was merged into, and patches that only reach the LLM
+through the extra token in grey. Drawn with PIL alone.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import ConfigError
+
+KEPT = (230, 30, 30)
+SAMPLED = (0, 220, 230)
+EXTRA_ONLY = (70, 70, 70)
+SCALE = 2
+LEGEND = 56
+
+
+@dataclasses.dataclass
+class InspectResult:
+    path: Path | None
+    method: str
+    num_patches: int
+    grid: int
+    kept: list
+    sampled: list
+    num_tokens: int  # what the reducer returned (kept + sampled + extra token)
+    reducer_indices: list  # indices output of the reducer itself, for cross-checking
+    outliers: int
+    pruned_only_in_extra: list
+    size: tuple
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """0..1 -> RGB uint8 on a dark-blue -> yellow ramp (a perceptual-ish map without matplotlib)."""
+    v = np.clip(values, 0, 1)[..., None]
+    low, mid, high = np.array([20, 20, 90.0]), np.array([200, 40, 120.0]), np.array([255, 230, 50.0])
+    return np.where(v < 0.5, low + (mid - low) * (v * 2), mid + (high - mid) * (v * 2 - 1)).astype(np.uint8)
+
+
+def _palette(n: int) -> list:
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618) % 1.0, 0.75, 1.0)) for i in range(max(n, 1))]
+
+
+def render(image, model: str | Path, method: str = "prumerge", out: str | Path | None = None, **reducer_options) -> InspectResult:
+    """Run the reducer on ``image`` with ``model`` (checkpoint dir, hub id, or artifact dir) and draw it."""
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .encoder import PruMergeEncoder
+    from .manifest import MANIFEST_NAME, Manifest
+    from .reduce.config import Method
+    from .reduce.explain import explain
+    from .runtime.preprocess import PreprocessConfig, preprocess_image
+
+    if Method.parse(method) is Method.NONE:
+        raise ConfigError("inspect shows a reduction: choose method prumerge or prumerge+")
+    model_path = Path(model)
+    if model_path.is_dir() and (model_path / MANIFEST_NAME).is_file():
+        manifest = Manifest.read(model_path)
+        options = {k: v for k, v in manifest.reducer["options"].items() if k not in ("method", "capacity")}
+        reducer_options = {**options, **reducer_options}
+        model = manifest.source["model"]
+    encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, **reducer_options)
+    processor = Checkpoint.open(model).file("preprocessor_config.json", required=False)
+    import json
+
+    config = PreprocessConfig.from_processor_dict(json.loads(processor.read_text()) if processor else None, encoder.image_size)
+    pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
+    with torch.no_grad():
+        hidden, q, k = encoder.tower_outputs(pixels)
+        info = explain(hidden[:, 1:], q, k, encoder.reducer, num_heads=encoder.num_heads)
+        reduced = encoder(pixels)
+    num_tokens = int(reduced.num_tokens[0])
+    reducer_indices = reduced.indices[0, : num_tokens - 1].tolist()
+
+    size = encoder.image_size
+    grid, patch = encoder.grid, encoder.patch_size
+    view = pixels[0].numpy().transpose(1, 2, 0) * np.asarray(config.image_std) + np.asarray(config.image_mean)
+    view = np.clip(view / config.rescale_factor if config.rescale_factor else view, 0, 255).astype(np.uint8)
+    base = Image.fromarray(view).resize((size * SCALE, size * SCALE), Image.Resampling.NEAREST)
+    cell = patch * SCALE
+
+    scores = np.asarray(info.scores).reshape(grid, grid)
+    heat = _heat(np.sqrt(scores / scores.max()) if scores.max() > 0 else scores)  # sqrt: one peak must not hide the rest
+    heat_img = Image.fromarray(heat).resize(base.size, Image.Resampling.NEAREST)
+    left = Image.blend(base, heat_img, 0.55)
+    right = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.45)
+    tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    tint_draw = ImageDraw.Draw(tint)
+    colours = dict(zip(info.kept + info.sampled, _palette(len(info.kept) + len(info.sampled))))
+    owner = {}
+    for token in info.kept + info.sampled:  # first (highest-ranked) selected token that took the patch
+        for p in info.neighbors.get(token, []):
+            owner.setdefault(p, token)
+    selected = set(info.kept) | set(info.sampled)
+    for p in range(grid * grid):
+        if p in selected:
+            continue
+        box = _box(p, grid, cell)
+        colour = colours[owner[p]] if p in owner else EXTRA_ONLY
+        tint_draw.rectangle(box, fill=(*colour, 110 if p in owner else 170))
+    right = Image.alpha_composite(right.convert("RGBA"), tint).convert("RGB")
+    draw_r, draw_l = ImageDraw.Draw(right), ImageDraw.Draw(left)
+    for draw in (draw_l, draw_r):
+        for i in range(1, grid):
+            draw.line([(i * cell, 0), (i * cell, size * SCALE)], fill=(255, 255, 255), width=1)
+            draw.line([(0, i * cell), (size * SCALE, i * cell)], fill=(255, 255, 255), width=1)
+    for rank, p in enumerate(info.kept):
+        draw_r.rectangle(_box(p, grid, cell), outline=KEPT, width=max(2, SCALE + 1))
+        if rank < 10:
+            x0, y0, _, _ = _box(p, grid, cell)
+            draw_r.text((x0 + 2, y0 + 1), str(rank + 1), fill=(255, 255, 255))
+    for p in info.sampled:
+        draw_r.rectangle(_box(p, grid, cell), outline=SAMPLED, width=max(2, SCALE))
+
+    canvas = Image.new("RGB", (base.width * 2, base.height + LEGEND), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (base.width, 0))
+    legend = ImageDraw.Draw(canvas)
+    y = base.height + 6
+    legend.text((8, y), f"CLS attention heat map ({grid}x{grid} patches)", fill=(0, 0, 0))
+    legend.text((base.width + 8, y), f"{method}: {len(info.kept)} kept (red, ranked) + {len(info.sampled)} sampled (cyan) "
+                                     f"+ 1 extra = {num_tokens} tokens of {grid * grid}", fill=(0, 0, 0))
+    legend.text((base.width + 8, y + 18), "tint: merged into the kept token of that colour; grey: only in the extra token",
+                fill=(0, 0, 0))
+    path = None
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path)
+    return InspectResult(path, method, grid * grid, grid, info.kept, info.sampled, num_tokens, reducer_indices,
+                         info.outliers, info.pruned_only_in_extra, canvas.size)
+
+
+def _box(patch: int, grid: int, cell: int) -> tuple:
+    row, col = divmod(patch, grid)
+    return (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)

@@ -1,0 +1,50 @@
+"""Which vision-graph node belongs to which stage, and how long each stage took in onnxruntime's profile.
+
+The dynamo exporter stores each node's PyTorch module scope and stack trace in ``metadata_props``: nodes under
+``encoder.tower`` are the CLIP encoder, under ``encoder.projector`` the projector, and nodes traced from
+``reduce_tokens`` (the reducer is plain functions, so its nodes carry no module scope, only the call) the reducer. So the reducer's share is measured per node, not inferred.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+STAGES = ("vision_encoder", "reducer", "projector", "vision_other")
+
+
+def classify_nodes(onnx_path: Path) -> dict:
+    """``{node name: stage}`` for every node of the graph (reads no weights)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    stages = {}
+    for node in graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = meta.get("pkg.torch.onnx.name_scopes", "")
+        trace = meta.get("pkg.torch.onnx.stack_trace", "")
+        if "'encoder.tower" in scopes:
+            stage = "vision_encoder"
+        elif "'encoder.projector" in scopes:
+            stage = "projector"
+        elif "reduce_tokens(" in trace or "prumerge/reduce/" in trace.replace("\\", "/"):
+            stage = "reducer"
+        else:
+            stage = "vision_other"
+        stages[node.name] = stage
+    return stages
+
+
+def node_times(profile_json: Path, stages: dict, skip_runs: int = 0) -> dict:
+    """Total kernel time (ms) per stage from an onnxruntime profile, dropping each node's first ``skip_runs``
+    executions (the warm-up runs)."""
+    events = json.loads(Path(profile_json).read_text())
+    per_node = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            per_node[event["name"][: -len("_kernel_time")]].append(event.get("dur", 0))
+    totals = dict.fromkeys(STAGES, 0.0)
+    for name, durations in per_node.items():
+        totals[stages.get(name, "vision_other")] += sum(durations[skip_runs:]) / 1e3
+    return totals

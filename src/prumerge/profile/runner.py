@@ -1,0 +1,158 @@
+"""``prumerge.profile.run``: the whole pipeline per method, on the same images, with per-stage statistics.
+
+Each measured run generates an answer for every image (warm-up runs first, excluded). Stage times come from the
+pipeline's own stopwatch; the vision graph's wall time is split into encoder / reducer / projector by the share
+each stage has in onnxruntime's per-node profile of the measured runs (see :mod:`prumerge.profile.nodes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import ConfigError, InputError
+from ..manifest import Manifest
+from .nodes import STAGES, classify_nodes, node_times
+from .stats import summarize
+
+SCHEMA_VERSION = 1
+METHODS = ("none", "prumerge", "prumerge+")
+STAGE_ORDER = ("preprocess", "vision_encoder", "reducer", "projector", "vision_other", "embed", "llm_prefill", "decode")
+DEFAULT_PROMPT = "<image>\nDescribe the image."
+
+
+@dataclasses.dataclass
+class MethodProfile:
+    method: str
+    artifact: str
+    graph: str
+    samples: int
+    stages: dict  # stage -> summary (ms); also end_to_end, ttft, vision (whole graph)
+    decode_ms_per_token: dict
+    tokens_per_s: dict
+    visual_tokens: dict  # mean / min / max per image
+    generated_tokens: dict
+    overhead_ms: dict  # end_to_end minus the sum of the stages, per run
+    node_share: dict  # share of each vision stage in the per-node profile
+    peak_rss_mb: float  # process peak after this method's runs
+    peak_device_mb: float | None
+
+
+@dataclasses.dataclass
+class ProfileReport:
+    config: dict
+    methods: list
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def method(self, name: str) -> MethodProfile:
+        return next(m for m in self.methods if m.method == name)
+
+
+def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str]) -> dict:
+    """``{method: (artifact dir, graph)}``: each method from the first artifact that has it."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not artifacts:
+        raise ConfigError("give at least one artifact directory")
+    found = {}
+    for directory in artifacts:
+        manifest = Manifest.read(directory)
+        main = manifest.vision.get("method", manifest.reducer["method"])
+        found.setdefault(main, (Path(directory), "vision"))
+        if manifest.baseline:
+            found.setdefault("none", (Path(directory), "baseline"))
+    missing = [m for m in methods if m not in found]
+    if missing:
+        have = ", ".join(sorted(found)) or "nothing"
+        raise ConfigError(f"no artifact provides {', '.join(missing)} (these provide {have}); build one with "
+                          "--method for it, or --baseline for none")
+    return {m: found[m] for m in methods}
+
+
+def run(artifacts: Sequence[str | Path], methods: Sequence[str] = METHODS, images: Sequence | None = None,
+        synthetic: int = 0, prompt: str = DEFAULT_PROMPT, warmup: int = 1, runs: int = 5, provider: str = "cpu",
+        max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> ProfileReport:
+    """Profile ``methods`` side by side; ``images`` (paths or PIL images) or ``synthetic`` generated ones."""
+    from ..runtime.pipeline import Pipeline
+
+    if runs < 1:
+        raise ConfigError(f"runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {warmup}")
+    images = list(images or [])
+    for image in images:
+        if isinstance(image, (str, Path)) and not Path(image).is_file():
+            raise InputError(f"image file not found: {image}")
+    if synthetic:
+        from ..demo import demo_images
+
+        images += demo_images(synthetic)
+    if not images:
+        raise InputError("no images: give image paths or a number of synthetic images")
+    chosen = resolve_methods([Path(a) for a in artifacts], methods)
+    tick = progress or (lambda label, n: None)
+    results = []
+    for method, (directory, graph) in chosen.items():
+        with tempfile.TemporaryDirectory(prefix="prumerge-profile-") as scratch:
+            pipeline = Pipeline.from_artifacts(directory, provider=provider, method="none" if graph == "baseline" else None,
+                                               profile_dir=scratch)
+            for i in range(warmup):
+                pipeline.generate(images[i % len(images)], prompt, max_new_tokens=max_new_tokens)
+                tick(f"{method}: warm-up", 1)
+            samples = []
+            for _ in range(runs):
+                for image in images:
+                    samples.append(pipeline.generate(image, prompt, max_new_tokens=max_new_tokens))
+                    tick(f"{method}: measuring", 1)
+            vision_file = directory / pipeline.vision.graph["file"]
+            shares = node_times(pipeline.vision.end_profiling(), classify_nodes(vision_file), skip_runs=warmup)
+        results.append(_method_profile(method, directory, graph, samples, shares))
+    return ProfileReport(
+        config={"artifacts": [str(a) for a in artifacts], "methods": list(methods), "images": len(images),
+                "synthetic": synthetic, "prompt": prompt, "warmup": warmup, "runs": runs, "provider": provider,
+                "max_new_tokens": max_new_tokens, "machine": platform.machine(), "processor": platform.processor(),
+                "python": platform.python_version()},
+        methods=results,
+    )
+
+
+def _method_profile(method, directory, graph, samples, node_ms) -> MethodProfile:
+    total_node = sum(node_ms.values()) or 1.0
+    share = {stage: node_ms[stage] / total_node for stage in STAGES}
+    per_stage = {name: [] for name in (*STAGE_ORDER, "vision", "end_to_end", "ttft")}
+    overhead = []
+    for result in samples:
+        t = result.timings_ms
+        vision = t.get("vision", 0.0)
+        values = {"preprocess": t.get("preprocess", 0.0), "embed": t.get("embed", 0.0), "llm_prefill": t["prefill"],
+                  "decode": t["decode"], **{stage: vision * share[stage] for stage in STAGES}}
+        for name, value in values.items():
+            per_stage[name].append(value)
+        per_stage["vision"].append(vision)
+        per_stage["end_to_end"].append(t["total"])
+        per_stage["ttft"].append(t["ttft"])
+        overhead.append(t["total"] - sum(values.values()))
+    return MethodProfile(
+        method=method, artifact=str(directory), graph=graph, samples=len(samples),
+        stages={name: summarize(values) for name, values in per_stage.items()},
+        decode_ms_per_token=summarize(r.timings_ms["decode_ms_per_token"] for r in samples),
+        tokens_per_s=summarize(r.timings_ms["tokens_per_s"] for r in samples),
+        visual_tokens=_counts(sum((r.visual_tokens for r in samples), [])),
+        generated_tokens=_counts([r.generated_tokens for r in samples]),
+        overhead_ms=summarize(overhead),
+        node_share={k: round(v, 4) for k, v in share.items()},
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device_mb=None,
+    )
+
+
+def _counts(values) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else {}

@@ -1,0 +1,61 @@
+"""What the reducer decided for one image, in plain Python values: for pictures, reports and tests.
+
+Uses the same functions as :func:`reduce_tokens` (attention, outlier count, selection, neighbour search), so
+what is drawn is what the reducer did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .attention import cls_attention
+from .config import Method, ReducerConfig
+from .merge import nearest_neighbors
+from .outliers import iqr_outlier_count
+from .selection import select_tokens
+
+
+@dataclasses.dataclass
+class Explanation:
+    scores: list  # CLS attention per patch (raster order)
+    outliers: int  # IQR outlier count before min_keep / capacity
+    kept: list  # patches kept by attention, in output order (descending attention)
+    sampled: list  # PruMerge+ raster samples, in output order
+    neighbors: dict  # selected patch -> the patches merged into it
+    pruned_only_in_extra: list  # patches no selected token took as a neighbour (they live only in the extra token)
+    truncated: bool
+
+
+def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int = 1) -> Explanation:
+    """Batch-1 ``features [1, P, D]``, ``q/k [1, 1 + P, D]`` -> :class:`Explanation`."""
+    if config.method is Method.NONE:
+        raise ValueError("explain needs method prumerge or prumerge+")
+    features, q, k = features.float(), q.float(), k.float()
+    num_patches = features.shape[1]
+    scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention)
+    outliers = iqr_outlier_count(scores, config.iqr_factor)
+    selection = select_tokens(scores, outliers, config, config.resolved_capacity(num_patches))
+    count = int(selection.num_selected[0])
+    slots = selection.slots[:, :count]
+    keep = max(min(int(outliers[0]), num_patches), config.min_keep)
+    rank_order = torch.topk(scores[0], num_patches).indices.tolist()
+    top = set(rank_order[:keep])
+    order = slots[0].tolist()
+    neighbors = {}
+    n = min(config.neighbors, num_patches - 1)
+    if n > 0 and count:
+        found = nearest_neighbors(k[:, 1:], slots, n)[0].tolist()
+        neighbors = {patch: found[i] for i, patch in enumerate(order)}
+    merged = set().union(*neighbors.values()) if neighbors else set()
+    selected = set(order)
+    return Explanation(
+        scores=scores[0].tolist(),
+        outliers=int(outliers[0]),
+        kept=[p for p in order if p in top],
+        sampled=[p for p in order if p not in top],
+        neighbors=neighbors,
+        pruned_only_in_extra=sorted(set(range(num_patches)) - selected - merged),
+        truncated=bool(selection.truncated[0]),
+    )
