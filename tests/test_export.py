@@ -57,11 +57,14 @@ def test_manifest_records_what_was_built(artifact_factory):
     assert info["vision"]["output_width"] == 64 == info["llm"]["hidden_size"]
     outputs = {o["name"]: o for o in info["vision"]["outputs"]}
     assert outputs["tokens"]["shape"] == ["batch", 17, 64] and outputs["num_tokens"]["dtype"] == "int64"
-    assert info["validation"]["ok"] and info["tensorrt"]["ok"] and not info["tensorrt"]["data_dependent"]
+    padded = info["tensorrt"]["10.3"]
+    assert info["validation"]["ok"] and padded["ok"] and not padded["data_dependent"], "padded must pass TensorRT 10.3"
     assert "TopK" in info["graph"]["ops"]
     assert set(info["files"]) == {"vision.onnx"}
     dynamic = inspect_artifact(artifact_factory("llava", "prumerge", "dynamic"))
-    assert any(d.startswith("NonZero") for d in dynamic["tensorrt"]["data_dependent"])
+    assert any(d.startswith("NonZero") for d in dynamic["tensorrt"]["10.3"]["data_dependent"])
+    assert not dynamic["tensorrt"]["10.3"]["ok"] and "need TensorRT 10.8" in dynamic["tensorrt"]["10.3"]["violations"][0]
+    assert dynamic["tensorrt"]["10.8"]["ok"]
     assert dynamic["vision"]["outputs"][0]["shape"] == ["batch", "num_tokens_max", 64]
 
 

@@ -39,6 +39,29 @@ def _console():
     return Console(stderr=True)
 
 
+def engine_tuning_options() -> list:
+    """TensorRT engine options shared by ``build`` and ``engine``; unset ones take the target's defaults."""
+    return [
+        click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default=None, help="engine precision"),
+        click.option("--workspace", type=int, default=None, help="builder workspace, MiB"),
+        click.option("--min-batch", type=int, default=None),
+        click.option("--opt-batch", type=int, default=None),
+        click.option("--max-batch", type=int, default=None),
+        click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated)"),
+    ]
+
+
+def _engine_overrides(kwargs) -> dict:
+    return {"precision": kwargs.pop("precision"), "workspace_mib": kwargs.pop("workspace"), "min_batch": kwargs.pop("min_batch"),
+            "opt_batch": kwargs.pop("opt_batch"), "max_batch": kwargs.pop("max_batch"),
+            "timing_cache": str(t) if (t := kwargs.pop("timing_cache")) else None}
+
+
+def _decorate_with(options):
+    """Apply a list of click options (in listed order) as one decorator."""
+    return lambda func: functools.reduce(lambda f, d: d(f), reversed(options()), func)
+
+
 def build_options(func):
     """Options shared by ``build`` and ``demo`` (one definition, so the two cannot drift)."""
     decorators = [
@@ -61,6 +84,10 @@ def build_options(func):
                      help="execution provider the LLM is built for"),
         click.option("--no-llm", is_flag=True, help="vision graph only"),
         click.option("--baseline", is_flag=True, help="also export the unreduced (method none) graph for comparisons"),
+        click.option("--target", type=click.Choice(["server", "jetson-orin", "jetson-orin-nano"]), default=None,
+                     help="TensorRT target: writes build_engine.sh with the target's safe defaults"),
+        click.option("--engine", is_flag=True, help="also build vision.engine here (needs TensorRT and the target GPU)"),
+        *engine_tuning_options(),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -73,11 +100,13 @@ def _options_from(kwargs) -> "object":
     if kwargs["method"] == "none":
         reducer = {}
     llm = None if kwargs.pop("no_llm") else (kwargs.pop("llm_precision") or "auto")
+    engine = {k: v for k, v in _engine_overrides(kwargs).items() if v is not None}
     return BuildOptions(method=kwargs.pop("method"), output=kwargs.pop("output"), max_tokens=kwargs.pop("max_tokens"),
                         opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"), batch_max=kwargs.pop("batch_max"),
                         revision=kwargs.pop("revision", None), project=not kwargs.pop("no_project", False),
                         reducer_options=reducer, llm_precision=llm, llm_provider=kwargs.pop("llm_provider"),
-                        baseline=kwargs.pop("baseline"))
+                        baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
+                        engine_options=engine)
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -102,8 +131,9 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
     table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
                                 f"indices identical={validation['indices_identical']}, max |err|={validation['max_abs_error']:.2e}")
-    table.add_row("TensorRT", "ops supported (" + vision["tensorrt"]["tensorrt_version"] + ")" if vision["tensorrt"]["ok"]
-                  else "NOT compatible: " + ", ".join(vision["tensorrt"]["unsupported"] + vision["tensorrt"]["violations"]))
+    table.add_row("TensorRT", "; ".join(
+        f"{version}: " + ("ok" if r["ok"] else "NOT compatible (" + ", ".join(r["unsupported"] + r["violations"])[:120] + ")")
+        for version, r in vision["tensorrt"].items()))
     llm = manifest.llm or {}
     table.add_row("LLM", f"{llm.get('model_type')} {llm.get('precision')} decoder ({llm.get('builder')}), hidden {llm.get('hidden_size')}"
                   if llm.get("decoder") else "none in this artifact")
@@ -123,6 +153,20 @@ def build(model, out, force, **kwargs):
     """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint) to an artifact directory."""
     options = _options_from(kwargs)
     _print_manifest_summary(_build(model, out, options, force), out)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["server", "jetson-orin", "jetson-orin-nano"]), default="server", show_default=True)
+@_decorate_with(engine_tuning_options)
+def engine(directory, target, **kwargs):
+    """Build DIRECTORY's TensorRT engine on this machine (run it on the device that will use the engine)."""
+    from .export.tensorrt import EngineOptions, add_engine_to_artifact
+
+    overrides = {k: v for k, v in _engine_overrides(kwargs).items() if v is not None}
+    facts = add_engine_to_artifact(directory, EngineOptions.for_target(target, **overrides))
+    click.echo(json.dumps(facts, indent=2))
+
 
 
 @main.command()
@@ -176,7 +220,8 @@ def _inspect_artifact(directory: Path, as_json: bool) -> None:
     table = Table(title=str(directory), show_header=False)
     for section in ("source", "reducer", "vision", "preprocess", "llm", "validation", "graph"):
         table.add_row(section, json.dumps(info[section]))
-    table.add_row("tensorrt", json.dumps({k: info["tensorrt"][k] for k in ("tensorrt_version", "ok", "unsupported", "violations", "data_dependent")}))
+    for version, report in info["tensorrt"].items():
+        table.add_row(f"TensorRT {version}", json.dumps({k: report[k] for k in ("ok", "unsupported", "violations", "data_dependent")}))
     table.add_row("files", json.dumps(info["files"]))
     Console(width=160).print(table)
 

@@ -25,19 +25,6 @@ MANIFEST_NAME = "manifest.json"
 
 
 @dataclasses.dataclass
-class TensorSpec:
-    """One graph input/output: a dim is an int (fixed) or a name (symbolic: ``batch``, ``num_tokens_max``)."""
-
-    name: str
-    dtype: str
-    shape: list
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
-        return cls(name=data["name"], dtype=data["dtype"], shape=list(data["shape"]))
-
-
-@dataclasses.dataclass
 class Manifest:
     source: dict
     reducer: dict
@@ -52,15 +39,6 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
-    # ----------------------------------------------------------------- derived views
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(d) for d in self.vision["inputs"]]
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(d) for d in self.vision["outputs"]]
-
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -68,8 +46,11 @@ class Manifest:
         return data
 
     def write(self, directory: Path) -> Path:
+        """Write atomically (temp file + rename): a reader never sees half a manifest."""
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        partial = path.with_name(f".{MANIFEST_NAME}.partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
         return path
 
     @classmethod

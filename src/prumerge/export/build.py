@@ -42,6 +42,9 @@ class BuildOptions:
     llm_precision: str | None = "auto"  # int4 | int8 | fp16 | fp32 | None (no LLM); auto: int4 for LLaVA checkpoints
     llm_provider: str = "cpu"
     baseline: bool = False  # also export the unreduced (method none) graph, for comparisons and profiling
+    target: str | None = None  # server | jetson-orin | jetson-orin-nano: writes build_engine.sh with its defaults
+    engine: bool = False  # build vision.engine here (needs TensorRT and the target GPU)
+    engine_options: dict = dataclasses.field(default_factory=dict)  # precision, workspace_mib, *_batch, timing_cache
 
 
 Progress = Callable[[str], None]
@@ -57,6 +60,18 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     method = Method.parse(options.method)
     if options.max_tokens is not None and method is Method.NONE:
         raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
+    engine_options = None
+    if options.target or options.engine:
+        from .tensorrt import EngineOptions, required_contract
+
+        engine_options = EngineOptions.for_target(options.target or "server", **options.engine_options)
+        needed = required_contract(engine_options.target)
+        if needed and options.output != needed:
+            raise ConfigError(f"target {engine_options.target} (TensorRT 10.3, JetPack 6) needs --output {needed}")
+        engine_options_check = engine_options
+        from .tensorrt import check_batch
+
+        check_batch(engine_options_check, options.batch_max)
     with staged_directory(out, force=force) as stage:
         step(f"loading the vision side of {model}")
         encoder = PruMergeEncoder.from_pretrained(
@@ -84,6 +99,17 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             llm = build_llm(model, options.revision, config, stage, llm_precision, options.llm_provider)
         if llm is not None and llm["hidden_size"] != encoder.output_width:
             raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
+
+        if engine_options is not None:
+            from .tensorrt import ENGINE_FILE, SCRIPT_FILE, build_engine, build_script
+
+            script = stage / SCRIPT_FILE
+            script.write_text(build_script(vision["inputs"], engine_options, VISION_FILE))
+            script.chmod(0o755)
+            vision["tensorrt_target"] = engine_options.to_dict()
+            if options.engine:
+                step(f"building the TensorRT engine ({engine_options.precision}, {engine_options.target})")
+                vision["engine"] = build_engine(stage / VISION_FILE, stage / ENGINE_FILE, vision["inputs"], engine_options)
 
         step("writing manifest")
         processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
@@ -118,7 +144,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     """Export, check and validate one vision graph; return its manifest entry (with its validation)."""
     import onnx
 
-    from .checks import check_onnx, op_support
+    from .checks import check_onnx, op_support_all
     from .graph import INPUT_NAME, Contract, export_onnx, output_shapes
     from .validate import TOLERANCE, require, synthetic_pixels
 
@@ -132,7 +158,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     step(f"checking {path.name} (onnx.checker, TensorRT op support)")
     check_onnx(path)
     graph = onnx.load(str(path), load_external_data=False)
-    support = op_support(graph)
+    support = op_support_all(graph)
     step(f"validating {path.name} on onnxruntime against PyTorch ({options.validate_images} images)")
     pixels = synthetic_pixels(options.validate_images, encoder.image_size)
     validation = require(_validate(encoder, path, pixels, TOLERANCE[precision]), f"validation of {path.name}")
@@ -150,7 +176,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
         "inputs": [{"name": INPUT_NAME, "dtype": "float32" if precision == "fp32" else "float16",
                     "shape": ["batch", 3, encoder.image_size, encoder.image_size]}],
         "outputs": _measured_outputs(graph, output_shapes(encoder, contract)),
-        "tensorrt": support.to_dict(),
+        "tensorrt": support,  # {TensorRT version: op-support report}
         "validation": validation.to_dict(),
     }
 

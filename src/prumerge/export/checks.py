@@ -59,11 +59,16 @@ def check_onnx(path: Path) -> None:
         raise ExportError(f"{path.name} fails the ONNX checker: {exc}") from exc
 
 
-def op_support(model, table: dict | None = None) -> OpSupportReport:
-    """Check every node (subgraphs included) of an ``onnx.ModelProto`` against the TensorRT op table."""
+def op_support(model, version: str | None = None, table: dict | None = None) -> OpSupportReport:
+    """Check every node (subgraphs included) of an ``onnx.ModelProto`` against the TensorRT op table for
+    ``version`` (default: the table's default, TensorRT 10.3 / JetPack 6)."""
     from onnx import numpy_helper
 
     table = table or load_op_table()
+    version = version or table["default_version"]
+    if version not in table["versions"]:
+        raise ExportError(f"no TensorRT op data for version {version}; known: {', '.join(table['versions'])}")
+    limits = table["versions"][version]
     supported, restrictions = set(table["supported"]), table.get("restrictions", {})
     data_dependent_ops = set(table.get("data_dependent_ops", []))
     constants = {init.name: init for init in model.graph.initializer}
@@ -92,10 +97,20 @@ def op_support(model, table: dict | None = None) -> OpSupportReport:
                     violations.append(f"TopK {node.name}: K={k} must be below {limit}")
         if node.op_type == "CumSum" and (len(node.input) < 2 or node.input[1] not in constants):
             violations.append(f"CumSum {node.name}: axis is not a build-time constant")
+    if dynamic and not limits["data_dependent_shapes"]:
+        newer = [v for v, spec in table["versions"].items() if spec["data_dependent_shapes"]]
+        violations.append(f"data-dependent output shapes ({', '.join(dynamic)}) need TensorRT {' or '.join(newer)}+ "
+                          "with an output allocator; export the padded contract for this version")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset > table.get("max_opset", opset):
-        violations.append(f"opset {opset} is newer than TensorRT {table['tensorrt_version']} parses ({table['max_opset']})")
-    return OpSupportReport(table["tensorrt_version"], dict(sorted(counts.items())), sorted(unsupported), violations, dynamic)
+    if opset is not None and opset > limits["max_opset"]:
+        violations.append(f"opset {opset} is newer than TensorRT {version} parses ({limits['max_opset']})")
+    return OpSupportReport(version, dict(sorted(counts.items())), sorted(unsupported), violations, dynamic)
+
+
+def op_support_all(model) -> dict:
+    """``{version: report dict}`` for every TensorRT version in the op table."""
+    table = load_op_table()
+    return {version: op_support(model, version, table).to_dict() for version in table["versions"]}
 
 
 def _walk(graph):

@@ -73,6 +73,10 @@ class VisionSession:
             raise InputError(f"unknown graph {graph!r}; choose vision or baseline")
         if spec.get("format") != "onnx":
             raise ArtifactError(f"{directory}: vision graph format {spec.get('format')!r} needs another session")
+        if provider == "tensorrt" and spec.get("engine"):
+            from .tensorrt import TensorRTSession  # the artifact's own engine, not onnxruntime's TensorRT EP
+
+            return TensorRTSession(directory, manifest, spec)
         return cls(directory, manifest, spec, *_ort_session(directory / spec["file"], provider, profile_dir))
 
     # ------------------------------------------------------------------ running
