@@ -40,7 +40,7 @@ def test_every_stage_for_every_method_and_totals_add_up(report):
         assert m.overhead_ms["max"] >= -1e-6 and m.overhead_ms["max"] < 0.25 * m.stages["end_to_end"]["min"] + 5
         vision_parts = sum(m.stages[s]["mean"] for s in ("vision_encoder", "reducer", "projector", "vision_other"))
         assert vision_parts == pytest.approx(m.stages["vision"]["mean"], rel=1e-6)
-        assert abs(sum(m.node_share.values()) - 1) < 1e-6
+        assert abs(sum(m.node_share.values()) - 1) < 1e-3  # shares are rounded to 4 decimals
         assert m.stages["ttft"]["p50"] <= m.stages["end_to_end"]["p50"] + 1e-6
     assert report.method("none").visual_tokens == {"mean": 64, "min": 64, "max": 64}
     assert report.method("prumerge").visual_tokens["max"] < 64

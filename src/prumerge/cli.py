@@ -88,6 +88,10 @@ def build_options(func):
                      help="TensorRT target: writes build_engine.sh with the target's safe defaults"),
         click.option("--engine", is_flag=True, help="also build vision.engine here (needs TensorRT and the target GPU)"),
         *engine_tuning_options(),
+        click.option("--calibration", type=click.Path(path_type=Path), default=None,
+                     help="calibration file from `calibrate`: sets the capacity; with --precision int8, the INT8 image set"),
+        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+                     show_default=True),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -101,12 +105,14 @@ def _options_from(kwargs) -> "object":
         reducer = {}
     llm = None if kwargs.pop("no_llm") else (kwargs.pop("llm_precision") or "auto")
     engine = {k: v for k, v in _engine_overrides(kwargs).items() if v is not None}
+    calibration = kwargs.pop("calibration")
     return BuildOptions(method=kwargs.pop("method"), output=kwargs.pop("output"), max_tokens=kwargs.pop("max_tokens"),
                         opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"), batch_max=kwargs.pop("batch_max"),
                         revision=kwargs.pop("revision", None), project=not kwargs.pop("no_project", False),
                         reducer_options=reducer, llm_precision=llm, llm_provider=kwargs.pop("llm_provider"),
                         baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
-                        engine_options=engine)
+                        engine_options=engine, calibration=str(calibration) if calibration else None,
+                        int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"))
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -131,6 +137,10 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
     table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
                                 f"indices identical={validation['indices_identical']}, max |err|={validation['max_abs_error']:.2e}")
+    if "int8" in vision:
+        a = vision["int8"]["agreement"]
+        table.add_row("INT8", f"{vision['int8']['calibration_method']} on {vision['int8']['calibration_images']} images: "
+                              f"mean Jaccard {a['mean_jaccard']:.3f} vs fp32, mean cosine {a['mean_cosine']:.4f}")
     table.add_row("TensorRT", "; ".join(
         f"{version}: " + ("ok" if r["ok"] else "NOT compatible (" + ", ".join(r["unsupported"] + r["violations"])[:120] + ")")
         for version, r in vision["tensorrt"].items()))
@@ -167,6 +177,62 @@ def engine(directory, target, **kwargs):
     facts = add_engine_to_artifact(directory, EngineOptions.for_target(target, **overrides))
     click.echo(json.dumps(facts, indent=2))
 
+
+
+@main.command()
+@click.argument("images", required=False, type=click.Path(path_type=Path))
+@click.option("--model", required=True, help="checkpoint dir or hub id")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("calibration.json"), show_default=True)
+@click.option("--synthetic", type=int, default=0, help="use N generated images instead of a folder")
+@click.option("--limit", type=int, default=None, help="sample at most N images (seeded)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--methods", default="prumerge,prumerge+", show_default=True)
+@click.option("--coverage", type=float, default=0.999, show_default=True, help="share of images the capacity holds untruncated")
+@click.option("--histogram", type=click.Path(path_type=Path), default=None, help="histogram PNG of the counts")
+@click.option("--report", is_flag=True, help="also quantise the vision graph to INT8 and compare it with fp32 on the set")
+@click.option("--report-json", type=click.Path(path_type=Path), default=None)
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
+def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, histogram, report, report_json,
+              calibration_method, int8_target):
+    """Token counts per method over IMAGES (a folder), the capacity for --coverage, and an optional INT8 report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .calib.budget import calibrate_budget, histogram as draw_histogram
+    from .calib.images import CalibrationSet
+
+    if images is None and not synthetic:
+        raise click.UsageError("give an image folder or --synthetic N")
+    dataset = CalibrationSet.from_folder(images, limit, seed) if images is not None else CalibrationSet.synthetic(synthetic, seed)
+    for item in dataset.skipped:
+        click.secho(f"skipped {item['file']}: {item['reason']}", fg="yellow", err=True)
+    budget = calibrate_budget(model, dataset, [m.strip() for m in methods.split(",") if m.strip()], coverage)
+    budget.write(out)
+    table = Table(title=f"{len(dataset.images)} images ({len(dataset.skipped)} skipped), {budget.num_patches} patches")
+    for column in ("method", "mean", "p50", "p90", "p99", "max", f"capacity @ {coverage:g}", "default capacity"):
+        table.add_column(column, justify="right")
+    for method, data in budget.methods.items():
+        st = data["stats"]
+        table.add_row(method, f"{st['mean']:.1f}", f"{st['p50']:.0f}", f"{st['p90']:.0f}", f"{st['p99']:.0f}", str(st["max"]),
+                      str(data["capacity"]), str(data["default_capacity"]))
+    Console().print(table)
+    click.echo(f"wrote {out}", err=True)
+    if histogram:
+        click.echo(f"wrote {draw_histogram(budget, histogram)}", err=True)
+    if report:
+        from .calib.int8 import int8_report
+
+        results = {}
+        for method in budget.methods:
+            result = results[method] = int8_report(model, dataset, method, calibration_method, int8_target)
+            click.echo(f"INT8 vs FP32 ({method}): mean Jaccard {result.mean_jaccard:.3f} (min {result.min_jaccard:.3f}), "
+                       f"identical selections {100 * result.identical_selection:.0f}%, mean |count diff| "
+                       f"{result.mean_count_diff:.2f}, mean cosine {result.mean_cosine:.4f}, "
+                       f"latency fp32/int8 {result.latency_ratio:.2f}x")
+        if report_json:
+            report_json.write_text(json.dumps({m: r.to_dict() for m, r in results.items()}, indent=2) + "\n")
+            click.echo(f"wrote {report_json}", err=True)
 
 
 @main.command()

@@ -45,6 +45,9 @@ class BuildOptions:
     target: str | None = None  # server | jetson-orin | jetson-orin-nano: writes build_engine.sh with its defaults
     engine: bool = False  # build vision.engine here (needs TensorRT and the target GPU)
     engine_options: dict = dataclasses.field(default_factory=dict)  # precision, workspace_mib, *_batch, timing_cache
+    calibration: str | None = None  # calibration file from `calibrate`: capacity (and the INT8 image set)
+    int8: bool = False  # quantise the vision graph (needs calibration)
+    calibration_method: str = "minmax"
 
 
 Progress = Callable[[str], None]
@@ -60,6 +63,15 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     method = Method.parse(options.method)
     if options.max_tokens is not None and method is Method.NONE:
         raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
+    calibration = None
+    if options.calibration:
+        from ..calib.budget import BudgetReport
+
+        calibration = BudgetReport.read(options.calibration)
+        if options.max_tokens is None and method is not Method.NONE:
+            options = dataclasses.replace(options, max_tokens=calibration.capacity(method.value))
+    if options.int8 and calibration is None:
+        raise ConfigError("an INT8 vision graph needs --calibration FILE (from prumerge-export calibrate)")
     engine_options = None
     if options.target or options.engine:
         from .tensorrt import EngineOptions, required_contract
@@ -86,6 +98,9 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         if llm_precision and not (is_llava and options.project):
             raise ConfigError("--llm-precision needs a LLaVA checkpoint with its projector; use --no-llm for vision-only builds")
         vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
+        if options.int8:
+            int8_target = "tensorrt" if engine_options is not None else "cpu"
+            vision.update(_quantize(encoder, stage, vision, calibration, options.calibration_method, int8_target, step))
         baseline = None
         if options.baseline and method is not Method.NONE:
             plain = PruMergeEncoder.from_pretrained(model, method="none", project=options.project, revision=options.revision)
@@ -138,6 +153,32 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         manifest.write(stage)
     step(f"artifact ready: {Path(out)}")
     return manifest
+
+
+def _quantize(encoder, stage: Path, vision: dict, calibration, method: str, target: str, step: Progress) -> dict:
+    """Replace the validated fp32 graph by its INT8 QDQ version; record how it agrees with fp32 on the set."""
+    import onnx
+
+    from ..calib.images import CalibrationSet
+    from ..calib.int8 import agreement, quantize_vision, session_outputs
+    from ..runtime.preprocess import PreprocessConfig, preprocess_batch
+    from .checks import check_onnx, op_support_all
+
+    images = CalibrationSet.from_source(calibration.source)
+    processor = json.loads((stage / "preprocessor_config.json").read_text()) if (stage / "preprocessor_config.json").is_file() else None
+    pixels = preprocess_batch(images.images, PreprocessConfig.from_processor_dict(processor, encoder.image_size))
+    fp32_dir = stage / ".fp32"
+    fp32_dir.mkdir()
+    for part in stage.glob(VISION_FILE + "*"):
+        part.replace(fp32_dir / part.name)
+    step(f"quantising {VISION_FILE} to INT8 ({method} calibration on {len(pixels)} images, {target} Q/DQ)")
+    info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, method, target=target)
+    check_onnx(stage / VISION_FILE)
+    step("comparing INT8 with fp32 on the calibration set")
+    info["agreement"] = agreement(session_outputs(fp32_dir / VISION_FILE, pixels), session_outputs(stage / VISION_FILE, pixels)).to_dict()
+    shutil.rmtree(fp32_dir)
+    graph = onnx.load(str(stage / VISION_FILE), load_external_data=False)
+    return {"precision": "int8", "int8": info, "tensorrt": op_support_all(graph)}
 
 
 def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ArtifactError, CheckpointError
 from ..manifest import Manifest
 
@@ -39,6 +41,14 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
         encoder = encoder.half()
     with torch.no_grad():
         ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
+    if manifest.vision["precision"] == "int8":  # selection may move with quantised features: report agreement
+        from ..calib.int8 import agreement
+
+        result = agreement({"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()},
+                           {"tokens": got.tokens, "num_tokens": got.num_tokens, "indices": got.indices})
+        if not np.isfinite(got.tokens).all():
+            raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")
+        return report | {"reference_int8_agreement": result.to_dict()}
     result = compare_outputs(
         {"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()},
         {"tokens": got.tokens, "num_tokens": got.num_tokens, "indices": got.indices},

@@ -1,0 +1,175 @@
+"""INT8 vision graph: static post-training quantisation (onnxruntime, QDQ) with the reducer left exact.
+
+Only the encoder's (and projector's) MatMul / Conv / Gemm weights and activations are quantised: per-channel
+symmetric int8 weights; activations symmetric int8 for TensorRT (zero points 0, as its explicit Q/DQ requires) or
+uint8 for onnxruntime's CPU kernels. Every
+node traced from the reducer, plus Softmax and LayerNormalization, stays float, so token selection sees the same
+arithmetic as in fp32 on whatever features the quantised encoder produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, ExportError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
+
+
+def float_nodes(onnx_path: Path) -> list:
+    """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization."""
+    import onnx
+
+    from ..profile.nodes import classify_nodes
+
+    stages = classify_nodes(onnx_path)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    keep = {n.name for n in graph.node if stages.get(n.name) in ("reducer", "vision_other")}
+    keep |= {n.name for n in graph.node if n.op_type in ("Softmax", "LayerNormalization")}
+    return sorted(keep)
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over preprocessed images, one image per batch."""
+
+    def __init__(self, pixels: np.ndarray, input_name: str) -> None:
+        self.items = iter([{input_name: pixels[i : i + 1]} for i in range(len(pixels))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+    def rewind(self):  # pragma: no cover - not used by static calibration here
+        raise NotImplementedError
+
+
+TARGETS = ("cpu", "tensorrt")
+
+
+def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
+                    input_name: str = "pixel_values", target: str = "cpu") -> dict:
+    """Write the INT8 QDQ graph; return what was done (for the manifest).
+
+    ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
+    ``target="cpu"``: uint8 activations, which onnxruntime's CPU kernels fuse (S8S8 runs slower than fp32 there).
+    """
+    if target not in TARGETS:
+        raise ConfigError(f"unknown INT8 target {target!r}; choose one of: {', '.join(TARGETS)}")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
+    excluded = float_nodes(fp32_path)
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    large = sum(p.stat().st_size for p in fp32_path.parent.glob(fp32_path.name + "*")) > (1 << 30)
+    start = time.perf_counter()
+    try:
+        quantize_static(
+            str(fp32_path), str(int8_path), _Reader(pixels.astype(np.float32), input_name),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+            activation_type=QuantType.QInt8 if target == "tensorrt" else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded, calibrate_method=calibrate, use_external_data_format=large,
+            extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True},
+        )
+    except Exception as exc:
+        raise ExportError(f"INT8 quantisation of {fp32_path.name} failed: {exc}") from exc
+    return {"format": "QDQ", "calibration_method": method, "calibration_images": int(len(pixels)),
+            "quantized_ops": QUANTIZED_OPS, "float_nodes": len(excluded), "per_channel": True, "target": target,
+            "activations": "int8 symmetric" if target == "tensorrt" else "uint8",
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+@dataclasses.dataclass
+class Int8Agreement:
+    """INT8 vs FP32 on the same images."""
+
+    images: int
+    mean_jaccard: float  # of kept patch-index sets
+    min_jaccard: float
+    mean_count_diff: float  # |num_tokens int8 - fp32|
+    identical_selection: float  # share of images with identical kept indices
+    mean_cosine: float  # of tokens kept by both (and the extra token), mean over images
+    latency_ratio: float | None = None  # fp32 ms / int8 ms on this machine (onnxruntime CPU)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def agreement(fp32: dict, int8: dict, extra_index: int = -1) -> Int8Agreement:
+    """Compare two outputs of the token contract (numpy dicts with tokens / num_tokens / indices)."""
+    jaccards, diffs, same, cosines = [], [], [], []
+    for b in range(len(fp32["num_tokens"])):
+        n_ref, n_int = int(fp32["num_tokens"][b]), int(int8["num_tokens"][b])
+        ref_idx = list(fp32["indices"][b, : n_ref - 1])
+        int_idx = list(int8["indices"][b, : n_int - 1])
+        a, c = set(ref_idx), set(int_idx)
+        jaccards.append(len(a & c) / len(a | c) if a | c else 1.0)
+        diffs.append(abs(n_ref - n_int))
+        same.append(ref_idx == int_idx)
+        pairs = [(ref_idx.index(p), int_idx.index(p)) for p in a & c] + [(n_ref - 1, n_int - 1)]  # + extra token
+        x = fp32["tokens"][b][[i for i, _ in pairs]].astype(np.float64)
+        y = int8["tokens"][b][[j for _, j in pairs]].astype(np.float64)
+        denom = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))))
+    return Int8Agreement(len(jaccards), float(np.mean(jaccards)), float(np.min(jaccards)), float(np.mean(diffs)),
+                         float(np.mean(same)), float(np.mean(cosines)))
+
+
+def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
+    """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (in batches); padded to one array per output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    parts = [session.run(None, {"pixel_values": pixels[i : i + batch]}) for i in range(0, len(pixels), batch)]
+    width = max(p[0].shape[1] for p in parts)
+    tokens = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]), (0, 0))) for p in parts])
+    indices = np.concatenate([np.pad(p[2], ((0, 0), (0, width - p[2].shape[1])), constant_values=-2) for p in parts])
+    return {"tokens": tokens, "num_tokens": np.concatenate([p[1] for p in parts]), "indices": indices}
+
+
+def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: int = 5) -> float:
+    """fp32 / int8 median batch-1 latency on onnxruntime CPU, measured alternately in one process."""
+    import statistics
+
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path)]
+    feed = {"pixel_values": pixels[:1]}
+    times = ([], [])
+    for s in sessions:
+        s.run(None, feed)
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
+                workdir: Path | None = None) -> Int8Agreement:
+    """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
+    import json
+    import tempfile
+
+    from ..checkpoint import Checkpoint
+    from ..encoder import PruMergeEncoder
+    from ..export.graph import export_onnx
+    from ..runtime.preprocess import PreprocessConfig, preprocess_batch
+
+    encoder = PruMergeEncoder.from_pretrained(model, method=method)
+    processor = Checkpoint.open(model).file("preprocessor_config.json", required=False)
+    config = PreprocessConfig.from_processor_dict(json.loads(processor.read_text()) if processor else None, encoder.image_size)
+    pixels = preprocess_batch(images.images, config)
+    with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
+        fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        export_onnx(encoder, fp32, "padded", batch_max=8)
+        quantize_vision(fp32, int8, pixels, calibration_method, target=target)
+        result = agreement(session_outputs(fp32, pixels), session_outputs(int8, pixels))
+        result.latency_ratio = latency_ratio(fp32, int8, pixels)
+    return result

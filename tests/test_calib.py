@@ -1,0 +1,129 @@
+"""Calibration: image sets, token-budget statistics and capacity, INT8 graph and its report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from prumerge.calib import BudgetReport, CalibrationSet, calibrate_budget, capacity_for_coverage
+from prumerge.calib.budget import count_stats, histogram
+from prumerge.calib.int8 import agreement, float_nodes
+from prumerge.cli import main
+from prumerge.errors import ConfigError, InputError
+from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.runtime import VisionSession
+
+pytestmark = pytest.mark.slow
+
+
+def test_capacity_for_coverage_and_stats():
+    counts = [2] * 90 + [10] * 9 + [50]  # known distribution of 100 images
+    assert capacity_for_coverage(counts, 0.9) == 2
+    assert capacity_for_coverage(counts, 0.95) == 10
+    assert capacity_for_coverage(counts, 0.99) == 10
+    assert capacity_for_coverage(counts, 0.999) == 50 == capacity_for_coverage(counts, 1.0)
+    stats = count_stats(counts)
+    assert stats["max"] == 50 and stats["p50"] == 2 and stats["mean"] == pytest.approx((180 + 90 + 50) / 100)
+    with pytest.raises(ConfigError):
+        capacity_for_coverage(counts, 0)
+    with pytest.raises(InputError):
+        capacity_for_coverage([], 0.9)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        mode = ["RGB", "L", "RGBA", "P"][i % 4]
+        Image.fromarray(rng.integers(0, 256, (90 + 10 * i, 120, 3), dtype=np.uint8)).convert(mode).save(
+            path / f"img{i}.{['png', 'jpg', 'webp', 'png'][i % 4] if mode != 'RGBA' or i % 4 != 1 else 'png'}")
+    (path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (path / "notes.txt").write_text("not an image")
+    return path
+
+
+def test_folder_set_skips_broken_and_samples_deterministically(folder):
+    full = CalibrationSet.from_folder(folder)
+    assert len(full.images) == 7 and [s["file"] for s in full.skipped] == ["broken.jpg"]
+    assert all(im.mode == "RGB" for im in full.images)
+    a, b = CalibrationSet.from_folder(folder, limit=4, seed=3), CalibrationSet.from_folder(folder, limit=4, seed=3)
+    assert a.names == b.names and len(a.names) + len(a.skipped) == 4 and a.names == sorted(a.names)
+    assert CalibrationSet.from_source(a.source).names == a.names
+    with pytest.raises(InputError, match="not found"):
+        CalibrationSet.from_folder(folder / "nope")
+
+
+def test_budget_counts_match_the_reducer(llava_dir, folder, tmp_path):
+    import torch
+
+    from prumerge import PruMergeEncoder
+    from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
+
+    images = CalibrationSet.from_folder(folder)
+    report = calibrate_budget(str(llava_dir), images, coverage=0.8)
+    encoder = PruMergeEncoder.from_pretrained(llava_dir, method="prumerge+")
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(preprocess_batch(images.images, PreprocessConfig.from_processor_dict(None, 112)))).num_tokens
+    assert report.methods["prumerge+"]["num_tokens"] == expected.tolist()
+    assert report.methods["prumerge"]["capacity"] == capacity_for_coverage(report.methods["prumerge"]["num_tokens"], 0.8)
+    path = report.write(tmp_path / "cal.json")
+    assert BudgetReport.read(path).capacity("prumerge") == report.methods["prumerge"]["capacity"]
+    with Image.open(histogram(report, tmp_path / "h.png")) as png:
+        assert png.format == "PNG"
+    with pytest.raises(InputError, match="cannot read calibration file"):
+        BudgetReport.read(tmp_path / "h.png")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(InputError, match="not a prumerge calibration"):
+        BudgetReport.read(tmp_path / "other.json")
+
+
+def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path):
+    images = CalibrationSet.from_folder(folder)
+    report = calibrate_budget(str(llava_dir), images, coverage=0.8)
+    cal = report.write(tmp_path / "cal.json")
+    manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(calibration=str(cal), int8=True, llm_precision=None))
+    assert manifest.reducer["capacity"] == report.capacity("prumerge")
+    assert manifest.vision["precision"] == "int8" and manifest.vision["int8"]["calibration_images"] == 7
+    agreement_ = manifest.vision["int8"]["agreement"]
+    assert 0 <= agreement_["mean_jaccard"] <= 1 and agreement_["mean_cosine"] > 0.5
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
+    from prumerge.profile.nodes import classify_nodes
+
+    stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
+    produced_by = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:  # no reducer node reads a quantised tensor directly
+        if stages.get(node.name) == "reducer":
+            assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
+    out = VisionSession.open(tmp_path / "int8").run_pixels(np.zeros((2, 3, 112, 112), np.float32))
+    assert np.isfinite(out.tokens).all() and (out.num_tokens <= manifest.reducer["capacity"]).all()
+    with pytest.raises(ConfigError, match="needs --calibration"):
+        build_artifact(str(llava_dir), tmp_path / "x", BuildOptions(int8=True, llm_precision=None))
+
+
+def test_agreement_metric():
+    tokens = np.random.default_rng(0).normal(size=(1, 5, 4)).astype(np.float32)
+    a = {"tokens": tokens, "num_tokens": np.array([4]), "indices": np.array([[3, 1, 2, -1, -2]])}
+    same = agreement(a, a)
+    assert same.mean_jaccard == 1 and same.identical_selection == 1 and same.mean_cosine == pytest.approx(1)
+    b = {"tokens": tokens, "num_tokens": np.array([3]), "indices": np.array([[3, 7, -1, -2, -2]])}
+    other = agreement(a, b)
+    assert other.mean_jaccard == pytest.approx(1 / 4) and other.mean_count_diff == 1
+
+
+def test_calibrate_cli(llava_dir, folder, tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", str(folder), "--model", str(llava_dir), "--out", str(tmp_path / "c.json"),
+                                       "--coverage", "0.9", "--report", "--report-json", str(tmp_path / "r.json"),
+                                       "--methods", "prumerge"])
+    assert result.exit_code == 0, result.output
+    assert "skipped broken.jpg" in result.output and "INT8 vs FP32 (prumerge)" in result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= data["prumerge"]["mean_jaccard"] <= 1 and data["prumerge"]["latency_ratio"] > 0
+    assert json.loads((tmp_path / "c.json").read_text())["coverage"] == 0.9
