@@ -12,11 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32, min_keep=1):
-    """features [P, D], q/k [1 + P, D] -> (tokens [n + 1, D], kept patch indices in output order)."""
+def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32, min_keep=1, scores=None):
+    """features [P, D], q/k [1 + P, D] -> (tokens [n + 1, D], kept patch indices in output order).
+
+    ``scores`` replaces the CLS attention (towers without CLS); ``k`` then holds only patch keys' rows after a
+    prefix of ``len(k) - P`` tokens."""
     num_patches, width = features.shape
-    attn = torch.softmax((q @ k.T) * q.shape[-1] ** -0.5, dim=-1)
-    cls_attn = attn[0, 1:]
+    if scores is None:
+        attn = torch.softmax((q @ k.T) * q.shape[-1] ** -0.5, dim=-1)
+        cls_attn = attn[0, 1:]
+    else:
+        cls_attn = scores
     scores = cls_attn.to(torch.float32).numpy()
     q1, q3 = np.percentile(scores, 25), np.percentile(scores, 75)
     upper = q3 + iqr_factor * (q3 - q1)
@@ -26,7 +32,7 @@ def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32,
         stride = max(1, (num_patches // keep) // 3)
         idx = idx + [x for x in range(0, num_patches - 1, stride) if x not in idx]
     complement = sorted(set(range(num_patches)) - set(idx))
-    unit_keys = F.normalize(k[1:], p=2, dim=-1)
+    unit_keys = F.normalize(k[len(k) - num_patches:], p=2, dim=-1)
     out = []
     for i, p in enumerate(idx):
         rest = idx[:i] + idx[i + 1:] + complement

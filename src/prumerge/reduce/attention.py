@@ -11,19 +11,34 @@ import torch
 from .config import Attention
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: Attention = Attention.OFFICIAL) -> torch.Tensor:
+def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: Attention = Attention.OFFICIAL,
+                  prefix: int = 1) -> torch.Tensor:
     """Attention of the CLS query to every patch key, shape ``[B, P]``.
 
-    ``q`` and ``k`` are ``[B, 1 + P, D]`` outputs of ``q_proj``/``k_proj`` (bias included, before any scaling),
-    CLS first. The softmax runs over all ``1 + P`` keys (CLS included) and is not renormalised over patches,
-    as in the official code.
+    ``q`` and ``k`` are ``[B, prefix + P, D]`` outputs of ``q_proj``/``k_proj`` (bias included, before any
+    scaling), CLS first, then any register tokens. The softmax runs over all keys (CLS and registers included) and
+    is not renormalised over patches, as in the official code.
     """
     batch, tokens, width = q.shape
     if Attention(mode) is Attention.OFFICIAL:
         logits = torch.matmul(q[:, :1], k.transpose(1, 2)) * (width**-0.5)  # [B, 1, N]
-        return torch.softmax(logits, dim=-1)[:, 0, 1:]
+        return torch.softmax(logits, dim=-1)[:, 0, prefix:]
     head_dim = width // num_heads
     qh = q[:, :1].reshape(batch, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
     kh = k.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)  # [B, H, N, d]
     probs = torch.softmax(torch.matmul(qh, kh.transpose(2, 3)) * (head_dim**-0.5), dim=-1)  # [B, H, 1, N]
-    return probs.mean(dim=1)[:, 0, 1:]
+    return probs.mean(dim=1)[:, 0, prefix:]
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, prefix: int = 0) -> torch.Tensor:
+    """Attention each patch receives, averaged over all queries and heads, ``[B, P]`` (towers without CLS).
+
+    The model's own heads are used (``softmax(q_h k_h^T / sqrt(head_dim))``); this is the importance published
+    PruMerge+ ports use for SigLIP, a deviation from the paper's CLS attention.
+    """
+    batch, tokens, width = q.shape
+    head_dim = width // num_heads
+    qh = q.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    kh = k.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    probs = torch.softmax(torch.matmul(qh, kh.transpose(2, 3)) * (head_dim**-0.5), dim=-1)  # [B, H, N, N]
+    return probs.mean(dim=(1, 2))[:, prefix:]

