@@ -3,23 +3,20 @@
 Heavy dependencies load on first use: ``import prumerge`` (and ``prumerge.runtime`` on a device) needs no torch.
 """
 
-from importlib import import_module
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PruMergeEncoder": "prumerge.encoder",
-    "ReducedTokens": "prumerge.reduce.reducer",
-    "reduce_tokens": "prumerge.reduce.reducer",
-    "ReducerConfig": "prumerge.reduce.config",
-    "Method": "prumerge.reduce.config",
+    "PruMergeEncoder": ".encoder",
+    "ReducedTokens": ".reduce.reducer",
+    "reduce_tokens": ".reduce.reducer",
+    "ReducerConfig": ".reduce.config",
+    "Method": ".reduce.config",
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prumerge' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["__version__", *_LAZY]

@@ -80,6 +80,16 @@ class Checkpoint:
         self.file("preprocessor_config.json", required=False)
         return path.parent
 
+    def processor(self) -> dict | None:
+        """The checkpoint's ``preprocessor_config.json`` as a dict, or None when it has none."""
+        path = self.file("preprocessor_config.json", required=False)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.source}: preprocessor_config.json is not valid JSON ({exc})") from exc
+
     def fingerprint(self) -> str:
         """sha256 over config.json and the weight index: identifies the checkpoint a build came from."""
         digest = hashlib.sha256()

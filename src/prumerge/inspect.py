@@ -70,10 +70,7 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
         reducer_options = {**options, **reducer_options}
         model = manifest.source["model"]
     encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, **reducer_options)
-    processor = Checkpoint.open(model).file("preprocessor_config.json", required=False)
-    import json
-
-    config = PreprocessConfig.from_processor_dict(json.loads(processor.read_text()) if processor else None, encoder.image_size)
+    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
     with torch.no_grad():
         hidden, q, k = encoder.tower_outputs(pixels)

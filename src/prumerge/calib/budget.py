@@ -83,8 +83,7 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
     from ..checkpoint import Checkpoint
 
     encoder = PruMergeEncoder.from_pretrained(model, method="prumerge", project=False, **reducer_options)
-    processor = Checkpoint.open(model).file("preprocessor_config.json", required=False)
-    config = PreprocessConfig.from_processor_dict(json.loads(processor.read_text()) if processor else None, encoder.image_size)
+    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
     counts = {m: [] for m in methods}
     with torch.no_grad():
         for start in range(0, len(images.images), batch):

@@ -154,7 +154,6 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
 def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
                 workdir: Path | None = None) -> Int8Agreement:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
-    import json
     import tempfile
 
     from ..checkpoint import Checkpoint
@@ -163,8 +162,7 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
     from ..runtime.preprocess import PreprocessConfig, preprocess_batch
 
     encoder = PruMergeEncoder.from_pretrained(model, method=method)
-    processor = Checkpoint.open(model).file("preprocessor_config.json", required=False)
-    config = PreprocessConfig.from_processor_dict(json.loads(processor.read_text()) if processor else None, encoder.image_size)
+    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
     pixels = preprocess_batch(images.images, config)
     with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"

@@ -3,7 +3,7 @@
 Submodules import torch/onnx on use; importing ``prumerge.export`` itself is cheap.
 """
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _LAZY = {
     "BuildOptions": ".build",
@@ -18,10 +18,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -80,10 +80,9 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         needed = required_contract(engine_options.target)
         if needed and options.output != needed:
             raise ConfigError(f"target {engine_options.target} (TensorRT 10.3, JetPack 6) needs --output {needed}")
-        engine_options_check = engine_options
         from .tensorrt import check_batch
 
-        check_batch(engine_options_check, options.batch_max)
+        check_batch(engine_options, options.batch_max)
     with staged_directory(out, force=force) as stage:
         step(f"loading the vision side of {model}")
         encoder = PruMergeEncoder.from_pretrained(
@@ -97,10 +96,11 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             llm_precision = "int4" if is_llava and options.project else None
         if llm_precision and not (is_llava and options.project):
             raise ConfigError("--llm-precision needs a LLaVA checkpoint with its projector; use --no-llm for vision-only builds")
+        processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
         vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
         if options.int8:
             int8_target = "tensorrt" if engine_options is not None else "cpu"
-            vision.update(_quantize(encoder, stage, vision, calibration, options.calibration_method, int8_target, step))
+            vision.update(_quantize(encoder, stage, processor, calibration, options.calibration_method, int8_target, step))
         baseline = None
         if options.baseline and method is not Method.NONE:
             plain = PruMergeEncoder.from_pretrained(model, method="none", project=options.project, revision=options.revision)
@@ -127,7 +127,6 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
                 vision["engine"] = build_engine(stage / VISION_FILE, stage / ENGINE_FILE, vision["inputs"], engine_options)
 
         step("writing manifest")
-        processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
         manifest = Manifest(
             source=encoder.source,
             reducer={
@@ -155,7 +154,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     return manifest
 
 
-def _quantize(encoder, stage: Path, vision: dict, calibration, method: str, target: str, step: Progress) -> dict:
+def _quantize(encoder, stage: Path, processor: dict | None, calibration, method: str, target: str, step: Progress) -> dict:
     """Replace the validated fp32 graph by its INT8 QDQ version; record how it agrees with fp32 on the set."""
     import onnx
 
@@ -165,7 +164,6 @@ def _quantize(encoder, stage: Path, vision: dict, calibration, method: str, targ
     from .checks import check_onnx, op_support_all
 
     images = CalibrationSet.from_source(calibration.source)
-    processor = json.loads((stage / "preprocessor_config.json").read_text()) if (stage / "preprocessor_config.json").is_file() else None
     pixels = preprocess_batch(images.images, PreprocessConfig.from_processor_dict(processor, encoder.image_size))
     fp32_dir = stage / ".fp32"
     fp32_dir.mkdir()
@@ -252,15 +250,15 @@ def _measured_outputs(graph, declared: dict) -> list:
 
 
 def _copy_processor_config(source: str | None, revision: str | None, stage: Path) -> dict | None:
+    """Keep the checkpoint's processor config in the artifact, as found, and return it."""
     from ..checkpoint import Checkpoint
 
     if source is None:
         return None
-    path = Checkpoint.open(source, revision=revision).file("preprocessor_config.json", required=False)
-    if path is None:
-        return None
-    shutil.copyfile(path, stage / "preprocessor_config.json")
-    return json.loads(path.read_text())
+    processor = Checkpoint.open(source, revision=revision).processor()
+    if processor is not None:
+        (stage / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return processor
 
 
 def _llm_facts(config) -> dict:

@@ -4,7 +4,7 @@
 imported on first use so that importing the config does not pull in torch.
 """
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 from .config import (
     EXTRA_TOKEN_INDEX,
@@ -32,10 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
