@@ -92,6 +92,7 @@ def build_options(func):
                      help="calibration file from `calibrate`: sets the capacity; with --precision int8, the INT8 image set"),
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True),
+        click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -112,7 +113,8 @@ def _options_from(kwargs) -> "object":
                         reducer_options=reducer, llm_precision=llm, llm_provider=kwargs.pop("llm_provider"),
                         baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
                         engine_options=engine, calibration=str(calibration) if calibration else None,
-                        int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"))
+                        int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"),
+                        slim=not kwargs.pop("no_slim"))
 
 
 def _build(model: str, out: Path, options, force: bool):

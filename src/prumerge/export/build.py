@@ -48,6 +48,7 @@ class BuildOptions:
     calibration: str | None = None  # calibration file from `calibrate`: capacity (and the INT8 image set)
     int8: bool = False  # quantise the vision graph (needs calibration)
     calibration_method: str = "minmax"
+    slim: bool = True  # onnxslim constant folding / simplification (validated like any graph)
 
 
 Progress = Callable[[str], None]
@@ -184,7 +185,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     import onnx
 
     from .checks import check_onnx, op_support_all
-    from .graph import INPUT_NAME, Contract, export_onnx, output_shapes
+    from .graph import INPUT_NAME, Contract, export_onnx, output_shapes, simplify
     from .validate import TOLERANCE, require, synthetic_pixels
 
     contract = Contract.parse(options.output)
@@ -194,6 +195,10 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     method = encoder.reducer.method.value
     step(f"exporting {path.name}: {method}, {contract.value} contract, opset {options.opset}, {precision}")
     export_onnx(encoder, path, contract, options.opset, options.batch_max)
+    simplified = {"tool": None, "reason": "--no-slim"}
+    if options.slim:
+        step(f"simplifying {path.name} (onnxslim)")
+        simplified = simplify(path)
     step(f"checking {path.name} (onnx.checker, TensorRT op support)")
     check_onnx(path)
     graph = onnx.load(str(path), load_external_data=False)
@@ -216,6 +221,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
                     "shape": ["batch", 3, encoder.image_size, encoder.image_size]}],
         "outputs": _measured_outputs(graph, output_shapes(encoder, contract)),
         "tensorrt": support,  # {TensorRT version: op-support report}
+        "simplified": simplified,
         "validation": validation.to_dict(),
     }
 

@@ -104,3 +104,33 @@ def export_onnx(
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for the {Contract.parse(contract).value} contract: {exc}") from exc
     return path
+
+
+def simplify(path: Path) -> dict:
+    """Constant folding and graph simplification with onnxslim, in place; returns node counts before/after.
+
+    The build validates the simplified graph against PyTorch afterwards like any other, so a simplification that
+    changed a result would fail the build rather than ship.
+    """
+    import onnx
+
+    try:
+        import onnxslim
+    except ImportError:
+        return {"tool": None, "reason": "onnxslim is not installed"}
+    path = Path(path)
+    before = onnx.load(str(path))
+    try:
+        slimmed = onnxslim.slim(before)
+    except Exception as exc:  # keep the exporter's graph; say why
+        return {"tool": "onnxslim", "applied": False, "reason": str(exc)[:200]}
+    nodes = (len(before.graph.node), len(slimmed.graph.node))
+    external = path.with_name(path.name + ".data")
+    if external.exists():
+        external.unlink()
+        onnx.save(slimmed, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external.name)
+    else:
+        onnx.save(slimmed, str(path))
+    return {"tool": "onnxslim", "version": getattr(onnxslim, "__version__", None), "applied": True,
+            "nodes_before": nodes[0], "nodes_after": nodes[1]}
+
