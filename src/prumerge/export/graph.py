@@ -125,6 +125,12 @@ def simplify(path: Path) -> dict:
     except Exception as exc:  # keep the exporter's graph; say why
         return {"tool": "onnxslim", "applied": False, "reason": str(exc)[:200]}
     nodes = (len(before.graph.node), len(slimmed.graph.node))
+    # onnxslim drops node metadata; the exporter's module scopes and call stacks are what attributes nodes to
+    # encoder / reducer / projector (profiling, INT8 exclusions, TensorRT FP32 pinning), so carry them over by name
+    meta = {node.name: list(node.metadata_props) for node in before.graph.node}
+    for node in slimmed.graph.node:
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.extend(meta[node.name])
     external = path.with_name(path.name + ".data")
     if external.exists():
         external.unlink()
