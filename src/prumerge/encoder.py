@@ -113,8 +113,9 @@ class PruMergeEncoder(nn.Module):
         if vision_config.model_type not in FAMILIES:
             raise CheckpointError(f"{checkpoint.source}: vision tower {vision_config.model_type!r} is not supported yet")
 
-        state = checkpoint.read_tensors(wanted) if tower is None else {}
+        state = {}
         if tower is None:
+            state = checkpoint.read_tensors(wanted)
             tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
         projector = None
         if projector_config is not None:

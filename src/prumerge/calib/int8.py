@@ -124,12 +124,12 @@ def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
     """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (in batches); padded to one array per output."""
     import onnxruntime as ort
 
+    from ..reduce.config import PADDING_INDEX
+    from ..runtime.vision import VisionOutput, concat_outputs
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    parts = [session.run(None, {"pixel_values": pixels[i : i + batch]}) for i in range(0, len(pixels), batch)]
-    width = max(p[0].shape[1] for p in parts)
-    tokens = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]), (0, 0))) for p in parts])
-    indices = np.concatenate([np.pad(p[2], ((0, 0), (0, width - p[2].shape[1])), constant_values=-2) for p in parts])
-    return {"tokens": tokens, "num_tokens": np.concatenate([p[1] for p in parts]), "indices": indices}
+    parts = [VisionOutput(*session.run(None, {"pixel_values": pixels[i : i + batch]})) for i in range(0, len(pixels), batch)]
+    return concat_outputs(parts, PADDING_INDEX).arrays()
 
 
 def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: int = 5) -> float:

@@ -230,7 +230,7 @@ def _validate(encoder, path, pixels, tolerance):
     import onnxruntime as ort
     import torch
 
-    from .validate import compare_outputs
+    from .validate import compare_outputs, reference_arrays
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     dtype = next(encoder.parameters()).dtype
@@ -238,8 +238,7 @@ def _validate(encoder, path, pixels, tolerance):
     got = dict(zip(("tokens", "num_tokens", "indices", "truncated"), session.run(None, {"pixel_values": feed})))
     with torch.no_grad():
         ref = encoder(torch.from_numpy(feed))
-    reference = {"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()}
-    return compare_outputs(reference, got, tolerance, "CPUExecutionProvider")
+    return compare_outputs(reference_arrays(ref), got, tolerance, "CPUExecutionProvider")
 
 
 def _measured_outputs(graph, declared: dict) -> list:

@@ -46,6 +46,12 @@ def synthetic_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
+def reference_arrays(reduced) -> dict:
+    """A PyTorch :class:`ReducedTokens` as the numpy dict the comparisons take (tokens in fp32)."""
+    return {"tokens": reduced.tokens.float().numpy(), "num_tokens": reduced.num_tokens.numpy(),
+            "indices": reduced.indices.numpy()}
+
+
 def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider: str) -> ValidationResult:
     """Both dicts hold numpy ``tokens, num_tokens, indices``; candidate may be trimmed (dynamic contract)."""
     counts = np.array_equal(reference["num_tokens"], candidate["num_tokens"])

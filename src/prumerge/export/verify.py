@@ -14,7 +14,7 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
     from ..runtime.vision import VisionSession
-    from .validate import TOLERANCE, compare_outputs, require, synthetic_pixels
+    from .validate import TOLERANCE, compare_outputs, reference_arrays, require, synthetic_pixels
 
     session = VisionSession.open(directory, provider=provider, verify=True)
     manifest = session.manifest
@@ -44,16 +44,11 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     if manifest.vision["precision"] == "int8":  # selection may move with quantised features: report agreement
         from ..calib.int8 import agreement
 
-        result = agreement({"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()},
-                           {"tokens": got.tokens, "num_tokens": got.num_tokens, "indices": got.indices})
+        result = agreement(reference_arrays(ref), got.arrays())
         if not np.isfinite(got.tokens).all():
             raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")
         return report | {"reference_int8_agreement": result.to_dict()}
-    result = compare_outputs(
-        {"tokens": ref.tokens.float().numpy(), "num_tokens": ref.num_tokens.numpy(), "indices": ref.indices.numpy()},
-        {"tokens": got.tokens, "num_tokens": got.num_tokens, "indices": got.indices},
-        TOLERANCE[manifest.vision["precision"]], session.provider,
-    )
+    result = compare_outputs(reference_arrays(ref), got.arrays(), TOLERANCE[manifest.vision["precision"]], session.provider)
     require(result, f"verify {directory}")
     return report | {"reference": result.to_dict()}
 

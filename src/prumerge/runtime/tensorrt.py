@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailableError, InputError
 from ..export.tensorrt import device_facts, engine_mismatch
 from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
-from .vision import VisionOutput, _concat
+from .vision import VisionOutput, concat_outputs
 
 
 def _cudart():
@@ -74,7 +74,7 @@ class TensorRTSession:
             raise InputError(f"pixel_values must be a numpy array [batch, 3, {self.image_size}, {self.image_size}]")
         feed = np.ascontiguousarray(pixel_values.astype(self.input_dtype, copy=False))
         parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
-        return parts[0] if len(parts) == 1 else _concat(parts, int(self.manifest.reducer["padding_index"]))
+        return parts[0] if len(parts) == 1 else concat_outputs(parts, int(self.manifest.reducer["padding_index"]))
 
     def _run(self, feed: np.ndarray) -> VisionOutput:
         cudart, ctx = self.cudart, self.context

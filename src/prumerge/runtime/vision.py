@@ -38,6 +38,10 @@ class VisionOutput:
     def per_image(self) -> list[np.ndarray]:
         return [self.image(b) for b in range(len(self.num_tokens))]
 
+    def arrays(self) -> dict:
+        """``tokens / num_tokens / indices`` as a dict, the form the comparison helpers take."""
+        return {"tokens": self.tokens, "num_tokens": self.num_tokens, "indices": self.indices}
+
 
 class VisionSession:
     """Open with :meth:`open`; call :meth:`run` on images or :meth:`run_pixels` on preprocessed arrays."""
@@ -95,7 +99,7 @@ class VisionSession:
             raise InputError("pixel_values contains NaN or Inf")
         feed = pixel_values.astype(self.input_dtype, copy=False)
         parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
-        return parts[0] if len(parts) == 1 else _concat(parts, int(self.manifest.reducer["padding_index"]))
+        return parts[0] if len(parts) == 1 else concat_outputs(parts, int(self.manifest.reducer["padding_index"]))
 
     def end_profiling(self) -> Path:
         """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""
@@ -128,7 +132,8 @@ def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = Non
     return session, session.get_providers()[0]
 
 
-def _concat(parts: list[VisionOutput], padding_index: int) -> VisionOutput:
+def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutput:
+    """Batches of one contract joined, the token axis padded to the widest (dynamic contract batches differ)."""
     width = max(p.tokens.shape[1] for p in parts)
 
     def pad(a, fill):
