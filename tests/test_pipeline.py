@@ -118,8 +118,9 @@ def test_prompt_errors(llm_artifact, artifact_factory):
     pipeline = Pipeline.from_artifacts(llm_artifact)
     with pytest.raises(InputError, match="prompt is empty"):
         pipeline.generate(images(1), "   ")
-    with pytest.raises(InputError, match="no <image> marker"):
-        pipeline.generate(images(1), "describe")
+    # no marker: the image goes before the text, as LLaVA's CLI puts it (same chunks as an explicit "<image>\n")
+    assert pipeline.prompt_chunks("describe", 1) == pipeline.prompt_chunks("<image>\ndescribe", 1)
+    assert [kind for kind, _ in pipeline.prompt_chunks("describe", 1)] == ["text", "image", "text"]
     with pytest.raises(InputError, match="but no image was given"):
         pipeline.generate(None, "<image> describe")
     with pytest.raises(InputError, match="2 <image> marker.* for 1 image"):

@@ -74,8 +74,11 @@ def test_bad_images_are_clear_errors(tmp_path):
         preprocess_image(np.zeros((2, 3, 4, 5), np.uint8), config)
     with pytest.raises(InputError, match="no images"):
         preprocess_batch([], config)
-    with pytest.raises(InputError, match="crops to"):
-        PreprocessConfig.from_processor_dict({"crop_size": {"height": 224, "width": 224}}, 336)
+    with pytest.raises(InputError, match="only square crops"):
+        PreprocessConfig.from_processor_dict({"crop_size": {"height": 224, "width": 200}}, 224)
+    # an explicit size other than the processor's scales resize and crop alike (the crop keeps its share)
+    scaled = PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}, 448)
+    assert (scaled.resize_shortest_edge, scaled.crop_height, scaled.crop_width) == (512, 448, 448)
 
 
 def test_config_roundtrip():

@@ -20,11 +20,23 @@ class _Group(click.Group):
     """Turns every PruMergeError into one line on stderr and its exit code, instead of a traceback."""
 
     def invoke(self, ctx):
+        import signal
+
+        def terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: staging directories are removed on the way out
+            raise SystemExit(128 + signum)
+
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, terminate)
         try:
             return super().invoke(ctx)
         except PruMergeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted", fg="red", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,6 +67,12 @@ def _engine_overrides(kwargs) -> dict:
     return {"precision": kwargs.pop("precision"), "workspace_mib": kwargs.pop("workspace"), "min_batch": kwargs.pop("min_batch"),
             "opt_batch": kwargs.pop("opt_batch"), "max_batch": kwargs.pop("max_batch"),
             "timing_cache": str(t) if (t := kwargs.pop("timing_cache")) else None}
+
+
+def image_size_option():
+    return click.option("--image-size", type=int, default=None,
+                        help="square input side in px (default: the checkpoint's processor crop, else its config); "
+                             "position embeddings are interpolated to it")
 
 
 def _decorate_with(options):
@@ -93,6 +111,7 @@ def build_options(func):
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True),
         click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
+        image_size_option(),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
@@ -114,7 +133,7 @@ def _options_from(kwargs) -> "object":
                         baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
                         engine_options=engine, calibration=str(calibration) if calibration else None,
                         int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"),
-                        slim=not kwargs.pop("no_slim"))
+                        slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"))
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -138,7 +157,10 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     table.add_row("graph", f"{vision['file']}  {vision['contract']} contract, opset {vision['opset']}, {vision['precision']}")
     table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
     table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
-                                f"indices identical={validation['indices_identical']}, max |err|={validation['max_abs_error']:.2e}")
+                                f"indices identical={validation['indices_identical']}; {validation['tokens_exact']} tokens "
+                                f"within {validation['tolerance']:g}, {validation['near_ties']} explained by near-ties, "
+                                f"{validation['unexplained']} unexplained; max |err|={validation['max_abs_error']:.2e}")
+    table.add_row("input", f"{reducer['image_size']} px, {reducer['grid']}x{reducer['grid']} patches")
     if "int8" in vision:
         a = vision["int8"]["agreement"]
         table.add_row("INT8", f"{vision['int8']['calibration_method']} on {vision['int8']['calibration_images']} images: "
@@ -160,11 +182,33 @@ def _print_manifest_summary(manifest, out: Path) -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="artifact directory to write")
 @click.option("--revision", default=None, help="hub revision (branch, tag or commit)")
 @click.option("--no-project", is_flag=True, help="stop before the LLaVA projector (tokens in vision width)")
+@click.option("--base", default=None, help="original-layout LoRA checkpoint: its base LLM (dir or hub id)")
+@click.option("--vision-tower", default=None, help="original-layout checkpoint: the CLIP tower (default: its mm_vision_tower)")
 @build_options
-def build(model, out, force, **kwargs):
-    """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint) to an artifact directory."""
+def build(model, out, force, base, vision_tower, **kwargs):
+    """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint: llava-hf, CLIP, DINOv2, SigLIP,
+    or original LLaVA layout, merged or LoRA) to an artifact directory."""
     options = _options_from(kwargs)
+    options.base, options.vision_tower = base, vision_tower
     _print_manifest_summary(_build(model, out, options, force), out)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="llava-hf checkpoint directory to write")
+@click.option("--base", default=None, help="LoRA checkpoints: the base LLM (dir or hub id), e.g. lmsys/vicuna-7b-v1.5")
+@click.option("--vision-tower", default=None, help="the CLIP tower (dir or hub id); default: the config's mm_vision_tower")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+def convert(source, out, base, vision_tower, force):
+    """Convert SOURCE (original LLaVA layout: merged, or LoRA like the released PruMerge checkpoints) to a
+    llava-hf checkpoint in OUT."""
+    from .export.convert import convert_llava_original
+    from .manifest import staged_directory
+
+    with staged_directory(out, force=force, owned=True) as stage:
+        facts = convert_llava_original(source, stage, base=base, vision_tower=vision_tower,
+                                       progress=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(facts | {"out": str(out)}, indent=2))
 
 
 @main.command()
@@ -189,14 +233,15 @@ def engine(directory, target, **kwargs):
 @click.option("--limit", type=int, default=None, help="sample at most N images (seeded)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--methods", default="prumerge,prumerge+", show_default=True)
-@click.option("--coverage", type=float, default=0.999, show_default=True, help="share of images the capacity holds untruncated")
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True), default=0.999, show_default=True, help="share of images the capacity holds untruncated")
 @click.option("--histogram", type=click.Path(path_type=Path), default=None, help="histogram PNG of the counts")
 @click.option("--report", is_flag=True, help="also quantise the vision graph to INT8 and compare it with fp32 on the set")
 @click.option("--report-json", type=click.Path(path_type=Path), default=None)
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
+@image_size_option()
 def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, histogram, report, report_json,
-              calibration_method, int8_target):
+              calibration_method, int8_target, image_size):
     """Token counts per method over IMAGES (a folder), the capacity for --coverage, and an optional INT8 report."""
     from rich.console import Console
     from rich.table import Table
@@ -209,7 +254,7 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
     dataset = CalibrationSet.from_folder(images, limit, seed) if images is not None else CalibrationSet.synthetic(synthetic, seed)
     for item in dataset.skipped:
         click.secho(f"skipped {item['file']}: {item['reason']}", fg="yellow", err=True)
-    budget = calibrate_budget(model, dataset, [m.strip() for m in methods.split(",") if m.strip()], coverage)
+    budget = calibrate_budget(model, dataset, [m.strip() for m in methods.split(",") if m.strip()], coverage, image_size=image_size)
     budget.write(out)
     table = Table(title=f"{len(dataset.images)} images ({len(dataset.skipped)} skipped), {budget.num_patches} patches")
     for column in ("method", "mean", "p50", "p90", "p99", "max", f"capacity @ {coverage:g}", "default capacity"):
@@ -227,7 +272,7 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
 
         results = {}
         for method in budget.methods:
-            result = results[method] = int8_report(model, dataset, method, calibration_method, int8_target)
+            result = results[method] = int8_report(model, dataset, method, calibration_method, int8_target, image_size=image_size)
             click.echo(f"INT8 vs FP32 ({method}): mean Jaccard {result.mean_jaccard:.3f} (min {result.min_jaccard:.3f}), "
                        f"identical selections {100 * result.identical_selection:.0f}%, mean |count diff| "
                        f"{result.mean_count_diff:.2f}, mean cosine {result.mean_cosine:.4f}, "
@@ -257,7 +302,8 @@ def verify(directory, images, provider, no_reference):
 @click.option("--model", default=None, help="image: checkpoint dir, hub id or artifact dir whose tower to use")
 @click.option("--method", type=click.Choice(["prumerge", "prumerge+"]), default="prumerge", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="image: PNG to write")
-def inspect(target, as_json, model, method, out):
+@image_size_option()
+def inspect(target, as_json, model, method, out, image_size):
     """TARGET an artifact dir: print its manifest and graph summary. TARGET an image (with --model): draw the
     kept / sampled / merged patches and the CLS attention heat map to --out."""
     if target.is_dir():
@@ -267,7 +313,7 @@ def inspect(target, as_json, model, method, out):
     from .inspect import render
 
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
-    result = render(target, model, method=method, out=out)
+    result = render(target, model, method=method, out=out, image_size=image_size)
     click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} tokens "
                f"of {result.num_patches} patches ({result.outliers} IQR outliers); "
                f"{len(result.pruned_only_in_extra)} patches only in the extra token")
@@ -299,7 +345,7 @@ def _inspect_artifact(directory: Path, as_json: bool) -> None:
 @click.option("--images", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeatable)")
 @click.option("--synthetic", type=int, default=0, help="also use N generated images")
 @click.option("--prompt", default="<image>\nDescribe the image.", show_default=True)
-@click.option("--methods", default="none,prumerge,prumerge+", show_default=True, help="comma-separated")
+@click.option("--methods", default=None, help="comma-separated (default: every method the artifacts provide)")
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
@@ -316,7 +362,9 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
     from .profile import run as run_profile
     from .profile.report import plot, table, write_json
 
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    from .profile.runner import resolve_methods
+
+    method_list = list(resolve_methods(list(artifacts), [m.strip() for m in (methods or "").split(",") if m.strip()]))
     per_method = warmup + runs * (len(images) + synthetic)
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("profiling", total=per_method * len(method_list))
@@ -387,7 +435,7 @@ def demo(out, force, prompt, max_new_tokens, **kwargs):
     out = Path(out)
     checkpoint = out.parent / f"{out.name}-checkpoint"
     if force or not (checkpoint / "config.json").is_file():
-        with staged_directory(checkpoint, force=True) as stage:
+        with staged_directory(checkpoint, force=True, owned=True) as stage:
             build_demo_checkpoint(stage)
     options = _options_from(kwargs)
     options.baseline = options.baseline or options.method != "none"

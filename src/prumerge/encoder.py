@@ -71,14 +71,20 @@ class PruMergeEncoder(nn.Module):
         project: bool = True,
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
+        image_size: int | None = None,
         **reducer_options: Any,
     ) -> "PruMergeEncoder":
         """Load the vision side of a CLIP vision, CLIP or LLaVA (llava-hf layout) checkpoint.
 
         ``project=True`` applies the LLaVA projector when the checkpoint has one (tokens come out LLM-ready).
+        ``image_size``: the square side the encoder takes; default the checkpoint's processor crop (what the model
+        is used at) when it has a processor config, else the config's ``image_size``. Position embeddings are
+        interpolated to it once, here (see :meth:`prumerge.towers.Tower.resize`).
         Extra keyword arguments are :class:`ReducerConfig` fields (``attention``, ``order``, ``capacity``, ...).
         """
         from transformers import AutoConfig
+
+        from .runtime.preprocess import processor_image_size
 
         reducer = ReducerConfig(method=Method.parse(method), **reducer_options)
         checkpoint = Checkpoint.open(path_or_id, revision=revision)
@@ -117,13 +123,53 @@ class PruMergeEncoder(nn.Module):
         if tower is None:
             state = checkpoint.read_tensors(wanted)
             tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
+        if image_size is None:
+            try:
+                image_size = processor_image_size(checkpoint.processor())
+            except InputError as exc:
+                raise CheckpointError(f"{checkpoint.source}: preprocessor_config.json: {exc}") from exc
+        tower_for(tower).resize(int(image_size or tower.config.image_size))
         projector = None
         if projector_config is not None:
             projector = _load_projector(projector_config, projector_state(state), checkpoint.source)
         source = {"model": checkpoint.source, "revision": revision, "fingerprint": checkpoint.fingerprint(), "model_type": model_type}
         encoder = cls(tower, reducer, projector=projector, feature_layer=feature_layer, keep_cls=keep_cls, source=source)
         encoder.checkpoint_config = config  # the whole HF config (LLM side included), for the artifact manifest
+        encoder.processor = checkpoint.processor()  # preprocessor_config.json as found (None when absent)
         return encoder.to(dtype).eval()
+
+    # ------------------------------------------------------------------ what callers share
+    processor: dict | None = None
+
+    def preprocess_config(self):
+        """The one place a checkpoint's preprocessing is derived: its processor config at this encoder's size."""
+        from .runtime.preprocess import PreprocessConfig
+
+        try:
+            return PreprocessConfig.from_processor_dict(self.processor, self.image_size)
+        except InputError as exc:
+            raise CheckpointError(f"{self.source.get('model')}: preprocessor_config.json: {exc}") from exc
+
+    def reduce(self, hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reducer: ReducerConfig | None = None) -> ReducedTokens:
+        """The reducer on :meth:`tower_outputs` with this tower's prefix and importance (every caller, one scoring)."""
+        prefix = self.adapter.prefix_tokens
+        return reduce_tokens(hidden[:, prefix:], q, k, reducer or self.reducer, num_heads=self.num_heads, prefix=prefix,
+                             importance=self.adapter.importance)
+
+    def neighbor_gaps(self, pixel_values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """For each output slot, the reference's similarity gap at its neighbour boundary, ``[B, C]`` float64.
+
+        Slot ``i`` holding patch ``p`` merges ``p``'s ``n`` most key-cosine-similar other patches; the gap is the
+        n-th minus the (n+1)-th similarity. When it is below the float error between two runtimes, either may
+        take the other patch: validation uses this to tell such near-ties from real disagreements. Slots that are
+        not merged tokens (extra token, padding) get +inf (no boundary).
+        """
+        from .reduce.merge import neighbor_gaps
+
+        with torch.no_grad():
+            _, _, k = self.tower_outputs(pixel_values)
+        prefix = self.adapter.prefix_tokens
+        return neighbor_gaps(k[:, prefix:].double(), indices, self.reducer.neighbors)
 
     # ------------------------------------------------------------------ forward
     @property
@@ -165,7 +211,7 @@ class PruMergeEncoder(nn.Module):
                 torch.arange(count, device=features.device).expand(batch, count) - (1 if self.keep_cls else 0),
                 torch.zeros(batch, dtype=torch.bool, device=features.device),
             )
-        else:
+        else:  # called here by name: the profiler attributes graph nodes to the reducer by this call in their trace
             out = reduce_tokens(hidden[:, prefix:], q, k, self.reducer, num_heads=self.num_heads, prefix=prefix,
                                 importance=self.adapter.importance)
         if self.projector is None:

@@ -50,16 +50,16 @@ def _palette(n: int) -> list:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618) % 1.0, 0.75, 1.0)) for i in range(max(n, 1))]
 
 
-def render(image, model: str | Path, method: str = "prumerge", out: str | Path | None = None, **reducer_options) -> InspectResult:
+def render(image, model: str | Path, method: str = "prumerge", out: str | Path | None = None, image_size: int | None = None,
+           **reducer_options) -> InspectResult:
     """Run the reducer on ``image`` with ``model`` (checkpoint dir, hub id, or artifact dir) and draw it."""
     import torch
 
-    from .checkpoint import Checkpoint
     from .encoder import PruMergeEncoder
     from .manifest import MANIFEST_NAME, Manifest
     from .reduce.config import Method
     from .reduce.explain import explain
-    from .runtime.preprocess import PreprocessConfig, preprocess_image
+    from .runtime.preprocess import preprocess_image
 
     if Method.parse(method) is Method.NONE:
         raise ConfigError("inspect shows a reduction: choose method prumerge or prumerge+")
@@ -69,12 +69,15 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
         options = {k: v for k, v in manifest.reducer["options"].items() if k not in ("method", "capacity")}
         reducer_options = {**options, **reducer_options}
         model = manifest.source["model"]
-    encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, **reducer_options)
-    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
+        image_size = image_size or manifest.reducer.get("image_size")
+    encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, image_size=image_size, **reducer_options)
+    config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
     with torch.no_grad():
         hidden, q, k = encoder.tower_outputs(pixels)
-        info = explain(hidden[:, 1:], q, k, encoder.reducer, num_heads=encoder.num_heads)
+        prefix = encoder.adapter.prefix_tokens
+        info = explain(hidden[:, prefix:], q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
+                       importance=encoder.adapter.importance)
         reduced = encoder(pixels)
     num_tokens = int(reduced.num_tokens[0])
     reducer_indices = reduced.indices[0, : num_tokens - 1].tolist()

@@ -62,6 +62,38 @@ class Tower:
         family's model applies one)."""
         return hidden
 
+    # -------------------------------------------------------------- image size
+    position_prefix = 1  # position-embedding rows before the patches' (CLS); registers have none
+
+    def resize(self, image_size: int) -> None:
+        """Take ``image_size`` px images from now on: position embeddings interpolated once, here.
+
+        transformers interpolates on every call (``interpolate_pos_encoding``); doing it once at load with the
+        family's own interpolation function (bicubic, ``align_corners=False``, the same corner alignment) gives
+        the same numbers and keeps the exported graph static at that size.
+        """
+        config, patch = self.config, self.config.patch_size
+        if image_size <= 0 or image_size % patch:
+            raise CheckpointError(f"image size {image_size} is not a positive multiple of the patch size {patch}")
+        if image_size == config.image_size:
+            return
+        embeddings = self.model.embeddings
+        grid = image_size // patch
+        dummy = torch.zeros(1, self.position_prefix + grid * grid, config.hidden_size)
+        with torch.no_grad():
+            table = embeddings.interpolate_pos_encoding(dummy, image_size, image_size).detach().float()
+        self._set_positions(embeddings, table)
+        config.image_size = image_size
+
+    def _set_positions(self, embeddings: nn.Module, table: torch.Tensor) -> None:
+        rows, width = table.shape[1], table.shape[2]
+        embeddings.position_embedding = nn.Embedding(rows, width)
+        embeddings.position_embedding.weight.data.copy_(table[0])
+        embeddings.position_ids = torch.arange(rows).expand((1, -1))
+        embeddings.image_size = int(round((rows - self.position_prefix) ** 0.5)) * self.config.patch_size
+        embeddings.num_patches = rows - self.position_prefix
+        embeddings.num_positions = rows
+
 
 class Dinov2Tower(Tower):
     family = "dinov2"
@@ -88,6 +120,9 @@ class Dinov2Tower(Tower):
         attention = layer.attention
         return attention.q_proj(normed), attention.k_proj(normed)
 
+    def _set_positions(self, embeddings, table):
+        embeddings.position_embeddings = nn.Parameter(table)
+
     def finish(self, hidden, index):
         # Dinov2Model's outputs are layer-normed after the last layer; intermediate states are not
         return self.model.layernorm(hidden) if index == len(self.layers) else hidden
@@ -98,6 +133,7 @@ class SiglipTower(Tower):
     model_types = ("siglip_vision_model",)
     importance = "received_attention"
     default_feature_layer = -1
+    position_prefix = 0
 
     @property
     def prefix_tokens(self) -> int:

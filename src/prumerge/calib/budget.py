@@ -46,6 +46,8 @@ class BudgetReport:
     source: dict
     coverage: float
     methods: dict  # method -> {"num_tokens": [...], "stats": {...}, "capacity": C, "default_capacity": C0}
+    fingerprint: str | None = None  # the checkpoint's (Checkpoint.fingerprint): a build refuses another model's file
+    image_size: int | None = None
 
     def to_dict(self) -> dict:
         return {"format": SCHEMA, "version": 1, **dataclasses.asdict(self)}
@@ -61,9 +63,28 @@ class BudgetReport:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read calibration file {path}: {exc}") from exc
-        if data.get("format") != SCHEMA:
+        if not isinstance(data, dict) or data.get("format") != SCHEMA:
             raise InputError(f"{path} is not a prumerge calibration file")
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING]
+        if missing:
+            raise InputError(f"calibration file {path} lacks {', '.join(missing)}; write it again with prumerge-export calibrate")
+        report = cls(**{n: data[n] for n in fields if n in data})
+        if not isinstance(report.methods, dict) or not all(isinstance(m, dict) and "capacity" in m for m in report.methods.values()):
+            raise InputError(f"calibration file {path} has malformed method entries")
+        return report
+
+    def check_model(self, encoder) -> None:
+        """Refuse a calibration made with another model (other checkpoint or patch grid)."""
+        source = encoder.source.get("model")
+        if int(self.num_patches) != encoder.num_patches or (self.image_size and int(self.image_size) != encoder.image_size):
+            raise ConfigError(f"the calibration file was made with {self.model} ({self.num_patches} patches"
+                              f"{f', {self.image_size} px' if self.image_size else ''}) but this build is {source} "
+                              f"({encoder.num_patches} patches, {encoder.image_size} px); calibrate this model")
+        fingerprint = encoder.source.get("fingerprint")
+        if self.fingerprint and fingerprint and self.fingerprint != fingerprint:
+            raise ConfigError(f"the calibration file was made with {self.model} but this build is {source} (their configs "
+                              "differ); calibrate this model")
 
     def capacity(self, method: str) -> int:
         if method not in self.methods:
@@ -72,18 +93,18 @@ class BudgetReport:
 
 
 def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), coverage: float = 0.999, batch: int = 8,
-                     **reducer_options) -> BudgetReport:
+                     image_size: int | None = None, **reducer_options) -> BudgetReport:
     """Run each method's reducer (untruncated) over ``images`` (a :class:`CalibrationSet`) with ``model``'s tower."""
+    if not 0 < coverage <= 1:  # before the model pass, not after it
+        raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
     import torch
 
     from ..encoder import PruMergeEncoder
     from ..reduce.config import ReducerConfig, default_capacity
-    from ..reduce.reducer import reduce_tokens
-    from ..runtime.preprocess import PreprocessConfig, preprocess_batch
-    from ..checkpoint import Checkpoint
+    from ..runtime.preprocess import preprocess_batch
 
-    encoder = PruMergeEncoder.from_pretrained(model, method="prumerge", project=False, **reducer_options)
-    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
+    encoder = PruMergeEncoder.from_pretrained(model, method="prumerge", project=False, image_size=image_size, **reducer_options)
+    config = encoder.preprocess_config()
     counts = {m: [] for m in methods}
     with torch.no_grad():
         for start in range(0, len(images.images), batch):
@@ -91,11 +112,11 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
             hidden, q, k = encoder.tower_outputs(pixels)
             for method in methods:
                 reducer = ReducerConfig(**{**encoder.reducer.to_dict(), "method": method, "capacity": None})
-                out = reduce_tokens(hidden[:, 1:], q, k, reducer, num_heads=encoder.num_heads)
+                out = encoder.reduce(hidden, q, k, reducer)
                 counts[method] += out.num_tokens.tolist()
     return BudgetReport(
         model=str(model), num_patches=encoder.num_patches, images=images.names, skipped=images.skipped,
-        source=images.source, coverage=coverage,
+        source=images.source, coverage=coverage, fingerprint=encoder.source.get("fingerprint"), image_size=encoder.image_size,
         methods={m: {"num_tokens": counts[m], "stats": count_stats(counts[m]),
                      "capacity": capacity_for_coverage(counts[m], coverage),
                      "default_capacity": default_capacity(m, encoder.num_patches)} for m in methods},

@@ -152,17 +152,16 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
 
 
 def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
-                workdir: Path | None = None) -> Int8Agreement:
+                workdir: Path | None = None, image_size: int | None = None) -> Int8Agreement:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
     import tempfile
 
-    from ..checkpoint import Checkpoint
     from ..encoder import PruMergeEncoder
     from ..export.graph import export_onnx
-    from ..runtime.preprocess import PreprocessConfig, preprocess_batch
+    from ..runtime.preprocess import preprocess_batch
 
-    encoder = PruMergeEncoder.from_pretrained(model, method=method)
-    config = PreprocessConfig.from_processor_dict(Checkpoint.open(model).processor(), encoder.image_size)
+    encoder = PruMergeEncoder.from_pretrained(model, method=method, image_size=image_size)
+    config = encoder.preprocess_config()
     pixels = preprocess_batch(images.images, config)
     with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"

@@ -49,6 +49,9 @@ class BuildOptions:
     int8: bool = False  # quantise the vision graph (needs calibration)
     calibration_method: str = "minmax"
     slim: bool = True  # onnxslim constant folding / simplification (validated like any graph)
+    image_size: int | None = None  # square input side; None: the checkpoint's processor crop, else its config
+    base: str | None = None  # original-layout LoRA checkpoints: the base LLM (local dir or hub id)
+    vision_tower: str | None = None  # original-layout checkpoints: the CLIP tower, instead of config's mm_vision_tower
 
 
 Progress = Callable[[str], None]
@@ -57,8 +60,9 @@ Progress = Callable[[str], None]
 def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
                    progress: Progress | None = None) -> Manifest:
     """Build the artifact for ``model`` (local checkpoint dir or hub id) into ``out``; return its manifest."""
+    from ..checkpoint import Checkpoint
     from ..encoder import PruMergeEncoder
-    from ..runtime.preprocess import PreprocessConfig
+    from .convert import as_llava_hf
 
     step = progress or (lambda message: None)
     method = Method.parse(options.method)
@@ -84,27 +88,33 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         from .tensorrt import check_batch
 
         check_batch(engine_options, options.batch_max)
-    with staged_directory(out, force=force) as stage:
+    with staged_directory(out, force=force) as stage, \
+            as_llava_hf(model, options.base, options.vision_tower, target=Path(out).resolve(), progress=step) as (checkpoint, converted):
         step(f"loading the vision side of {model}")
         encoder = PruMergeEncoder.from_pretrained(
-            model, method=method, project=options.project, revision=options.revision,
-            capacity=options.max_tokens, **options.reducer_options,
+            checkpoint, method=method, project=options.project, revision=options.revision,
+            capacity=options.max_tokens, image_size=options.image_size, **options.reducer_options,
         )
         config = encoder.checkpoint_config
+        if converted:  # the manifest names what the user gave, not the temporary conversion
+            encoder.source.update(converted, model=model, fingerprint=Checkpoint.open(model).fingerprint())
+        if calibration is not None:
+            calibration.check_model(encoder)
         is_llava = getattr(config, "model_type", None) == "llava"
         llm_precision = options.llm_precision
         if llm_precision == "auto":
             llm_precision = "int4" if is_llava and options.project else None
         if llm_precision and not (is_llava and options.project):
             raise ConfigError("--llm-precision needs a LLaVA checkpoint with its projector; use --no-llm for vision-only builds")
-        processor = _copy_processor_config(encoder.source.get("model"), options.revision, stage)
+        _copy_processor_config(encoder.processor, stage)
         vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
         if options.int8:
             int8_target = "tensorrt" if engine_options is not None else "cpu"
-            vision.update(_quantize(encoder, stage, processor, calibration, options.calibration_method, int8_target, step))
+            vision.update(_quantize(encoder, stage, calibration, options.calibration_method, int8_target, step))
         baseline = None
         if options.baseline and method is not Method.NONE:
-            plain = PruMergeEncoder.from_pretrained(model, method="none", project=options.project, revision=options.revision)
+            plain = PruMergeEncoder.from_pretrained(checkpoint, method="none", project=options.project, revision=options.revision,
+                                                    image_size=encoder.image_size)
             baseline = _vision_graph(plain, stage / BASELINE_FILE, options, step)
 
         llm = _llm_facts(config) if is_llava and options.project else None
@@ -112,7 +122,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             from .llm import build_llm
 
             step(f"converting the language model to an {llm_precision} ONNX decoder (onnxruntime-genai builder)")
-            llm = build_llm(model, options.revision, config, stage, llm_precision, options.llm_provider)
+            llm = build_llm(checkpoint, options.revision, config, stage, llm_precision, options.llm_provider)
         if llm is not None and llm["hidden_size"] != encoder.output_width:
             raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
 
@@ -136,6 +146,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
                 "capacity": encoder.capacity,
                 "num_patches": encoder.num_patches,
                 "grid": encoder.grid,
+                "image_size": encoder.image_size,
                 "patch_size": encoder.patch_size,
                 "feature_layer": encoder.feature_index - (encoder.num_layers + 1),
                 "extra_token_index": EXTRA_TOKEN_INDEX,
@@ -143,7 +154,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             },
             vision=vision,
             baseline=baseline,
-            preprocess=PreprocessConfig.from_processor_dict(processor, encoder.image_size).to_dict(),
+            preprocess=encoder.preprocess_config().to_dict(),
             llm=llm,
             validation=vision.pop("validation"),
             packages=_package_versions() | {"python": platform.python_version()},
@@ -155,17 +166,17 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     return manifest
 
 
-def _quantize(encoder, stage: Path, processor: dict | None, calibration, method: str, target: str, step: Progress) -> dict:
+def _quantize(encoder, stage: Path, calibration, method: str, target: str, step: Progress) -> dict:
     """Replace the validated fp32 graph by its INT8 QDQ version; record how it agrees with fp32 on the set."""
     import onnx
 
     from ..calib.images import CalibrationSet
     from ..calib.int8 import agreement, quantize_vision, session_outputs
-    from ..runtime.preprocess import PreprocessConfig, preprocess_batch
+    from ..runtime.preprocess import preprocess_batch
     from .checks import check_onnx, op_support_all
 
     images = CalibrationSet.from_source(calibration.source)
-    pixels = preprocess_batch(images.images, PreprocessConfig.from_processor_dict(processor, encoder.image_size))
+    pixels = preprocess_batch(images.images, encoder.preprocess_config())
     fp32_dir = stage / ".fp32"
     fp32_dir.mkdir()
     for part in stage.glob(VISION_FILE + "*"):
@@ -186,7 +197,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
 
     from .checks import check_onnx, op_support_all
     from .graph import INPUT_NAME, Contract, export_onnx, output_shapes, simplify
-    from .validate import TOLERANCE, require, synthetic_pixels
+    from .validate import require, synthetic_pixels
 
     contract = Contract.parse(options.output)
     precision = "fp16" if options.fp16 else "fp32"
@@ -205,7 +216,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     support = op_support_all(graph)
     step(f"validating {path.name} on onnxruntime against PyTorch ({options.validate_images} images)")
     pixels = synthetic_pixels(options.validate_images, encoder.image_size)
-    validation = require(_validate(encoder, path, pixels, TOLERANCE[precision]), f"validation of {path.name}")
+    validation = require(_validate(encoder, path, pixels, precision), f"validation of {path.name}")
     return {
         "file": path.name,
         "format": "onnx",
@@ -226,19 +237,15 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
     }
 
 
-def _validate(encoder, path, pixels, tolerance):
+def _validate(encoder, path, pixels, precision):
     import onnxruntime as ort
-    import torch
 
-    from .validate import compare_outputs, reference_arrays
+    from .validate import validate_against
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    dtype = next(encoder.parameters()).dtype
-    feed = pixels.astype("float16") if dtype == torch.float16 else pixels
+    feed = pixels.astype("float16") if precision == "fp16" else pixels
     got = dict(zip(("tokens", "num_tokens", "indices", "truncated"), session.run(None, {"pixel_values": feed})))
-    with torch.no_grad():
-        ref = encoder(torch.from_numpy(feed))
-    return compare_outputs(reference_arrays(ref), got, tolerance, "CPUExecutionProvider")
+    return validate_against(encoder, got, feed, precision, "CPUExecutionProvider")
 
 
 def _measured_outputs(graph, declared: dict) -> list:
@@ -254,16 +261,10 @@ def _measured_outputs(graph, declared: dict) -> list:
     return specs
 
 
-def _copy_processor_config(source: str | None, revision: str | None, stage: Path) -> dict | None:
-    """Keep the checkpoint's processor config in the artifact, as found, and return it."""
-    from ..checkpoint import Checkpoint
-
-    if source is None:
-        return None
-    processor = Checkpoint.open(source, revision=revision).processor()
+def _copy_processor_config(processor: dict | None, stage: Path) -> None:
+    """Keep the checkpoint's processor config in the artifact, as found."""
     if processor is not None:
         (stage / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    return processor
 
 
 def _llm_facts(config) -> dict:

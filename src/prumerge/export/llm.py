@@ -101,10 +101,22 @@ def run_model_builder(hf_dir: Path, out: Path, precision: str, provider: str, ca
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", precision,
            "-e", provider, "-c", str(cache_dir), "--extra_options", "exclude_embeds=true",
            *[f"{k}={v}" for k, v in (extra_options or {}).items()]]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # its own process group, and (Linux) killed with us: a SIGKILLed build leaves no orphan converting a 7B model
+    result = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True, preexec_fn=_die_with_parent)
     if result.returncode != 0 or not (out / "model.onnx").is_file():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
         raise ExportError(f"onnxruntime-genai model builder failed ({precision}, {provider}):\n{tail}")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the process group still lets a supervisor stop it
+        pass
 
 
 def prompt_format(hf_dir: Path) -> tuple[str, bool]:

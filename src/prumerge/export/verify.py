@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, CheckpointError
-from ..manifest import Manifest
+from ..manifest import Manifest, inside
 
 
 def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1) -> dict:
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
     from ..runtime.vision import VisionSession
-    from .validate import TOLERANCE, compare_outputs, reference_arrays, require, synthetic_pixels
+    from .validate import reference_arrays, require, synthetic_pixels, validate_against
 
     session = VisionSession.open(directory, provider=provider, verify=True)
     manifest = session.manifest
@@ -28,27 +28,32 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
 
     from ..encoder import PruMergeEncoder
 
+    from .convert import as_llava_hf
+
     source = manifest.source.get("model")
+    original = manifest.source.get("layout") == "llava-original"
     try:
-        encoder = PruMergeEncoder.from_pretrained(
-            source, method=manifest.reducer["method"], project=manifest.vision["projected"],
-            revision=manifest.source.get("revision"),
-            **{k: v for k, v in manifest.reducer["options"].items() if k != "method"},
-        )
+        with as_llava_hf(source, manifest.source.get("base") if original else None,
+                         manifest.source.get("vision_tower") if original else None) as (checkpoint, _):
+            encoder = PruMergeEncoder.from_pretrained(
+                checkpoint, method=manifest.reducer["method"], project=manifest.vision["projected"],
+                revision=manifest.source.get("revision"), image_size=session.image_size,
+                **{k: v for k, v in manifest.reducer["options"].items() if k != "method"},
+            )
     except CheckpointError as exc:
         raise ArtifactError(f"cannot rebuild the PyTorch reference from {source!r} ({exc}); use --no-reference to check hashes and the graph only") from exc
     if manifest.vision["precision"] == "fp16":
         encoder = encoder.half()
-    with torch.no_grad():
-        ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
     if manifest.vision["precision"] == "int8":  # selection may move with quantised features: report agreement
         from ..calib.int8 import agreement
 
+        with torch.no_grad():
+            ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
         result = agreement(reference_arrays(ref), got.arrays())
         if not np.isfinite(got.tokens).all():
             raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")
         return report | {"reference_int8_agreement": result.to_dict()}
-    result = compare_outputs(reference_arrays(ref), got.arrays(), TOLERANCE[manifest.vision["precision"]], session.provider)
+    result = validate_against(encoder, got.arrays(), pixels.astype(session.input_dtype), manifest.vision["precision"], session.provider)
     require(result, f"verify {directory}")
     return report | {"reference": result.to_dict()}
 
@@ -59,7 +64,11 @@ def inspect_artifact(directory: str | Path) -> dict:
 
     directory = Path(directory)
     manifest = Manifest.read(directory)
-    graph = onnx.load(str(directory / manifest.vision["file"]), load_external_data=False).graph
+    manifest.verify_files(directory)  # a tampered or truncated artifact is named, not summarised
+    try:
+        graph = onnx.load(str(inside(directory, manifest.vision["file"])), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ArtifactError(f"cannot read {directory / manifest.vision['file']}: {exc}") from exc
     ops: dict = {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, InputError
-from ..manifest import Manifest
+from ..manifest import Manifest, inside
 from .nodes import STAGES, classify_nodes, node_times
 from .stats import summarize
 
@@ -55,8 +55,10 @@ class ProfileReport:
         return next(m for m in self.methods if m.method == name)
 
 
-def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str]) -> dict:
-    """``{method: (artifact dir, graph)}``: each method from the first artifact that has it."""
+def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str] | None) -> dict:
+    """``{method: (artifact dir, graph)}``: each method from the first artifact that has it; ``methods=None``:
+    every method the artifacts provide, in the order none, prumerge, prumerge+."""
+    methods = list(methods or [])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -69,6 +71,8 @@ def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str]) -> dict:
         found.setdefault(main, (Path(directory), "vision"))
         if manifest.baseline:
             found.setdefault("none", (Path(directory), "baseline"))
+    if not methods:
+        return {m: found[m] for m in METHODS if m in found}
     missing = [m for m in methods if m not in found]
     if missing:
         have = ", ".join(sorted(found)) or "nothing"
@@ -77,7 +81,7 @@ def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str]) -> dict:
     return {m: found[m] for m in methods}
 
 
-def run(artifacts: Sequence[str | Path], methods: Sequence[str] = METHODS, images: Sequence | None = None,
+def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, images: Sequence | None = None,
         synthetic: int = 0, prompt: str = DEFAULT_PROMPT, warmup: int = 1, runs: int = 5, provider: str = "cpu",
         max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> ProfileReport:
     """Profile ``methods`` side by side; ``images`` (paths or PIL images) or ``synthetic`` generated ones."""
@@ -112,11 +116,11 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] = METHODS, image
                 for image in images:
                     samples.append(pipeline.generate(image, prompt, max_new_tokens=max_new_tokens))
                     tick(f"{method}: measuring", 1)
-            vision_file = directory / pipeline.vision.graph["file"]
+            vision_file = inside(directory, pipeline.vision.graph["file"])
             shares = node_times(pipeline.vision.end_profiling(), classify_nodes(vision_file), skip_runs=warmup)
         results.append(_method_profile(method, directory, graph, samples, shares))
     return ProfileReport(
-        config={"artifacts": [str(a) for a in artifacts], "methods": list(methods), "images": len(images),
+        config={"artifacts": [str(a) for a in artifacts], "methods": list(chosen), "images": len(images),
                 "synthetic": synthetic, "prompt": prompt, "warmup": warmup, "runs": runs, "provider": provider,
                 "max_new_tokens": max_new_tokens, "machine": platform.machine(), "processor": platform.processor(),
                 "python": platform.python_version()},

@@ -10,10 +10,11 @@ import dataclasses
 
 import torch
 
-from .attention import cls_attention
+from .attention import cls_attention, received_attention
 from .config import Method, ReducerConfig
 from .merge import nearest_neighbors
 from .outliers import iqr_outlier_count
+from .ranking import top_indices
 from .selection import select_tokens
 
 
@@ -28,25 +29,30 @@ class Explanation:
     truncated: bool
 
 
-def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int = 1) -> Explanation:
-    """Batch-1 ``features [1, P, D]``, ``q/k [1, 1 + P, D]`` -> :class:`Explanation`."""
+def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int = 1,
+            prefix: int = 1, importance: str = "cls_attention") -> Explanation:
+    """Batch-1 ``features [1, P, D]``, ``q/k [1, prefix + P, D]`` -> :class:`Explanation` (prefix and importance
+    as the tower's adapter gives them, so what is drawn is scored as the exported graph scores it)."""
     if config.method is Method.NONE:
         raise ValueError("explain needs method prumerge or prumerge+")
     features, q, k = features.float(), q.float(), k.float()
     num_patches = features.shape[1]
-    scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention)
+    if importance == "received_attention":
+        scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
+    else:
+        scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
     selection = select_tokens(scores, outliers, config, config.resolved_capacity(num_patches))
     count = int(selection.num_selected[0])
     slots = selection.slots[:, :count]
     keep = max(min(int(outliers[0]), num_patches), config.min_keep)
-    rank_order = torch.topk(scores[0], num_patches).indices.tolist()
+    rank_order = top_indices(scores[0], num_patches).tolist()
     top = set(rank_order[:keep])
     order = slots[0].tolist()
     neighbors = {}
     n = min(config.neighbors, num_patches - 1)
     if n > 0 and count:
-        found = nearest_neighbors(k[:, 1:], slots, n)[0].tolist()
+        found = nearest_neighbors(k[:, prefix:], slots, n)[0].tolist()
         neighbors = {patch: found[i] for i, patch in enumerate(order)}
     merged = set().union(*neighbors.values()) if neighbors else set()
     selected = set(order)

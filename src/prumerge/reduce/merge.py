@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 
 from .config import MergeWeights, ReducerConfig
+from .ranking import top_indices
 
 
 def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` most key-cosine-similar other patches of each slot's patch, ``[B, S, count]``.
 
     Cosine similarity as raw dot products scaled by inverse norms: the same value as F.normalize'd keys (same eps
-    clamp) without dividing the whole [B, P, D] key tensor. A patch is never its own neighbour.
+    clamp) without dividing the whole [B, P, D] key tensor. A patch is never its own neighbour. Exact ties are
+    broken by the lower patch index (:mod:`.ranking`), in eager mode and in the exported graph alike.
     """
     batch, num_slots = slots.shape
     inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
@@ -24,7 +26,22 @@ def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> to
     similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
     similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
     similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
-    return torch.topk(similarity, count, dim=-1).indices
+    return top_indices(similarity, count)
+
+
+def neighbor_gaps(keys: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, C]``: for each slot holding a patch (``indices >= 0``), its ``count``-th minus ``(count + 1)``-th
+    key-cosine similarity to the other patches; +inf elsewhere and where no (count + 1)-th patch exists."""
+    batch, num_patches, _ = keys.shape
+    gaps = torch.full(indices.shape, float("inf"), dtype=torch.float64)
+    if count <= 0 or count + 1 > num_patches - 1:
+        return gaps
+    slots = indices.clamp(min=0)
+    normed = keys / torch.clamp(torch.linalg.vector_norm(keys, dim=-1, keepdim=True), min=1e-12)
+    similarity = torch.matmul(normed.gather(1, slots.unsqueeze(-1).expand(-1, -1, keys.shape[-1])), normed.transpose(1, 2))
+    similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
+    top = torch.topk(similarity, count + 1, dim=-1).values.double()
+    return torch.where(indices >= 0, top[..., count - 1] - top[..., count], gaps)
 
 
 def merge_tokens(

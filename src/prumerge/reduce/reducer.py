@@ -17,6 +17,7 @@ from .attention import cls_attention, received_attention
 from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
 from .merge import merge_tokens
 from .outliers import iqr_outlier_count
+from .ranking import tracing
 from .selection import select_tokens
 
 
@@ -25,13 +26,6 @@ class ReducedTokens(NamedTuple):
     num_tokens: torch.Tensor
     indices: torch.Tensor
     truncated: torch.Tensor
-
-
-def _tracing() -> bool:
-    """True while torch.onnx / torch.export / jit trace the graph: data checks must not enter the graph then."""
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    exporting = getattr(torch.onnx, "is_in_onnx_export", lambda: False)()
-    return bool(compiling or exporting or torch.jit.is_tracing())
 
 
 def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, prefix: int = 1) -> None:
@@ -49,7 +43,7 @@ def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, prefi
         raise InputError(f"q and k widths differ: {q.shape[2]} vs {k.shape[2]}")
     if num_patches < 2:
         raise InputError(f"the reducer needs at least 2 patches, got {num_patches}")
-    if not _tracing():
+    if not tracing():
         for name, t in (("features", features), ("q", q), ("k", k)):
             # One float64 sum per tensor: NaN/Inf anywhere make it non-finite, finite float32 values cannot
             # overflow it, and it costs a fraction of an element-wise isfinite().all().

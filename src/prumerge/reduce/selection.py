@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .config import Method, Order, ReducerConfig
+from .ranking import top_indices
 
 
 class Selection(NamedTuple):
@@ -38,7 +39,7 @@ def select_tokens(scores: torch.Tensor, outliers: torch.Tensor, config: ReducerC
     the raster samples ``0, s, 2s, ... < P - 1`` that are not already kept."""
     batch, num_patches = scores.shape
     device = scores.device
-    order = torch.topk(scores, num_patches, dim=-1).indices  # descending attention
+    order = top_indices(scores, num_patches)  # descending attention, ties by lower patch index
     positions = torch.arange(num_patches, device=device)
     rank = torch.empty_like(order).scatter_(-1, order, positions.expand(batch, -1))
 
@@ -69,5 +70,5 @@ def select_tokens(scores: torch.Tensor, outliers: torch.Tensor, config: ReducerC
         key = torch.where(selected & kept, rank.to(scores.dtype), torch.where(selected, big + pos, 2 * big + pos))
     else:
         key = torch.where(selected, pos, big + pos)
-    slots = torch.topk(key, min(limit, num_patches), dim=-1, largest=False).indices
+    slots = top_indices(key, min(limit, num_patches), largest=False)
     return Selection(slots=slots, num_selected=num_selected, selected=selected, truncated=truncated)

@@ -22,14 +22,19 @@ class OnnxDecoder:
         from .vision import PROVIDERS
 
         self.spec = spec
-        base = directory / spec["directory"]
+        from ..manifest import inside
+
+        base = inside(directory, spec["directory"])
         wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()
                   and p != "TensorrtExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(base / spec["decoder"]), providers=wanted)
+            self.session = ort.InferenceSession(str(inside(base, spec["decoder"])), providers=wanted)
         except Exception as exc:
             raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec['decoder']}: {exc}") from exc
-        self.embeddings = np.load(base / spec["embeddings"], mmap_mode="r")
+        try:
+            self.embeddings = np.load(inside(base, spec["embeddings"]), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read the embedding table {base / spec['embeddings']}: {exc}") from exc
         self.io = spec["io"]
         self.layers = int(spec["num_layers"])
         self.kv_shape = (int(spec["num_kv_heads"]), int(spec["head_size"]))

@@ -8,6 +8,9 @@ embeddings are concatenated into one ``inputs_embeds`` prefill; decoding continu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,11 +18,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, InputError
+from ..manifest import inside
 from .llm import OnnxDecoder, Stopwatch, choose_token, ensure_tokenizers
 from .preprocess import ImageLike, preprocess_batch
 from .vision import VisionSession
 
 POSITIONS = ("contiguous",)
+_SLOT = "\u2063PRUMERGE_USER\u2063"
 
 
 @dataclasses.dataclass
@@ -29,7 +34,7 @@ class GenerationResult:
     visual_tokens: list  # per image
     prompt_tokens: int  # text + visual positions in the prefill
     generated_tokens: int
-    stop_reason: str  # eos | stop_string | max_new_tokens
+    stop_reason: str  # eos | stop_string | max_new_tokens | context (the model's context is full)
     timings_ms: dict  # preprocess, vision, embed, prefill, decode, ttft, total; decode_ms_per_token, tokens_per_s
     method: str
 
@@ -59,28 +64,97 @@ class Pipeline:
         if int(spec["hidden_size"]) != int(vision.graph["output_width"]):
             raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {vision.graph['output_width']}")
         Tokenizer = ensure_tokenizers()
-        tokenizer = Tokenizer.from_file(str(directory / spec["directory"] / spec["tokenizer"]))
+        tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec["directory"]), spec["tokenizer"])))
         return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec)
 
     # ------------------------------------------------------------------ prompt assembly
-    def _encode(self, text: str) -> list:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+    def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:
+        """The prompt as the decoder will see it, as llama.cpp's mtmd splits it: a list of ``("text", ids)`` and
+        ``("image", i)`` chunks, in order (no onnxruntime needed).
 
-    def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch):
-        """(inputs_embeds [T, D], visual token counts) for one prompt with ``len(images)`` markers."""
+        User text is tokenized with special-token parsing off (as llama.cpp's ``parse_special=false`` and
+        transformers' ``split_special_tokens=True``): ``<|im_end|>`` typed by a user stays text, it cannot end the
+        turn. The chat template's own markers stay special. With ``template=False`` (``--raw``) the prompt is the
+        whole template, written by the caller, and its special tokens are parsed.
+        Without any ``<image>`` marker, the images go before the text (``<image>\n`` each), as LLaVA's CLI does.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"the prompt is not valid UTF-8 text ({exc.reason} at position {exc.start})") from None
         markers = prompt.count(self.marker)
-        if markers != len(images):
-            if not images:
+        if markers == 0 and num_images:
+            prompt, markers = (self.marker + "\n") * num_images + prompt, num_images
+        if markers != num_images:
+            if not num_images:
                 raise InputError(f"the prompt has {markers} {self.marker} marker(s) but no image was given")
-            if markers == 0:
-                raise InputError(f"{len(images)} image(s) given but the prompt has no {self.marker} marker; put one where each image goes")
-            raise InputError(f"the prompt has {markers} {self.marker} marker(s) for {len(images)} image(s); they must match")
+            raise InputError(f"the prompt has {markers} {self.marker} marker(s) for {num_images} image(s); they must match")
+        if template:
+            before, after = self.spec["prompt_format"].format(prompt=_SLOT).split(_SLOT)
+            segments = [(before, True), (prompt, False), (after, True)]
+        else:
+            segments = [(prompt, True)]
+        chunks, run = [], [(self.spec["bos_token_id"], None)] if self.spec.get("add_bos") else []
+        image = 0
+        for text, trusted in segments:
+            pieces = text.split(self.marker) if not trusted or not template else [text]
+            for i, piece in enumerate(pieces):
+                if i:  # a marker stood here
+                    chunks.append(("text", self._encode(run)))
+                    chunks.append(("image", image))
+                    image, run = image + 1, []
+                run.append((piece, trusted))
+        chunks.append(("text", self._encode(run)))
+        return [c for c in chunks if c[0] == "image" or c[1]]
+
+    def _encode(self, run: list) -> list:
+        """Token ids of consecutive ``(text, trusted)`` segments (or ``(id, None)``): the text is split at the
+        special tokens of trusted segments only; everything between is encoded with special tokens as text."""
+        ids, text = [], ""
+        for piece, trusted in run:
+            if trusted is None:
+                ids += [piece]
+                continue
+            if not trusted:
+                text += piece
+                continue
+            for j, part in enumerate(self._special_split.split(piece) if self._special_split else [piece]):
+                if j % 2:  # a special token of the template
+                    if text:
+                        ids += self._plain.encode(text, add_special_tokens=False).ids
+                    ids.append(self._special_ids[part])
+                    text = ""
+                else:
+                    text += part
+        if text:
+            ids += self._plain.encode(text, add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _plain(self):
+        """A copy of the tokenizer that encodes special-token strings as plain text."""
+        plain = type(self.tokenizer).from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @functools.cached_property
+    def _special_ids(self) -> dict:
+        return {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    @functools.cached_property
+    def _special_split(self):
+        if not self._special_ids:
+            return None
+        names = sorted(self._special_ids, key=len, reverse=True)  # longest first, as the tokenizer matches
+        return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+
+    def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch):
+        """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded, then embedded."""
+        chunks = self.prompt_chunks(prompt, len(images), template)
         if len(images) > self.vision.batch_max:
             raise InputError(f"{len(images)} images exceed this artifact's batch limit of {self.vision.batch_max}")
-        text = self.spec["prompt_format"].format(prompt=prompt) if template else prompt
-        pieces = text.split(self.marker)
         visual = []
         if images:
             with clock.timed("preprocess"):
@@ -89,14 +163,7 @@ class Pipeline:
                 out = self.vision.run_pixels(pixels)
             visual = [out.image(b).astype(np.float32) for b in range(len(images))]
         with clock.timed("embed"):
-            ids = [self.spec["bos_token_id"]] if self.spec.get("add_bos") else []
-            parts = []
-            for i, piece in enumerate(pieces):
-                piece_ids = (ids if i == 0 else []) + self._encode(piece)
-                if piece_ids:
-                    parts.append(self.decoder.embed(piece_ids))
-                if i < len(visual):
-                    parts.append(visual[i])
+            parts = [visual[value] if kind == "image" else self.decoder.embed(value) for kind, value in chunks]
             embeds = np.concatenate(parts, axis=0)
         if embeds.shape[0] >= self.decoder.context_length:
             raise InputError(f"the prompt needs {embeds.shape[0]} positions (visual tokens included) but the model's context is {self.decoder.context_length}")
@@ -115,8 +182,10 @@ class Pipeline:
             )
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not 0 < top_p <= 1:
+        if not 0 < top_p <= 1:  # NaN fails this too
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
@@ -169,6 +238,8 @@ class _Stream:
             if len(text) > len(emitted) and not text.endswith("\ufffd"):
                 yield text[len(emitted):]
                 emitted = text
+            if hit is None and len(generated) >= budget:
+                reason = "max_new_tokens" if budget == max_new_tokens else "context"
             if hit is not None or len(generated) >= budget:
                 break
             logits, cache = pipeline.decoder.step(pipeline.decoder.embed([token]), cache)

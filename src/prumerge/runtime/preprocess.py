@@ -54,8 +54,15 @@ class PreprocessConfig:
         if isinstance(crop, int):
             crop = {"height": crop, "width": crop}
         do_crop = processor.get("do_center_crop", True)
-        if do_crop and (int(crop["height"]), int(crop["width"])) != (image_size, image_size):
-            raise InputError(f"the processor crops to {crop} but the vision tower takes {image_size}x{image_size} images")
+        if do_crop and int(crop["height"]) != int(crop["width"]):
+            raise InputError(f"unsupported processor crop {crop}: only square crops")
+        produced = int(crop["height"]) if do_crop else (None if size is None else int(size["shortest_edge"]))
+        if produced is not None and produced != image_size:
+            # an explicit --image-size other than the processor's: scale resize and crop alike, so the crop keeps
+            # the same share of the image (recorded in the manifest; the default size is the processor's own)
+            if size is not None:
+                size = {"shortest_edge": int(round(int(size["shortest_edge"]) * image_size / produced))}
+            crop = {"height": image_size, "width": image_size}
         return cls(
             image_size=image_size,
             resize_shortest_edge=None if size is None else int(size["shortest_edge"]),
@@ -78,6 +85,30 @@ class PreprocessConfig:
         data = dict(data)
         data["image_mean"], data["image_std"] = tuple(data["image_mean"]), tuple(data["image_std"])
         return cls(**data)
+
+
+def processor_image_size(processor: dict | None) -> int | None:
+    """The square side a ``preprocessor_config.json`` produces (its crop, else its fixed resize), or None.
+
+    This is the size a checkpoint is *used* at: DINOv2 configs say 518 while every DINOv2 processor crops to 224,
+    and transformers interpolates the position embeddings to whatever arrives. None when the processor leaves the
+    size open (shortest-edge resize without a crop).
+    """
+    if not processor:
+        return None
+    if processor.get("do_center_crop", True) and processor.get("crop_size") is not None:
+        side = processor["crop_size"]
+    elif processor.get("do_resize", True) and processor.get("size") is not None:
+        side = processor["size"]
+        if isinstance(side, dict) and "shortest_edge" in side:
+            return None
+    else:
+        return None
+    if isinstance(side, int):
+        return side
+    if not isinstance(side, dict) or side.get("height") != side.get("width") or not isinstance(side.get("height"), int):
+        raise InputError(f"unsupported processor size {side}: only square crops or sizes")
+    return side["height"]
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -103,15 +134,32 @@ def load_image(image: ImageLike) -> Image.Image:
         pil = _open(path, str(path))
     else:
         raise InputError(f"unsupported image type {type(image).__name__}: give a path, bytes, PIL image or numpy array")
-    return pil.convert("RGB") if pil.mode != "RGB" else pil
+    return to_rgb(pil)
+
+
+def to_rgb(pil: Image.Image) -> Image.Image:
+    """RGB as transformers' ``convert_to_rgb`` makes it: every other mode through RGBA composited on white, so
+    transparent areas become white (a plain ``convert("RGB")`` would make them black)."""
+    if pil.mode == "RGB":
+        return pil
+    rgba = pil.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, "WHITE")
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
 
 
 def _open(source: Any, name: str) -> Image.Image:
+    import warnings
+
     try:
-        pil = Image.open(source)
-        pil.load()  # decode now, so a truncated file fails here with its name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over PIL's pixel limit: refuse, do not warn
+            pil = Image.open(source)
+            pil.load()  # decode now, so a truncated file fails here with its name
         return pil
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"image {name} is too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as exc:
         raise InputError(f"cannot decode image {name}: {exc}") from exc
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, InputError
+from ..manifest import inside
 from ..export.tensorrt import device_facts, engine_mismatch
 from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
 from .vision import VisionOutput, concat_outputs
@@ -46,7 +47,7 @@ class TensorRTSession:
             raise ArtifactError(f"{directory} has no TensorRT engine; build one on this device: prumerge-export engine {directory}")
         problem = engine_mismatch(engine_facts, device_facts())
         if problem:
-            raise ArtifactError(f"{directory / engine_facts['file']} cannot run here: {problem}")
+            raise ArtifactError(f"{inside(directory, engine_facts['file'])} cannot run here: {problem}")
         self.trt, self.cudart = trt, _cudart()
         self.directory, self.manifest, self.graph = directory, manifest, graph
         self.provider = "TensorRT"
@@ -56,9 +57,9 @@ class TensorRTSession:
         self.image_size = int(spec["shape"][-1])
         self.batch_max = int(engine_facts["options"]["max_batch"])
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine((directory / engine_facts["file"]).read_bytes())
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(inside(directory, engine_facts["file"]).read_bytes())
         if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {directory / engine_facts['file']}")
+            raise ArtifactError(f"TensorRT could not deserialize {inside(directory, engine_facts['file'])}")
         self.context = self.engine.create_execution_context()
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.outputs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)

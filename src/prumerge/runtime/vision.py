@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..manifest import Manifest
+from ..manifest import Manifest, inside
 from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
 
 PROVIDERS = {
@@ -81,7 +81,7 @@ class VisionSession:
             from .tensorrt import TensorRTSession  # the artifact's own engine, not onnxruntime's TensorRT EP
 
             return TensorRTSession(directory, manifest, spec)
-        return cls(directory, manifest, spec, *_ort_session(directory / spec["file"], provider, profile_dir))
+        return cls(directory, manifest, spec, *_ort_session(inside(directory, spec["file"]), provider, profile_dir))
 
     # ------------------------------------------------------------------ running
     def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
