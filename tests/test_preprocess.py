@@ -18,6 +18,11 @@ def _images():
     for (w, h), mode in zip([(400, 300), (300, 500), (336, 336), (120, 90), (1000, 333)], ["RGB", "RGBA", "L", "P", "RGB"]):
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         out.append(img.convert(mode))
+    # real transparency: alpha from 0 (left) to 255 (right); transformers composites it on white
+    rgba = np.concatenate([rng.integers(0, 256, (200, 256, 3), dtype=np.uint8),
+                           np.tile(np.arange(256, dtype=np.uint8), (200, 1))[..., None]], axis=-1)
+    out.append(Image.fromarray(rgba, "RGBA"))
+    out.append(Image.fromarray(rgba[..., [0, 3]], "LA"))
     return out
 
 
@@ -28,7 +33,7 @@ def test_matches_clip_image_processor_pil(size):
     hf = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     config = PreprocessConfig.from_processor_dict(hf.to_dict(), size)
     for image in _images():
-        expected = hf(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+        expected = hf(images=image, return_tensors="np")["pixel_values"][0]  # transformers' own RGB conversion
         np.testing.assert_allclose(preprocess_image(image, config), expected, atol=1e-5)
 
 
@@ -39,7 +44,7 @@ def test_matches_llava_pad_to_square():
     config = PreprocessConfig.from_processor_dict(hf.to_dict(), 224)
     assert config.pad_to_square
     for image in _images():
-        expected = hf(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+        expected = hf(images=image, return_tensors="np")["pixel_values"][0]  # transformers' own RGB conversion
         np.testing.assert_allclose(preprocess_image(image, config), expected, atol=1e-5)
 
 

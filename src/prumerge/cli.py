@@ -174,6 +174,7 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     if manifest.baseline:
         table.add_row("baseline", f"{manifest.baseline['file']} (method none, {manifest.baseline['capacity']} tokens)")
     table.add_row("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in manifest.files.items()))
+    table.add_row("manifest sha256", f"{manifest.sha256}  (publish it; users pin it with --expect-sha256)")
     Console().print(table)
 
 
@@ -287,11 +288,12 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
 @click.option("--images", type=int, default=4, show_default=True, help="synthetic images to compare on")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--no-reference", is_flag=True, help="skip the PyTorch comparison (source checkpoint not at hand)")
-def verify(directory, images, provider, no_reference):
+@click.option("--expect-sha256", default=None, help="the manifest hash the builder published: refuse any other artifact")
+def verify(directory, images, provider, no_reference, expect_sha256):
     """Re-hash DIRECTORY's files and compare its graph on onnxruntime with the PyTorch reference."""
     from .export.verify import verify_artifact
 
-    report = verify_artifact(directory, images=images, provider=provider, reference=not no_reference)
+    report = verify_artifact(directory, images=images, provider=provider, reference=not no_reference, expect_sha256=expect_sha256)
     click.echo(json.dumps(report, indent=2))
     click.secho("verify: OK", fg="green", err=True)
 
@@ -392,11 +394,13 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the model's chat template")
 @click.option("--json", "as_json", is_flag=True, help="print answer, token counts and timings as JSON")
-def run(directory, images, prompt, max_new_tokens, temperature, top_p, seed, stop, method_override, provider, raw, as_json):
+@click.option("--expect-sha256", default=None, help="the manifest hash the builder published: refuse any other artifact")
+def run(directory, images, prompt, max_new_tokens, temperature, top_p, seed, stop, method_override, provider, raw, as_json,
+        expect_sha256):
     """Answer PROMPT about the image(s) with the artifact in DIRECTORY (streams the answer)."""
     from .runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.from_artifacts(directory, provider=provider, method=method_override)
+    pipeline = Pipeline.from_artifacts(directory, provider=provider, method=method_override, expect_sha256=expect_sha256)
     stream = pipeline.generate(list(images), prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                stop=stop, stream=True, seed=seed, template=not raw)
     for piece in stream:

@@ -118,13 +118,13 @@ class Manifest:
         if expect_sha256 is not None and expect_sha256.strip().lower() != self.sha256:
             raise ArtifactError(f"{directory}: the manifest's sha256 is {self.sha256}, not the pinned {expect_sha256.strip()}; "
                                 "this is not the artifact you expected")
-        if not self.files:
-            raise ArtifactError(f"{directory}: the manifest lists no files; not a complete artifact")
         for name in self.files:
             inside(directory, name)
         unlisted = [n for n in self.referenced_files() if n not in self.files]
         if unlisted:
             raise ArtifactError(f"{directory}: the manifest names files it does not hash: {', '.join(unlisted)}")
+        if not self.files:
+            raise ArtifactError(f"{directory}: the manifest lists no files; not a complete artifact")
         for name, meta in sorted(self.files.items()):
             path = inside(directory, name)
             if not path.is_file():

@@ -106,6 +106,10 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             llm_precision = "int4" if is_llava and options.project else None
         if llm_precision and not (is_llava and options.project):
             raise ConfigError("--llm-precision needs a LLaVA checkpoint with its projector; use --no-llm for vision-only builds")
+        if llm_precision:
+            from .llm import require_safetensors
+
+            require_safetensors(Checkpoint.open(checkpoint, revision=options.revision))
         _copy_processor_config(encoder.processor, stage)
         vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
         if options.int8:

@@ -42,6 +42,13 @@ def _lm_key(key: str) -> str | None:
     return None
 
 
+def require_safetensors(checkpoint: Checkpoint) -> None:
+    """Checked before any export work: the LLM conversion reads safetensors only."""
+    if checkpoint.file("model.safetensors.index.json", required=False) is None and checkpoint.file("model.safetensors", required=False) is None:
+        raise CheckpointError(f"{checkpoint.source}: the LLM export needs safetensors weights (this checkpoint has only "
+                              "pytorch_model.bin); convert them with transformers' save_pretrained, or pass --no-llm")
+
+
 def extract_language_model(checkpoint: Checkpoint, text_config, out: Path) -> Path:
     """Write the LLM half of ``checkpoint`` as a causal-LM directory (config, safetensors shards, tokenizer)."""
     from safetensors import safe_open

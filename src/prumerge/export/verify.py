@@ -10,17 +10,19 @@ from ..errors import ArtifactError, CheckpointError
 from ..manifest import Manifest, inside
 
 
-def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1) -> dict:
+def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1,
+                    expect_sha256: str | None = None) -> dict:
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
     from ..runtime.vision import VisionSession
     from .validate import reference_arrays, require, synthetic_pixels, validate_against
 
-    session = VisionSession.open(directory, provider=provider, verify=True)
+    session = VisionSession.open(directory, provider=provider, verify=True, expect_sha256=expect_sha256)
     manifest = session.manifest
     pixels = synthetic_pixels(images, session.image_size, seed=seed)
     got = session.run_pixels(pixels)
-    report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "provider": session.provider,
+    report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "manifest_sha256": manifest.sha256,
+              "pinned": expect_sha256 is not None, "provider": session.provider,
               "num_tokens": got.num_tokens.tolist()}
     if not reference:
         return report

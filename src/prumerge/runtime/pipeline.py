@@ -52,12 +52,13 @@ class Pipeline:
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
-                       verify: bool = True, profile_dir: str | Path | None = None) -> "Pipeline":
+                       verify: bool = True, profile_dir: str | Path | None = None,
+                       expect_sha256: str | None = None) -> "Pipeline":
         """Open an artifact built with an LLM. ``method="none"`` runs its unreduced baseline graph instead;
         ``profile_dir`` enables onnxruntime's per-node profile of the vision graph."""
         directory = Path(directory)
         vision = VisionSession.open(directory, provider=provider, verify=verify, graph=_graph_for(method),
-                                    profile_dir=profile_dir)
+                                    profile_dir=profile_dir, expect_sha256=expect_sha256)
         spec = vision.manifest.llm
         if not spec or not spec.get("decoder"):
             raise ArtifactError(f"{directory} has no LLM (built with --no-llm or from a vision-only checkpoint)")

@@ -61,15 +61,16 @@ class VisionSession:
 
     @classmethod
     def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True, graph: str = "vision",
-             profile_dir: str | Path | None = None) -> "VisionSession":
+             profile_dir: str | Path | None = None, expect_sha256: str | None = None) -> "VisionSession":
         """Load an artifact. ``provider``: cpu | cuda | tensorrt (onnxruntime EPs; missing ones fall back to CPU
         with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked).
         ``graph="baseline"`` opens the unreduced graph of a build made with ``--baseline``. ``profile_dir`` turns on
-        onnxruntime's per-node profiler (JSON written there by :meth:`end_profiling`)."""
+        onnxruntime's per-node profiler (JSON written there by :meth:`end_profiling`). ``expect_sha256``: the
+        manifest hash you got from the builder; anything else is refused (see :mod:`prumerge.manifest`)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
-        if verify:
-            manifest.verify_files(directory)
+        if verify or expect_sha256:
+            manifest.verify_files(directory, expect_sha256=expect_sha256)
         spec = {"vision": manifest.vision, "baseline": manifest.baseline}.get(graph)
         if spec is None:
             if graph == "baseline":
