@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32, min_keep=1, scores=None):
+def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32, min_keep=1, scores=None, normalized=False):
     """features [P, D], q/k [1 + P, D] -> (tokens [n + 1, D], kept patch indices in output order).
 
     ``scores`` replaces the CLS attention (towers without CLS); ``k`` then holds only patch keys' rows after a
-    prefix of ``len(k) - P`` tokens."""
+    prefix of ``len(k) - P`` tokens. ``normalized``: attention-weighted means (the kept token weighted by its own
+    attention) instead of the official residual sums."""
     num_patches, width = features.shape
     if scores is None:
         attn = torch.softmax((q @ k.T) * q.shape[-1] ** -0.5, dim=-1)
@@ -37,14 +38,21 @@ def reference_prumerge(features, q, k, plus=False, iqr_factor=1.5, neighbors=32,
     for i, p in enumerate(idx):
         rest = idx[:i] + idx[i + 1:] + complement
         sims = unit_keys[rest] @ unit_keys[p]
-        top = torch.topk(sims, min(neighbors, num_patches - 1)).indices.tolist()
-        merged = features[p].clone()
+        top = torch.topk(sims, min(neighbors, num_patches - 1)).indices.tolist() if neighbors > 0 else []
+        merged = (cls_attn[p] if normalized else 1.0) * features[p].clone()
+        total = cls_attn[p] if normalized else 1.0
         for t in top:
             merged = merged + cls_attn[rest[t]] * features[rest[t]]
-        out.append(merged)
+            if normalized:
+                total = total + cls_attn[rest[t]]
+        out.append(merged / total)
     extra = torch.zeros(width)
+    total = 0.0
     for j in complement:
         extra = extra + cls_attn[j] * features[j]
+        total = total + cls_attn[j]
+    if normalized and complement:
+        extra = extra / total
     return torch.stack(out + [extra]), idx
 
 

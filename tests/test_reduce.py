@@ -115,6 +115,23 @@ def test_per_head_attention_is_mean_of_head_softmaxes():
     torch.testing.assert_close(full, torch.softmax(q[:, :1] @ k.transpose(1, 2) / 32**0.5, -1)[:, 0, 1:])
 
 
+@pytest.mark.parametrize("options", [dict(neighbors=0), dict(neighbors=5), dict(merge_weights="normalized"),
+                                     dict(merge_weights="normalized", neighbors=3)], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_options_off_their_defaults_match_the_loop_reference(method, options):
+    """neighbors=0 (no merge: kept tokens as they are), few neighbours, and normalized weights (the kept token
+    weighted by its own attention in the mean) against the loop reference."""
+    for seed in range(6):
+        features, q, k = peaked_inputs(seed, 64, 32)
+        out = reduce_tokens(features, q, k, ReducerConfig(method=method, **options))
+        ref_tokens, ref_idx = reference_prumerge(features[0], q[0], k[0], plus=method == "prumerge+",
+                                                 neighbors=options.get("neighbors", 32),
+                                                 normalized=options.get("merge_weights") == "normalized")
+        tokens, idx = valid_part(out)
+        assert idx == ref_idx
+        torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)
+
+
 def test_spatial_order_and_normalized_weights_are_options():
     features, q, k = peaked_inputs(2, 64, 32)
     official = reduce_tokens(features, q, k, ReducerConfig(method="prumerge+"))
