@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ def child(kind: str, workdir: Path, runs: int, method: str) -> None:
     sys.path.insert(0, str(HERE))
     from common import timed
 
+    from prumerge.profile.stats import peak_rss_mb
+
     pixels = np.load(workdir / "pixels.npy")
     if kind == "torch":
         import torch
@@ -61,7 +62,7 @@ def child(kind: str, workdir: Path, runs: int, method: str) -> None:
         out = session.run(None, {"pixel_values": pixels})
         latency = timed(lambda: session.run(None, {"pixel_values": pixels}), runs)
         counts = out[1].tolist()
-    print(json.dumps({"latency_s": latency, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"latency_s": latency, "peak_rss_mb": peak_rss_mb(),
                       "num_tokens": counts}))
 
 
@@ -79,18 +80,32 @@ def main() -> None:
     import numpy as np
     import torch
 
+    import shutil
+
+    import onnxruntime as ort
+
     from prumerge.export.checks import check_onnx
-    from prumerge.export.graph import export_onnx
+    from prumerge.export.graph import export_onnx, simplify
 
     encoder = make_encoder(args.method)
     start = time.perf_counter()
     export_onnx(encoder, workdir / "vision.onnx", "padded", batch_max=8)
     export_s = time.perf_counter() - start
     check_onnx(workdir / "vision.onnx")
-    sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(workdir.iterdir()) if p.name.startswith("vision")}
     del encoder
     pixels = np.random.default_rng(0).normal(size=(1, 3, 336, 336)).astype(np.float32)
     np.save(workdir / "pixels.npy", pixels)
+    # onnxslim, as the build runs it: node counts, and outputs of the exporter's graph vs the simplified one
+    plain = workdir / "plain"
+    plain.mkdir(exist_ok=True)
+    for part in workdir.glob("vision.onnx*"):
+        shutil.copy(part, plain / part.name)
+    slim = simplify(workdir / "vision.onnx")
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})
+               for p in (plain / "vision.onnx", workdir / "vision.onnx")]
+    slim_diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(*outputs))
+    shutil.rmtree(plain)
+    sizes = {p.name: p.stat().st_size / 1e6 for p in sorted(workdir.iterdir()) if p.name.startswith("vision")}
 
     results = {}
     for kind in ("torch", "ort"):
@@ -100,6 +115,8 @@ def main() -> None:
     print(f"ViT-L/14-336 + {args.method} + LLaVA-1.5 projector (1024->4096->4096), random weights; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch 1, median of {args.runs} runs")
     print(f"export (dynamo, opset 18): {export_s:.1f} s; files: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+    print(f"onnxslim: {slim.get('nodes_before')} -> {slim.get('nodes_after')} nodes; outputs max |diff| vs the exporter's "
+          f"graph {slim_diff:.1e}" + (" (bit-identical)" if slim_diff == 0 else ""))
     for kind, label in (("torch", "torch eager"), ("ort", "onnxruntime CPU")):
         r = results[kind]
         print(f"{label:<16} {r['latency_s'] * 1e3:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB   tokens {r['num_tokens']}")

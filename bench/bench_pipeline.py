@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ PROMPT = "<image>\nDescribe this picture in one sentence."
 
 def child(directory: Path, method: str | None, runs: int, new_tokens: int) -> None:
     from prumerge.demo import demo_images
+    from prumerge.profile.stats import peak_rss_mb
     from prumerge.runtime import Pipeline
 
     pipeline = Pipeline.from_artifacts(directory, method=method, verify=False)
@@ -36,7 +36,7 @@ def child(directory: Path, method: str | None, runs: int, new_tokens: int) -> No
         "method": results[0].method, "visual_tokens": results[0].visual_tokens[0], "prompt_positions": results[0].prompt_tokens,
         "vision_ms": med("vision"), "prefill_ms": med("prefill"), "ttft_ms": med("ttft"),
         "decode_ms_per_token": statistics.median(per_token) if per_token else None,
-        "generated": results[0].generated_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "generated": results[0].generated_tokens, "peak_rss_mb": peak_rss_mb(),
     }))
 
 

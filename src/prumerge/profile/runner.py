@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import resource
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +16,7 @@ from typing import Callable, Sequence
 from ..errors import ConfigError, InputError
 from ..manifest import Manifest, inside
 from .nodes import STAGES, classify_nodes, node_times
-from .stats import summarize
+from .stats import peak_rss_mb, summarize
 
 SCHEMA_VERSION = 1
 METHODS = ("none", "prumerge", "prumerge+")
@@ -153,7 +152,7 @@ def _method_profile(method, directory, graph, samples, node_ms) -> MethodProfile
         generated_tokens=_counts([r.generated_tokens for r in samples]),
         overhead_ms=summarize(overhead),
         node_share={k: round(v, 4) for k, v in share.items()},
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=peak_rss_mb(),
         peak_device_mb=None,
     )
 
