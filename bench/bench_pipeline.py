@@ -22,7 +22,7 @@ PROMPT = "<image>\nDescribe this picture in one sentence."
 
 
 def child(directory: Path, method: str | None, runs: int, new_tokens: int) -> None:
-    from prumerge.demo import demo_images
+    from prumerge.samples import synthetic_images as demo_images
     from prumerge.profile.stats import peak_rss_mb
     from prumerge.runtime import Pipeline
 
@@ -44,7 +44,7 @@ def decode_speed(directory: Path, steps: int = 48) -> float:
     """ms per decode step of an artifact's LLM, from a 64-token prompt, no vision."""
     import numpy as np
 
-    from prumerge.manifest import Manifest
+    from prumerge.artifact.manifest import Manifest
     from prumerge.runtime.llm import OnnxDecoder
 
     decoder = OnnxDecoder(directory, Manifest.read(directory).llm)

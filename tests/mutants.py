@@ -17,7 +17,7 @@ SRC = ROOT / "src" / "prumerge"
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
     "llm files not hashed": (
-        "manifest.py", 'if sha256_file(path) != meta["sha256"]:',
+        "artifact/manifest.py", 'if sha256_file(path) != meta["sha256"]:',
         'if not name.startswith("llm/") and sha256_file(path) != meta["sha256"]:',
         ["tests/test_pipeline.py::test_every_file_of_the_llm_is_verified"]),
     "no validation gate": (
@@ -46,10 +46,10 @@ MUTANTS = {
         "runtime/pipeline.py", "plain.encode_special_tokens = True", "plain.encode_special_tokens = False",
         ["tests/test_bad_input.py::test_special_tokens_typed_by_a_user_stay_text"]),
     "manifest paths not confined": (
-        "manifest.py", "    pure = PurePosixPath(name)\n", "    return Path(directory) / name\n",
+        "artifact/manifest.py", "    pure = PurePosixPath(name)\n", "    return Path(directory) / name\n",
         ["tests/test_bad_input.py::test_manifest_paths_cannot_leave_the_artifact"]),
     "--force deletes anything": (
-        "manifest.py", "    if not any(target.iterdir()):\n        return True\n", "    return True\n",
+        "export/staging.py", "    if not any(target.iterdir()):\n        return True\n", "    return True\n",
         ["tests/test_bad_input.py::test_force_never_deletes_what_is_not_an_artifact"]),
     "ties broken arbitrarily": (
         "reduce/ranking.py", "    if tracing():\n", "    if True:\n",

@@ -23,7 +23,8 @@ from PIL import Image
 from prumerge.cli import main
 from prumerge.errors import ArtifactError, CheckpointError, ConfigError, InputError
 from prumerge.export.build import BuildOptions, build_artifact
-from prumerge.manifest import MANIFEST_NAME, Manifest, _self_hash, build_lock, staged_directory
+from prumerge.artifact.manifest import MANIFEST_NAME, Manifest, _self_hash
+from prumerge.export.staging import build_lock, staged_directory
 from prumerge.runtime import VisionSession
 
 CLI = [sys.executable, "-m", "prumerge.cli"]

@@ -19,5 +19,5 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_import_prumerge_is_light():
-    code = "import sys, prumerge, prumerge.reduce.config, prumerge.manifest; assert 'torch' not in sys.modules, list(sys.modules)"
+    code = "import sys, prumerge, prumerge.reduce.config, prumerge.artifact.manifest; assert 'torch' not in sys.modules, list(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

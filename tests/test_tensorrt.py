@@ -106,7 +106,7 @@ def test_engine_without_tensorrt_is_one_clear_error(artifact_factory, tmp_path):
 
 def test_tensorrt_provider_without_engine_or_tensorrt(artifact_factory):
     from prumerge.runtime.tensorrt import TensorRTSession
-    from prumerge.manifest import Manifest
+    from prumerge.artifact.manifest import Manifest
 
     directory = artifact_factory("llava", "prumerge", "padded")
     manifest = Manifest.read(directory)

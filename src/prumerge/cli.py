@@ -204,7 +204,7 @@ def convert(source, out, base, vision_tower, force):
     """Convert SOURCE (original LLaVA layout: merged, or LoRA like the released PruMerge checkpoints) to a
     llava-hf checkpoint in OUT."""
     from .export.convert import convert_llava_original
-    from .manifest import staged_directory
+    from .export.staging import staged_directory
 
     with staged_directory(out, force=force, owned=True) as stage:
         facts = convert_llava_original(source, stage, base=base, vision_tower=vision_tower,
@@ -431,7 +431,7 @@ def _print_run_summary(result) -> None:
 def demo(out, force, prompt, max_new_tokens, **kwargs):
     """Build the built-in demo model (offline; random vision weights, real SmolLM2) and run it on synthetic images."""
     from .demo import DESCRIPTION, build_demo_checkpoint, demo_images
-    from .manifest import staged_directory
+    from .export.staging import staged_directory
     from .runtime.pipeline import Pipeline
     from .runtime.vision import VisionSession
 

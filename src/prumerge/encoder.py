@@ -84,7 +84,7 @@ class PruMergeEncoder(nn.Module):
         """
         from transformers import AutoConfig
 
-        from .runtime.preprocess import processor_image_size
+        from .artifact.preprocess import processor_image_size
 
         reducer = ReducerConfig(method=Method.parse(method), **reducer_options)
         checkpoint = Checkpoint.open(path_or_id, revision=revision)
@@ -143,7 +143,7 @@ class PruMergeEncoder(nn.Module):
 
     def preprocess_config(self):
         """The one place a checkpoint's preprocessing is derived: its processor config at this encoder's size."""
-        from .runtime.preprocess import PreprocessConfig
+        from .artifact.preprocess import PreprocessConfig
 
         try:
             return PreprocessConfig.from_processor_dict(self.processor, self.image_size)

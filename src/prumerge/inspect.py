@@ -56,7 +56,7 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
     import torch
 
     from .encoder import PruMergeEncoder
-    from .manifest import MANIFEST_NAME, Manifest
+    from .artifact.manifest import MANIFEST_NAME, Manifest
     from .reduce.config import Method
     from .reduce.explain import explain
     from .runtime.preprocess import preprocess_image

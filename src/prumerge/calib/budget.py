@@ -125,9 +125,9 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
 
 def histogram(report: BudgetReport, path: str | Path) -> Path:
     """Histogram PNG of kept-token counts per method, the chosen capacity marked."""
-    from ..profile.report import _pyplot
+    from ..plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(report.methods), figsize=(5 * len(report.methods), 3.6), dpi=100, squeeze=False)
     for ax, (method, data) in zip(axes[0], report.methods.items()):
         ax.hist(data["num_tokens"], bins=min(40, max(5, len(set(data["num_tokens"])))), color="tab:blue")

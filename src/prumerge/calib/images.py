@@ -50,10 +50,16 @@ class CalibrationSet:
 
     @classmethod
     def synthetic(cls, count: int, seed: int = 0) -> "CalibrationSet":
-        from ..demo import demo_images
+        from ..samples import synthetic_images
 
-        images = demo_images(count, seed=seed)
+        images = synthetic_images(count, seed=seed)
         return cls(images, [f"synthetic-{i}" for i in range(count)], [], {"synthetic": count, "seed": seed})
+
+    def pixels(self, config):
+        """The set preprocessed as the artifact's ``PreprocessConfig`` says (what the graph sees)."""
+        from ..runtime.preprocess import preprocess_batch
+
+        return preprocess_batch(self.images, config)
 
     @classmethod
     def from_source(cls, source: dict) -> "CalibrationSet":

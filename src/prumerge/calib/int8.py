@@ -25,7 +25,7 @@ def float_nodes(onnx_path: Path) -> list:
     """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization."""
     import onnx
 
-    from ..profile.nodes import classify_nodes
+    from ..artifact.nodes import classify_nodes
 
     stages = classify_nodes(onnx_path)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -125,7 +125,7 @@ def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
     import onnxruntime as ort
 
     from ..reduce.config import PADDING_INDEX
-    from ..runtime.vision import VisionOutput, concat_outputs
+    from ..artifact.contract import VisionOutput, concat_outputs
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     parts = [VisionOutput(*session.run(None, {"pixel_values": pixels[i : i + batch]})) for i in range(0, len(pixels), batch)]

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from ..manifest import Manifest, describe_files, staged_directory
+from ..artifact.manifest import Manifest, describe_files
+from .staging import staged_directory
 from ..reduce.config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method
 
 VISION_FILE = "vision.onnx"
@@ -115,6 +116,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         if options.int8:
             int8_target = "tensorrt" if engine_options is not None else "cpu"
             vision.update(_quantize(encoder, stage, calibration, options.calibration_method, int8_target, step))
+            vision["node_stages"] = _node_stages(stage / VISION_FILE)
         baseline = None
         if options.baseline and method is not Method.NONE:
             plain = PruMergeEncoder.from_pretrained(checkpoint, method="none", project=options.project, revision=options.revision,
@@ -176,11 +178,10 @@ def _quantize(encoder, stage: Path, calibration, method: str, target: str, step:
 
     from ..calib.images import CalibrationSet
     from ..calib.int8 import agreement, quantize_vision, session_outputs
-    from ..runtime.preprocess import preprocess_batch
     from .checks import check_onnx, op_support_all
 
     images = CalibrationSet.from_source(calibration.source)
-    pixels = preprocess_batch(images.images, encoder.preprocess_config())
+    pixels = images.pixels(encoder.preprocess_config())
     fp32_dir = stage / ".fp32"
     fp32_dir.mkdir()
     for part in stage.glob(VISION_FILE + "*"):
@@ -236,6 +237,7 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
                     "shape": ["batch", 3, encoder.image_size, encoder.image_size]}],
         "outputs": _measured_outputs(graph, output_shapes(encoder, contract)),
         "tensorrt": support,  # {TensorRT version: op-support report}
+        "node_stages": _node_stages(path),
         "simplified": simplified,
         "validation": validation.to_dict(),
     }
@@ -250,6 +252,13 @@ def _validate(encoder, path, pixels, precision):
     feed = pixels.astype("float16") if precision == "fp16" else pixels
     got = dict(zip(("tokens", "num_tokens", "indices", "truncated"), session.run(None, {"pixel_values": feed})))
     return validate_against(encoder, got, feed, precision, "CPUExecutionProvider")
+
+
+def _node_stages(path: Path) -> dict:
+    """``{stage: [node names]}``: recorded so that profiling needs no onnx on the device."""
+    from ..artifact.nodes import classify_nodes, compress
+
+    return compress(classify_nodes(path))
 
 
 def _measured_outputs(graph, declared: dict) -> list:

@@ -149,7 +149,7 @@ def as_llava_hf(model: str, base=None, vision_tower=None, target=None, progress=
     """``(checkpoint to load, source facts)``: ``model`` itself when it is not in the original layout, else a
     llava-hf conversion in a temporary directory (beside the build's ``target`` when given, named so that a
     later build removes it if this process is killed; removed afterwards)."""
-    from ..manifest import scratch_directory
+    from .staging import scratch_directory
 
     if not is_llava_original(model):
         if base or vision_tower:

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from ..encoder import PruMergeEncoder
+from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES
 from ..errors import ConfigError, ExportError
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 64 << 20  # larger graphs keep weights in vision.onnx.data
 

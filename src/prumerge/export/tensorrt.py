@@ -17,9 +17,9 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from ..artifact.engine import ENGINE_FILE, device_facts, engine_mismatch  # noqa: F401  (re-exported)
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 
-ENGINE_FILE = "vision.engine"
 SCRIPT_FILE = "build_engine.sh"
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("server", "jetson-orin", "jetson-orin-nano")
@@ -154,49 +154,6 @@ prumerge-export engine . --target {options.target} --precision {options.precisio
 
 
 # ---------------------------------------------------------------------------------------------- device facts
-def device_facts() -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (what an engine is tied to)."""
-    facts = {"tensorrt_version": None, "gpu": None, "compute_capability": None}
-    try:
-        import tensorrt as trt
-
-        facts["tensorrt_version"] = trt.__version__
-    except ImportError:
-        pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.strip():
-            name, cap = [x.strip() for x in out.stdout.strip().splitlines()[0].split(",")]
-            facts["gpu"], facts["compute_capability"] = name, cap
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    if facts["gpu"] is None:
-        facts.update(_jetson_facts())
-    return facts
-
-
-def _jetson_facts() -> dict:
-    model = Path("/proc/device-tree/model")
-    if model.is_file():
-        return {"gpu": model.read_text(errors="ignore").strip("\x00 \n"), "compute_capability": "8.7"}
-    return {}
-
-
-def engine_mismatch(recorded: dict, current: dict) -> str | None:
-    """Why an engine built with ``recorded`` facts cannot run here (``current``), or None."""
-    problems = []
-    if recorded.get("tensorrt_version") != current.get("tensorrt_version"):
-        problems.append(f"TensorRT {recorded.get('tensorrt_version')} built it, this machine has {current.get('tensorrt_version')}")
-    if recorded.get("gpu") != current.get("gpu") or recorded.get("compute_capability") != current.get("compute_capability"):
-        problems.append(f"it was built for {recorded.get('gpu')} (sm {recorded.get('compute_capability')}), "
-                        f"this machine has {current.get('gpu')} (sm {current.get('compute_capability')})")
-    if not problems:
-        return None
-    return "; ".join(problems) + ". Rebuild the engine here: prumerge-export engine DIR"
-
-
-# ---------------------------------------------------------------------------------------------- the builder
 def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: EngineOptions) -> dict:
     """Parse and build with the TensorRT Python API; write the engine; return the facts for the manifest."""
     try:
@@ -206,7 +163,7 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: Engi
                                       "build_engine.sh in the artifact runs the same build on the device") from exc
     import onnx
 
-    from ..profile.nodes import classify_nodes
+    from ..artifact.nodes import classify_nodes
 
     graph = onnx.load(str(onnx_path), load_external_data=False)
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.graph.node)
@@ -256,7 +213,7 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: Engi
 
 def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dict:
     """Build ``vision.engine`` for an existing artifact on this machine and record it in the manifest."""
-    from ..manifest import Manifest, describe_files
+    from ..artifact.manifest import Manifest, describe_files
 
     directory = Path(directory)
     manifest = Manifest.read(directory)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, CheckpointError
-from ..manifest import Manifest, inside
+from ..artifact.manifest import Manifest, inside
 
 
 def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1,

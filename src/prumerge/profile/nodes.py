@@ -11,30 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-STAGES = ("vision_encoder", "reducer", "projector", "vision_other")
-
-
-def classify_nodes(onnx_path: Path) -> dict:
-    """``{node name: stage}`` for every node of the graph (reads no weights)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    stages = {}
-    for node in graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        scopes = meta.get("pkg.torch.onnx.name_scopes", "")
-        trace = meta.get("pkg.torch.onnx.stack_trace", "")
-        if "'encoder.tower" in scopes:
-            stage = "vision_encoder"
-        elif "'encoder.projector" in scopes:
-            stage = "projector"
-        elif "reduce_tokens(" in trace or "prumerge/reduce/" in trace.replace("\\", "/"):
-            stage = "reducer"
-        else:
-            stage = "vision_other"
-        stages[node.name] = stage
-    return stages
-
+from ..artifact.nodes import STAGES, classify_nodes  # noqa: F401  (re-exported)
 
 def node_times(profile_json: Path, stages: dict, skip_runs: int = 0) -> dict:
     """Total kernel time (ms) per stage from an onnxruntime profile, dropping each node's first ``skip_runs``

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import BackendUnavailableError
+from ..plotting import pyplot
 from .runner import STAGE_ORDER, ProfileReport
 
 
@@ -40,21 +40,9 @@ def _fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend (no display), or one clear error."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise BackendUnavailableError("plots need matplotlib (pip install matplotlib, or the profile extra)") from exc
-    return plt
-
-
 def plot(report: ProfileReport, path: str | Path, width_px: int = 1000, height_px: int = 600) -> Path:
     """Stacked bars of p50 stage times per method (PNG of exactly ``width_px`` x ``height_px``)."""
-    plt = _pyplot()
+    plt = pyplot()
     dpi = 100
     fig, ax = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     names = [m.method for m in report.methods]

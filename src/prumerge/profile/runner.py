@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, InputError
-from ..manifest import Manifest, inside
+from ..artifact.manifest import Manifest, inside
+from ..artifact.nodes import expand
 from .nodes import STAGES, classify_nodes, node_times
 from .stats import peak_rss_mb, summarize
 
@@ -95,9 +96,9 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
         if isinstance(image, (str, Path)) and not Path(image).is_file():
             raise InputError(f"image file not found: {image}")
     if synthetic:
-        from ..demo import demo_images
+        from ..samples import synthetic_images
 
-        images += demo_images(synthetic)
+        images += synthetic_images(synthetic)
     if not images:
         raise InputError("no images: give image paths or a number of synthetic images")
     chosen = resolve_methods([Path(a) for a in artifacts], methods)
@@ -115,8 +116,7 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
                 for image in images:
                     samples.append(pipeline.generate(image, prompt, max_new_tokens=max_new_tokens))
                     tick(f"{method}: measuring", 1)
-            vision_file = inside(directory, pipeline.vision.graph["file"])
-            shares = node_times(pipeline.vision.end_profiling(), classify_nodes(vision_file), skip_runs=warmup)
+            shares = node_times(pipeline.vision.end_profiling(), _node_stages(directory, pipeline.vision.graph), skip_runs=warmup)
         results.append(_method_profile(method, directory, graph, samples, shares))
     return ProfileReport(
         config={"artifacts": [str(a) for a in artifacts], "methods": list(chosen), "images": len(images),
@@ -159,3 +159,11 @@ def _method_profile(method, directory, graph, samples, node_ms) -> MethodProfile
 
 def _counts(values) -> dict:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else {}
+
+
+def _node_stages(directory: Path, graph: dict) -> dict:
+    """The build's record of which node is which stage; read from the graph itself for artifacts built before it
+    was recorded (needs onnx)."""
+    if graph.get("node_stages"):
+        return expand(graph["node_stages"])
+    return classify_nodes(inside(directory, graph["file"]))

@@ -10,12 +10,8 @@ import dataclasses
 import enum
 import math
 
+from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX  # noqa: F401  (the contract owns the sentinels)
 from ..errors import ConfigError
-
-#: ``indices`` value of the extra token that sums the pruned patches.
-EXTRA_TOKEN_INDEX = -1
-#: ``indices`` value of padding slots beyond ``num_tokens``.
-PADDING_INDEX = -2
 
 
 class Method(str, enum.Enum):

@@ -22,7 +22,7 @@ class OnnxDecoder:
         from .vision import PROVIDERS
 
         self.spec = spec
-        from ..manifest import inside
+        from ..artifact.manifest import inside
 
         base = inside(directory, spec["directory"])
         wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, InputError
-from ..manifest import inside
+from ..artifact.manifest import inside
 from .llm import OnnxDecoder, Stopwatch, choose_token, ensure_tokenizers
 from .preprocess import ImageLike, preprocess_batch
 from .vision import VisionSession

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..manifest import inside
-from ..export.tensorrt import device_facts, engine_mismatch
-from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
-from .vision import VisionOutput, concat_outputs
+from ..artifact.manifest import inside
+from ..artifact.engine import device_facts, engine_mismatch
+from .session import VisionSessionBase
 
 
 def _cudart():
@@ -36,7 +35,9 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-class TensorRTSession:
+class TensorRTSession(VisionSessionBase):
+    """The artifact's own engine on TensorRT (the shared checks and output contract from the base class)."""
+
     def __init__(self, directory: Path, manifest, graph: dict) -> None:
         try:
             import tensorrt as trt
@@ -49,13 +50,8 @@ class TensorRTSession:
         if problem:
             raise ArtifactError(f"{inside(directory, engine_facts['file'])} cannot run here: {problem}")
         self.trt, self.cudart = trt, _cudart()
-        self.directory, self.manifest, self.graph = directory, manifest, graph
+        super().__init__(directory, manifest, graph, batch_max=int(engine_facts["options"]["max_batch"]))
         self.provider = "TensorRT"
-        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess)
-        spec = graph["inputs"][0]
-        self.input_name, self.input_dtype = spec["name"], np.dtype(spec["dtype"])
-        self.image_size = int(spec["shape"][-1])
-        self.batch_max = int(engine_facts["options"]["max_batch"])
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(inside(directory, engine_facts["file"]).read_bytes())
         if self.engine is None:
@@ -67,17 +63,7 @@ class TensorRTSession:
         self.dynamic = graph["contract"] == "dynamic"
         self._allocator = _OutputAllocator(trt, self.cudart) if self.dynamic else None
 
-    def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
-        return self.run_pixels(preprocess_batch(images, self.preprocess))
-
-    def run_pixels(self, pixel_values: np.ndarray) -> VisionOutput:
-        if not isinstance(pixel_values, np.ndarray) or pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, self.image_size, self.image_size):
-            raise InputError(f"pixel_values must be a numpy array [batch, 3, {self.image_size}, {self.image_size}]")
-        feed = np.ascontiguousarray(pixel_values.astype(self.input_dtype, copy=False))
-        parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
-        return parts[0] if len(parts) == 1 else concat_outputs(parts, int(self.manifest.reducer["padding_index"]))
-
-    def _run(self, feed: np.ndarray) -> VisionOutput:
+    def run_batch(self, feed: np.ndarray) -> dict:
         cudart, ctx = self.cudart, self.context
         buffers = []
         try:
@@ -114,8 +100,7 @@ class TensorRTSession:
         finally:
             for pointer in buffers:
                 cudart.cudaFree(pointer)
-        return VisionOutput(hosts["tokens"], hosts["num_tokens"].astype(np.int64), hosts["indices"].astype(np.int64),
-                            hosts["truncated"].astype(bool))
+        return hosts  # by name
 
 
 class _OutputAllocator:

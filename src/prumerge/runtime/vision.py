@@ -6,15 +6,13 @@ or half-copied artifact fails at load with the file's name, not later with a con
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
-import numpy as np
-
+from ..artifact.contract import OUTPUT_NAMES, VisionOutput, concat_outputs  # noqa: F401  (re-exported)
+from ..artifact.manifest import Manifest, inside
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..manifest import Manifest, inside
-from .preprocess import ImageLike, PreprocessConfig, preprocess_batch
+from .session import VisionSessionBase
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -23,41 +21,13 @@ PROVIDERS = {
 }
 
 
-@dataclasses.dataclass
-class VisionOutput:
-    """The token contract as numpy arrays; ``tokens[b, :num_tokens[b]]`` are image ``b``'s LLM-ready tokens."""
-
-    tokens: np.ndarray  # [B, N, D]
-    num_tokens: np.ndarray  # [B] int64
-    indices: np.ndarray  # [B, N] int64 source patch, -1 extra token, -2 padding
-    truncated: np.ndarray  # [B] bool
-
-    def image(self, b: int) -> np.ndarray:
-        return self.tokens[b, : int(self.num_tokens[b])]
-
-    def per_image(self) -> list[np.ndarray]:
-        return [self.image(b) for b in range(len(self.num_tokens))]
-
-    def arrays(self) -> dict:
-        """``tokens / num_tokens / indices`` as a dict, the form the comparison helpers take."""
-        return {"tokens": self.tokens, "num_tokens": self.num_tokens, "indices": self.indices}
-
-
-class VisionSession:
+class VisionSession(VisionSessionBase):
     """Open with :meth:`open`; call :meth:`run` on images or :meth:`run_pixels` on preprocessed arrays."""
 
     def __init__(self, directory: Path, manifest: Manifest, graph: dict, session, provider: str) -> None:
-        self.directory = directory
-        self.manifest = manifest
-        self.graph = graph
+        super().__init__(directory, manifest, graph)
         self.session = session
         self.provider = provider
-        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess)
-        spec = graph["inputs"][0]
-        self.input_name = spec["name"]
-        self.input_dtype = np.dtype(spec["dtype"])
-        self.image_size = int(spec["shape"][-1])
-        self.batch_max = int(graph.get("batch_max", 1))
 
     @classmethod
     def open(cls, directory: str | Path, provider: str = "cpu", verify: bool = True, graph: str = "vision",
@@ -66,7 +36,7 @@ class VisionSession:
         with a warning). ``verify=False`` skips re-hashing large files (the manifest is always checked).
         ``graph="baseline"`` opens the unreduced graph of a build made with ``--baseline``. ``profile_dir`` turns on
         onnxruntime's per-node profiler (JSON written there by :meth:`end_profiling`). ``expect_sha256``: the
-        manifest hash you got from the builder; anything else is refused (see :mod:`prumerge.manifest`)."""
+        manifest hash you got from the builder; anything else is refused (see :mod:`prumerge.artifact.manifest`)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if verify or expect_sha256:
@@ -85,30 +55,12 @@ class VisionSession:
         return cls(directory, manifest, spec, *_ort_session(inside(directory, spec["file"]), provider, profile_dir))
 
     # ------------------------------------------------------------------ running
-    def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
-        """Paths, bytes, PIL images or HWC arrays -> reduced tokens (preprocessed as the checkpoint's processor does)."""
-        return self.run_pixels(preprocess_batch(images, self.preprocess))
-
-    def run_pixels(self, pixel_values: np.ndarray) -> VisionOutput:
-        """``[B, 3, S, S]`` normalised pixels -> reduced tokens. Batches over ``batch_max`` are split."""
-        if not isinstance(pixel_values, np.ndarray):
-            raise InputError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-            raise InputError(f"pixel_values must have shape [batch, 3, {self.image_size}, {self.image_size}], got {pixel_values.shape}")
-        if not np.isfinite(pixel_values).all():
-            raise InputError("pixel_values contains NaN or Inf")
-        feed = pixel_values.astype(self.input_dtype, copy=False)
-        parts = [self._run(feed[i : i + self.batch_max]) for i in range(0, len(feed), self.batch_max)]
-        return parts[0] if len(parts) == 1 else concat_outputs(parts, int(self.manifest.reducer["padding_index"]))
+    def run_batch(self, feed):
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {self.input_name: feed})))
 
     def end_profiling(self) -> Path:
         """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""
         return Path(self.session.end_profiling())
-
-    def _run(self, feed: np.ndarray) -> VisionOutput:
-        tokens, num_tokens, indices, truncated = self.session.run(None, {self.input_name: feed})
-        return VisionOutput(tokens, num_tokens.astype(np.int64), indices.astype(np.int64), truncated.astype(bool))
 
 
 def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = None):
@@ -131,20 +83,3 @@ def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = Non
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
     return session, session.get_providers()[0]
-
-
-def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutput:
-    """Batches of one contract joined, the token axis padded to the widest (dynamic contract batches differ)."""
-    width = max(p.tokens.shape[1] for p in parts)
-
-    def pad(a, fill):
-        out = np.full((a.shape[0], width, *a.shape[2:]), fill, dtype=a.dtype)
-        out[:, : a.shape[1]] = a
-        return out
-
-    return VisionOutput(
-        np.concatenate([pad(p.tokens, 0) for p in parts]),
-        np.concatenate([p.num_tokens for p in parts]),
-        np.concatenate([pad(p.indices, padding_index) for p in parts]),
-        np.concatenate([p.truncated for p in parts]),
-    )

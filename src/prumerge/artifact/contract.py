@@ -1,0 +1,63 @@
+"""The vision graph's interface: input and output names, and the output contract as numpy arrays.
+
+``tokens [B, C, D]``, ``num_tokens [B]`` int64, ``indices [B, C]`` int64 (source patch; ``EXTRA_TOKEN_INDEX`` for
+the extra token, ``PADDING_INDEX`` for padding), ``truncated [B]`` bool. Every session binds outputs by these
+names, never by position. numpy only: both the build (export, validation) and the runtime import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
+EXTRA_TOKEN_INDEX = -1
+PADDING_INDEX = -2
+
+
+@dataclasses.dataclass
+class VisionOutput:
+    """The token contract as numpy arrays; ``tokens[b, :num_tokens[b]]`` are image ``b``'s LLM-ready tokens."""
+
+    tokens: np.ndarray  # [B, N, D]
+    num_tokens: np.ndarray  # [B] int64
+    indices: np.ndarray  # [B, N] int64 source patch, -1 extra token, -2 padding
+    truncated: np.ndarray  # [B] bool
+
+    def image(self, b: int) -> np.ndarray:
+        return self.tokens[b, : int(self.num_tokens[b])]
+
+    def per_image(self) -> list[np.ndarray]:
+        return [self.image(b) for b in range(len(self.num_tokens))]
+
+    def arrays(self) -> dict:
+        """``tokens / num_tokens / indices`` as a dict, the form the comparison helpers take."""
+        return {"tokens": self.tokens, "num_tokens": self.num_tokens, "indices": self.indices}
+
+    @classmethod
+    def from_named(cls, outputs: dict) -> "VisionOutput":
+        """From ``{output name: array}`` as a session returns it (bound by name)."""
+        missing = [n for n in OUTPUT_NAMES if n not in outputs]
+        if missing:
+            raise KeyError(f"the vision graph did not produce {', '.join(missing)}")
+        return cls(np.asarray(outputs["tokens"]), np.asarray(outputs["num_tokens"]).astype(np.int64),
+                   np.asarray(outputs["indices"]).astype(np.int64), np.asarray(outputs["truncated"]).astype(bool))
+
+
+def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutput:
+    """Batches of one contract joined, the token axis padded to the widest (dynamic contract batches differ)."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(a, fill):
+        out = np.full((a.shape[0], width, *a.shape[2:]), fill, dtype=a.dtype)
+        out[:, : a.shape[1]] = a
+        return out
+
+    return VisionOutput(
+        np.concatenate([pad(p.tokens, 0) for p in parts]),
+        np.concatenate([p.num_tokens for p in parts]),
+        np.concatenate([pad(p.indices, padding_index) for p in parts]),
+        np.concatenate([p.truncated for p in parts]),
+    )
