@@ -66,7 +66,7 @@ def test_force_replaces_an_artifact_and_an_empty_directory(tmp_path, clip_dir):
     build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(llm_precision=None, validate_images=1), force=True)
     first = Manifest.read(tmp_path / "empty").created_utc
     build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(method="prumerge+", llm_precision=None, validate_images=1), force=True)
-    assert Manifest.read(tmp_path / "empty").reducer["method"] == "prumerge+" and first
+    assert Manifest.read(tmp_path / "empty").vision.method == "prumerge+" and first
 
 
 def test_a_second_build_into_the_same_out_fails_instead_of_replacing(tmp_path):
@@ -213,7 +213,7 @@ def test_graph_file_outside_or_unlisted_is_refused(artifact):
 def test_a_pinned_manifest_hash_catches_a_rehashed_edit(artifact_factory, artifact):
     pinned = Manifest.read(artifact).sha256
     assert VisionSession.open(artifact, expect_sha256=pinned)
-    _rehash(artifact, lambda d: d["reducer"].__setitem__("capacity", 3))
+    _rehash(artifact, lambda d: d["vision"].__setitem__("capacity", 3))
     assert VisionSession.open(artifact)  # the self-hash alone cannot tell (documented)
     with pytest.raises(ArtifactError, match="not the pinned"):
         VisionSession.open(artifact, expect_sha256=pinned)

@@ -87,7 +87,7 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
     report = calibrate_budget(str(llava_dir), images, coverage=0.8)
     cal = report.write(tmp_path / "cal.json")
     manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(calibration=str(cal), int8=True, llm_precision=None))
-    assert manifest.reducer["capacity"] == report.capacity("prumerge")
+    assert manifest.vision.capacity == report.capacity("prumerge")
     assert manifest.vision["precision"] == "int8" and manifest.vision["int8"]["calibration_images"] == 7
     agreement_ = manifest.vision["int8"]["agreement"]
     # the recorded agreement is what an independent comparison measures: PyTorch fp32 vs the INT8 graph
@@ -117,7 +117,7 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
     for node in graph.node:  # no reducer node reads a quantised tensor directly
         if stages.get(node.name) == "reducer":
             assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
-    assert np.isfinite(int8_out.tokens).all() and (int8_out.num_tokens <= manifest.reducer["capacity"]).all()
+    assert np.isfinite(int8_out.tokens).all() and (int8_out.num_tokens <= manifest.vision.capacity).all()
     with pytest.raises(ConfigError, match="needs --calibration"):
         build_artifact(str(llava_dir), tmp_path / "x", BuildOptions(int8=True, llm_precision=None))
 

@@ -27,7 +27,7 @@ def test_build_inspect_verify(tmp_path, llava_dir):
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file()
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
-    assert info["reducer"]["method"] == "prumerge+" and info["vision"]["contract"] == "dynamic"
+    assert info["vision"]["method"] == "prumerge+" and info["vision"]["contract"] == "dynamic"
     assert info["vision"]["batch_max"] == 4
     verify = runner.invoke(main, ["verify", str(out), "--images", "2"])
     assert verify.exit_code == 0, verify.output

@@ -53,7 +53,7 @@ def test_onnx_matches_pytorch_on_50_images(artifact_factory, clip_dir, llava_dir
 def test_manifest_records_what_was_built(artifact_factory):
     directory = artifact_factory("llava", "prumerge", "padded")
     info = inspect_artifact(directory)
-    assert info["reducer"]["capacity"] == 17 and info["reducer"]["num_patches"] == 64
+    assert info["vision"]["capacity"] == 17 and info["reducer"]["num_patches"] == 64
     assert info["vision"]["output_width"] == 64 == info["llm"]["hidden_size"]
     outputs = {o["name"]: o for o in info["vision"]["outputs"]}
     assert outputs["tokens"]["shape"] == ["batch", 17, 64] and outputs["num_tokens"]["dtype"] == "int64"

@@ -54,3 +54,37 @@ def test_vision_session_and_pipeline_without_torch(artifact_factory, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tokens (2," in result.stdout and "generated" in result.stdout
+
+
+def test_cli_in_a_runtime_only_install(artifact_factory, clip_dir):
+    """torch, transformers and onnx absent: verify (hashes + graph run), inspect and profile node stages work from
+    the artifact alone; a build-side command fails with one line naming the extra."""
+    directory = artifact_factory("llava", "prumerge", "padded")
+    absent = BLOCKER.replace('("torch", "transformers", "torchvision", "onnxscript")',
+                             '("torch", "transformers", "torchvision", "onnxscript", "onnx")')
+    absent = absent.replace('raise ImportError(f"{name} is blocked: the runtime must not import it")',
+                            'raise ModuleNotFoundError(f"No module named {name!r}", name=name)')  # as if not installed
+    assert "ModuleNotFoundError" in absent
+    script = absent + textwrap.dedent(
+        f"""
+        import json
+        from click.testing import CliRunner
+        from prumerge.cli import main
+        verify = CliRunner().invoke(main, ["verify", {str(directory)!r}])
+        assert verify.exit_code == 0, verify.output
+        assert "skipped: the PyTorch comparison needs prumerge[export]" in verify.output
+        inspect = CliRunner().invoke(main, ["inspect", {str(directory)!r}, "--json"])
+        assert inspect.exit_code == 0, inspect.output
+        graph = json.loads(inspect.stdout)["graph"]
+        assert graph["ops"] is None and graph["stages"]["reducer"] > 0 and graph["nodes"] > 0
+        build = CliRunner().invoke(main, ["build", {str(clip_dir)!r}, "--out", "never", "--no-llm"])
+        assert build.exit_code == 8, build.output
+        assert "`prumerge-export build` needs the build side" in build.output and "pip install 'prumerge[export]'" in build.output
+        assert "Traceback" not in build.output
+        assert "torch" not in sys.modules and "onnx" not in sys.modules
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.strip().endswith("ok")

@@ -16,6 +16,11 @@ from . import __version__
 from .errors import PruMergeError
 
 
+# what `pip install prumerge[export]` adds; the runtime-only install lacks them
+BUILD_SIDE_MODULES = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "onnxslim", "onnxruntime_genai",
+                      "huggingface_hub", "peft")
+
+
 class _Group(click.Group):
     """Turns every PruMergeError into one line on stderr and its exit code, instead of a traceback."""
 
@@ -37,6 +42,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.secho("interrupted", fg="red", err=True)
             sys.exit(130)
+        except ModuleNotFoundError as exc:  # a build-side command in a runtime-only install
+            root = (getattr(exc, "name", None) or "").split(".")[0]
+            if root not in BUILD_SIDE_MODULES:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            click.secho(f"error: `prumerge-export {command}` needs the build side ({root} is not installed): "
+                        "pip install 'prumerge[export]'", fg="red", err=True)
+            sys.exit(8)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,7 +166,7 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     table = Table(title=f"artifact {out}", show_header=False)
     vision, reducer, validation = manifest.vision, manifest.reducer, manifest.validation
     table.add_row("source", str(manifest.source.get("model")))
-    table.add_row("method", f"{reducer['method']}  (capacity {reducer['capacity']} of {reducer['num_patches']} patches + extra)")
+    table.add_row("method", f"{vision.method}  (capacity {vision.capacity} of {reducer.num_patches} patches + extra)")
     table.add_row("graph", f"{vision['file']}  {vision['contract']} contract, opset {vision['opset']}, {vision['precision']}")
     table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
     table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "

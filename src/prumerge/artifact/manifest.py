@@ -22,24 +22,211 @@ from pathlib import Path, PurePosixPath
 from ..errors import ArtifactError
 
 FORMAT = "prumerge-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed sections, one owner per fact (a graph's method and capacity live in its graph section)
 MANIFEST_NAME = "manifest.json"
+
+
+class Section:
+    """A typed manifest section: fields are attributes, and it reads (and is written) by key as the JSON has it.
+
+    Unknown keys are refused when read: a fact the reader does not know is a fact it would silently drop.
+    """
+
+    def __getitem__(self, key: str):
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self._names():
+            raise KeyError(f"{type(self).__name__} has no field {key!r}")
+        setattr(self, key, value)
+
+    def __contains__(self, key) -> bool:
+        return key in self._names() and getattr(self, key) is not None
+
+    def get(self, key: str, default=None):
+        value = getattr(self, key, None) if key in self._names() else None
+        return default if value is None else value
+
+    def keys(self):
+        return [n for n in self._names() if getattr(self, n) is not None]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def pop(self, key: str, *default):
+        value = self.get(key)
+        if value is None and default:
+            return default[0]
+        setattr(self, key, None)
+        return value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data, where: str):
+        if data is None:
+            return None
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ArtifactError(f"manifest section {where} is not an object")
+        unknown = sorted(set(data) - set(cls._names()))
+        if unknown:
+            raise ArtifactError(f"manifest section {where} has unknown field(s) {', '.join(unknown)}; rebuild the artifact "
+                                "with this version of prumerge-export")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ArtifactError(f"manifest section {where} lacks required fields: {exc}") from exc
+
+
+@dataclasses.dataclass
+class SourceSection(Section):
+    """Where the build came from (what the user named, not a temporary conversion)."""
+
+    model: str | None
+    revision: str | None = None
+    fingerprint: str | None = None
+    model_type: str | None = None
+    layout: str | None = None  # "llava-original" when converted from the original LLaVA layout
+    lora: bool | None = None
+    base: str | None = None
+    vision_tower: str | None = None
+    lora_targets: int | None = None
+    image_token_id: int | None = None
+
+
+@dataclasses.dataclass
+class ReducerSection(Section):
+    """How patches are scored and merged, and on what grid. The method and capacity of each graph live in that
+    graph's section (the baseline graph has its own)."""
+
+    options: dict
+    num_patches: int
+    grid: int
+    patch_size: int
+    image_size: int
+    feature_layer: int
+    extra_token_index: int = -1
+    padding_index: int = -2
+
+
+@dataclasses.dataclass
+class ValidationSection(Section):
+    """onnxruntime against PyTorch at build time, token by token (see ``prumerge.export.validate``)."""
+
+    images: int
+    counts_identical: bool
+    indices_identical: bool
+    max_abs_error: float
+    tolerance: float
+    provider: str
+    tokens: int = 0
+    tokens_exact: int = 0
+    near_ties: int = 0
+    unexplained: int = 0
+    worst_unexplained: float = 0.0
+    near_tie_epsilon: float = 0.0
+    worst_explained: float = 0.0
+    ok: bool = False
+
+
+@dataclasses.dataclass
+class GraphSection(Section):
+    """One vision graph as built and read back (I/O specs from the saved graph, op support, node stages)."""
+
+    file: str
+    format: str
+    method: str
+    opset: int
+    precision: str
+    contract: str
+    batch_max: int
+    capacity: int
+    projected: bool
+    output_width: int
+    inputs: list
+    outputs: list
+    tensorrt: dict
+    simplified: dict | None = None
+    node_stages: dict | None = None
+    int8: dict | None = None
+    engine: dict | None = None
+    tensorrt_target: dict | None = None
+    validation: ValidationSection | None = None  # this graph against PyTorch at build time
+
+    def __post_init__(self) -> None:
+        self.validation = ValidationSection.from_dict(self.validation, f"{self.file}.validation")
+
+
+@dataclasses.dataclass
+class LLMSection(Section):
+    """The language model: facts known from the checkpoint, and the decoder's geometry when one was built."""
+
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    image_token_id: int | None = None
+    decoder: str | None = None
+    directory: str | None = None
+    builder: str | None = None
+    precision: str | None = None
+    provider: str | None = None
+    embeddings: str | None = None
+    tokenizer: str | None = None
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_size: int | None = None
+    context_length: int | None = None
+    io: dict | None = None
+    has_position_ids: bool | None = None
+    kv_dtype: str | None = None
+    embeds_dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list | None = None
+    add_bos: bool | None = None
+    prompt_format: str | None = None
+    image_marker: str | None = None
+
+
+_SECTIONS = {"source": SourceSection, "reducer": ReducerSection, "vision": GraphSection, "baseline": GraphSection,
+             "llm": LLMSection}
 
 
 @dataclasses.dataclass
 class Manifest:
-    source: dict
-    reducer: dict
-    vision: dict
-    preprocess: dict
-    llm: dict | None = None
-    baseline: dict | None = None  # the unreduced (method none) graph, when the build exported it
-    validation: dict = dataclasses.field(default_factory=dict)
+    source: SourceSection
+    reducer: ReducerSection
+    vision: GraphSection
+    preprocess: dict  # PreprocessConfig.to_dict() (prumerge.artifact.preprocess owns its fields)
+    llm: LLMSection | None = None
+    baseline: GraphSection | None = None  # the unreduced (method none) graph, when the build exported it
     packages: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)
     created_utc: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for name, section in _SECTIONS.items():
+            setattr(self, name, section.from_dict(getattr(self, name), name))
+
+    @property
+    def validation(self) -> ValidationSection | None:
+        """The main graph's validation (each graph section owns its own)."""
+        return self.vision.validation
+
+    @property
+    def method(self) -> str:
+        """The method of the artifact's main vision graph."""
+        return self.vision.method
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
@@ -79,6 +266,9 @@ class Manifest:
         if recorded != _self_hash(data):
             raise ArtifactError(f"{path} was edited after the build (its manifest_sha256 no longer matches); rebuild it")
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"{path} has unknown field(s) {', '.join(unknown)}")
         try:
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:

@@ -147,9 +147,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         manifest = Manifest(
             source=encoder.source,
             reducer={
-                "method": method.value,
-                "options": encoder.reducer.to_dict(),
-                "capacity": encoder.capacity,
+                "options": {k: v for k, v in encoder.reducer.to_dict().items() if k not in ("method", "capacity")},
                 "num_patches": encoder.num_patches,
                 "grid": encoder.grid,
                 "image_size": encoder.image_size,
@@ -162,7 +160,6 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             baseline=baseline,
             preprocess=encoder.preprocess_config().to_dict(),
             llm=llm,
-            validation=vision.pop("validation"),
             packages=_package_versions() | {"python": platform.python_version()},
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )

@@ -67,7 +67,7 @@ def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str] | None) ->
     found = {}
     for directory in artifacts:
         manifest = Manifest.read(directory)
-        main = manifest.vision.get("method", manifest.reducer["method"])
+        main = manifest.vision.method
         found.setdefault(main, (Path(directory), "vision"))
         if manifest.baseline:
             found.setdefault("none", (Path(directory), "baseline"))
