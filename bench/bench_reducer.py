@@ -38,6 +38,27 @@ def official_loop_merge(features, keys, cls_attn, idx):
     return torch.cat([updated, extra])
 
 
+def official_stage(tower, penultimate, plus: bool):
+    """The official reduction stage at batch 1, as published: q/k of every token from the last layer's own
+    projections, the full 577x577 softmax, numpy quartiles, top-k, PruMerge+'s sampling loop, the per-token merge."""
+    import numpy as np
+
+    layer = tower.encoder.layers[-1]
+    normed = layer.layer_norm1(penultimate)
+    q, k = layer.self_attn.q_proj(normed)[0], layer.self_attn.k_proj(normed)[0]
+    attn = torch.softmax(q @ k.T * q.shape[-1] ** -0.5, dim=-1)
+    cls_attn = attn[0, 1:]
+    scores = cls_attn.float().numpy()
+    q1, q3 = np.percentile(scores, 25), np.percentile(scores, 75)
+    keep = max(int(np.sum(scores > q3 + 1.5 * (q3 - q1))), 1)
+    idx = torch.topk(cls_attn, keep).indices
+    if plus:
+        step = max(1, int(int(576 / keep) / 3))
+        extra = [x for x in range(0, 575, step) if x not in idx.tolist()]
+        idx = torch.cat([idx, torch.tensor(extra, dtype=torch.long)])
+    return official_loop_merge(penultimate[0, 1:], k[1:], cls_attn, idx)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
@@ -54,6 +75,20 @@ def main() -> None:
     with torch.inference_mode():
         hidden, q, k = encoder.tower_outputs(pixels)
         features = hidden[:, 1:]
+        # the whole reduction stage: penultimate hidden state -> reduced tokens, q/k projections included
+        last = encoder.adapter.layers[-1]
+        for method in ("prumerge", "prumerge+"):
+            config = ReducerConfig(method=method)
+
+            def ours():
+                q1, k1 = encoder.adapter.qk(last, hidden, query_rows=1)  # the CLS query alone; every key
+                return reduce_tokens(hidden[:, 1:], q1, k1, config)
+
+            same = int(ours().num_tokens[0]) - 1 == len(official_stage(tower, hidden, method == "prumerge+")) - 1
+            t_ours = timed(ours, args.runs * 2)
+            t_official = timed(lambda: official_stage(tower, hidden, method == "prumerge+"), args.runs)
+            print(f"reduction stage {method:<10} {t_ours * 1e3:8.2f} ms vs the official functions {t_official * 1e3:8.2f} ms "
+                  f"= {t_official / t_ours:5.1f}x (goal >= 10x for PruMerge+); same token count: {same}")
         t_encoder = timed(lambda: encoder.tower_outputs(pixels), max(2, args.runs // 2))
         print(f"encoder (23 layers + last q/k)      {t_encoder * 1e3:9.1f} ms")
         for method in ("prumerge", "prumerge+"):

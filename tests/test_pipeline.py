@@ -12,6 +12,7 @@ from prumerge import PruMergeEncoder
 from prumerge.errors import ArtifactError, ConfigError, InputError
 from prumerge.export.validate import synthetic_pixels
 from prumerge.runtime import Pipeline
+from prumerge.runtime.pipeline import chunk_layout
 from prumerge.runtime.preprocess import preprocess_batch
 
 pytestmark = pytest.mark.slow
@@ -256,15 +257,11 @@ def test_each_image_lands_where_its_marker_is(llm_artifact):
     embeds, counts = pipeline.build_prompt([first, second], prompt, True, Stopwatch())
     chunks = pipeline.prompt_chunks(prompt, 2)
     assert [kind for kind, _ in chunks] == ["text", "image", "text", "image", "text"]
-    row = 0
-    for kind, value in chunks:
-        if kind == "text":
-            np.testing.assert_array_equal(embeds[row: row + len(value)], pipeline.decoder.embed(value))
-            row += len(value)
-        else:
-            np.testing.assert_allclose(embeds[row: row + len(tokens[value])], tokens[value], atol=1e-6)
-            row += len(tokens[value])
-    assert row == len(embeds) and counts == [len(t) for t in tokens]
+    layout = chunk_layout(chunks, counts)
+    for kind, value, start, length in layout:
+        expected = pipeline.decoder.embed(value) if kind == "text" else tokens[value]
+        np.testing.assert_allclose(embeds[start: start + length], expected, atol=1e-6)
+    assert layout[-1][2] + layout[-1][3] == len(embeds) and counts == [len(t) for t in tokens]
 
 
 def test_every_file_of_the_llm_is_verified(llm_artifact, tmp_path):

@@ -32,6 +32,9 @@ RULES = {
                          "prumerge.checkpoint", "prumerge.inspect", *THIRD_PARTY_BUILD),
     "prumerge.profile": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", *THIRD_PARTY_BUILD),
     "prumerge.reduce": ("prumerge.runtime", "prumerge.export", "prumerge.calib", "prumerge.profile", "prumerge.encoder"),
+    # serving is device side too: the repository generator reuses only export.staging (torch-free)
+    "prumerge.triton": ("prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers", "prumerge.checkpoint",
+                        "prumerge.export.build", "prumerge.export.graph", "prumerge.export.verify", *THIRD_PARTY_BUILD),
 }
 EVERYWHERE = ("prumerge.cli", "prumerge.demo")  # no library module imports the CLI or the demo
 EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify",)  # verify runs the artifact as a device would

@@ -226,6 +226,27 @@ def convert(source, out, base, vision_tower, force):
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="directory for the Triton repository")
+@click.option("--instances", type=int, default=1, show_default=True, help="model instances per device")
+@click.option("--max-batch", type=int, default=None, help="vision model max_batch_size (default: the graph's batch limit)")
+@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="dynamic batcher wait")
+@click.option("--preferred-batch", type=int, multiple=True, help="preferred batch size (repeatable)")
+@click.option("--ort-tensorrt", is_flag=True, help="GPU config: onnxruntime backend with the TensorRT accelerator")
+@click.option("--force", is_flag=True, help="replace a repository prumerge wrote before")
+def triton(artifact, out, instances, max_batch, max_queue_delay_us, preferred_batch, ort_tensorrt, force):
+    """Write a Triton Inference Server model repository for ARTIFACT (vision model with dynamic batching, streaming
+    LLM, BLS entry model; GPU configs plus configs/cpu.pbtxt for --model-config-name=cpu)."""
+    from .triton.repository import TritonOptions, write_repository
+
+    facts = write_repository(artifact, out, TritonOptions(instances, max_batch, max_queue_delay_us, tuple(preferred_batch),
+                                                          ort_tensorrt), force=force)
+    click.echo(json.dumps(facts, indent=2))
+    click.echo(f"serve it: tritonserver --model-repository {facts['model_repository']}  (CPU: add --model-config-name=cpu)",
+               err=True)
+
+
+@main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["server", "jetson-orin", "jetson-orin-nano"]), default="server", show_default=True)
 @_decorate_with(engine_tuning_options)

@@ -194,7 +194,8 @@ class PruMergeEncoder(nn.Module):
         states = [adapter.embed(pixel_values.to(adapter.patch_embedding.weight.dtype))]
         for layer in adapter.layers[: max(self.feature_index, self.num_layers - 1)]:
             states.append(adapter.run_layer(layer, states[-1]))
-        q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1])
+        query_rows = 1 if adapter.importance == "cls_attention" else None  # CLS attention reads the CLS query alone
+        q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
     def forward(self, pixel_values: torch.Tensor) -> ReducedTokens:

@@ -52,10 +52,12 @@ class Tower:
         out = layer(hidden, attention_mask=None)
         return out[0] if isinstance(out, tuple) else out
 
-    def qk(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's q/k projections of its input (bias included, before any scaling)."""
+    def qk(self, layer: nn.Module, hidden: torch.Tensor, query_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's q/k projections of its input (bias included, before any scaling). ``query_rows``: only the
+        first rows' queries (CLS attention reads the CLS row alone; k is needed for every token)."""
         normed = layer.layer_norm1(hidden)
-        return layer.self_attn.q_proj(normed), layer.self_attn.k_proj(normed)
+        attention = layer.self_attn
+        return attention.q_proj(normed[:, :query_rows] if query_rows else normed), attention.k_proj(normed)
 
     def finish(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """Features as the VLM reads them from hidden state ``index`` (post-norm for the last layer where the
@@ -115,10 +117,10 @@ class Dinov2Tower(Tower):
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.embeddings(pixel_values)
 
-    def qk(self, layer, hidden):
+    def qk(self, layer, hidden, query_rows=None):
         normed = layer.norm1(hidden)
         attention = layer.attention
-        return attention.q_proj(normed), attention.k_proj(normed)
+        return attention.q_proj(normed[:, :query_rows] if query_rows else normed), attention.k_proj(normed)
 
     def _set_positions(self, embeddings, table):
         embeddings.position_embeddings = nn.Parameter(table)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact.contract import INPUT_NAME
 from ..errors import ConfigError, ExportError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -51,7 +52,7 @@ TARGETS = ("cpu", "tensorrt")
 
 
 def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
-                    input_name: str = "pixel_values", target: str = "cpu") -> dict:
+                    input_name: str = INPUT_NAME, target: str = "cpu") -> dict:
     """Write the INT8 QDQ graph; return what was done (for the manifest).
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
@@ -124,11 +125,11 @@ def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
     """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (in batches); padded to one array per output."""
     import onnxruntime as ort
 
-    from ..reduce.config import PADDING_INDEX
-    from ..artifact.contract import VisionOutput, concat_outputs
+    from ..artifact.contract import OUTPUT_NAMES, PADDING_INDEX, VisionOutput, concat_outputs
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    parts = [VisionOutput(*session.run(None, {"pixel_values": pixels[i : i + batch]})) for i in range(0, len(pixels), batch)]
+    parts = [VisionOutput.from_named(dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels[i: i + batch]}))))
+             for i in range(0, len(pixels), batch)]
     return concat_outputs(parts, PADDING_INDEX).arrays()
 
 

@@ -243,11 +243,12 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
 def _validate(encoder, path, pixels, precision):
     import onnxruntime as ort
 
+    from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES
     from .validate import validate_against
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = pixels.astype("float16") if precision == "fp16" else pixels
-    got = dict(zip(("tokens", "num_tokens", "indices", "truncated"), session.run(None, {"pixel_values": feed})))
+    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: feed})))  # bound by name
     return validate_against(encoder, got, feed, precision, "CPUExecutionProvider")
 
 

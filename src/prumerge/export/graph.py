@@ -57,12 +57,8 @@ def output_shapes(encoder: PruMergeEncoder, contract: Contract) -> dict:
     """Declared output shapes with named axes (``batch``; ``num_tokens_max`` for the dynamic contract)."""
     width = encoder.output_width
     slots = encoder.capacity if Contract.parse(contract) is Contract.PADDED else "num_tokens_max"
-    return {
-        "tokens": ["batch", slots, width],
-        "num_tokens": ["batch"],
-        "indices": ["batch", slots],
-        "truncated": ["batch"],
-    }
+    shapes = (["batch", slots, width], ["batch"], ["batch", slots], ["batch"])
+    return dict(zip(OUTPUT_NAMES, shapes))
 
 
 def export_onnx(
@@ -81,7 +77,7 @@ def export_onnx(
     example_batch = 2 if batch_max >= 2 else 1
     dtype = next(encoder.parameters()).dtype
     example = torch.randn(example_batch, 3, encoder.image_size, encoder.image_size).to(dtype)
-    dynamic_shapes = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=batch_max)}} if batch_max >= 2 else None
+    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=batch_max)}} if batch_max >= 2 else None
     size = sum(p.numel() * p.element_size() for p in encoder.parameters())
     path = Path(path)
     try:

@@ -15,11 +15,12 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: At
                   prefix: int = 1) -> torch.Tensor:
     """Attention of the CLS query to every patch key, shape ``[B, P]``.
 
-    ``q`` and ``k`` are ``[B, prefix + P, D]`` outputs of ``q_proj``/``k_proj`` (bias included, before any
-    scaling), CLS first, then any register tokens. The softmax runs over all keys (CLS and registers included) and
-    is not renormalised over patches, as in the official code.
+    ``q`` and ``k`` are outputs of ``q_proj``/``k_proj`` (bias included, before any scaling), CLS first, then any
+    register tokens: ``k`` is ``[B, prefix + P, D]``; ``q`` only needs its CLS row (``[B, 1, D]``, what the
+    encoder computes) but may hold every row. The softmax runs over all keys (CLS and registers included) and is
+    not renormalised over patches, as in the official code.
     """
-    batch, tokens, width = q.shape
+    batch, tokens, width = k.shape
     if Attention(mode) is Attention.OFFICIAL:
         logits = torch.matmul(q[:, :1], k.transpose(1, 2)) * (width**-0.5)  # [B, 1, N]
         return torch.softmax(logits, dim=-1)[:, 0, prefix:]

@@ -34,7 +34,7 @@ def check_inputs(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, prefi
         raise InputError(f"features must be [batch, patches, width], got shape {tuple(features.shape)}")
     batch, num_patches, _ = features.shape
     for name, t in (("q", q), ("k", k)):
-        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != num_patches + prefix:
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] not in ((num_patches + prefix, 1) if name == "q" else (num_patches + prefix,)):
             raise InputError(
                 f"{name} must be [batch, {prefix} + patches, width] = [{batch}, {num_patches + prefix}, *] "
                 f"(prefix tokens such as CLS first), got shape {tuple(t.shape)}"
@@ -76,6 +76,8 @@ def reduce_tokens(
     capacity = config.resolved_capacity(num_patches)
 
     if importance == "received_attention":
+        if q.shape[1] != k.shape[1]:
+            raise InputError("received attention needs every query row: q must be [batch, prefix + patches, width]")
         scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
     else:
         scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)

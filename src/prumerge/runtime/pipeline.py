@@ -49,24 +49,39 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.spec = spec
         self.marker = spec.get("image_marker", "<image>")
+        self.method = vision.graph.get("method", "?") if vision is not None else "?"
+        self.output_width = int(vision.graph["output_width"]) if vision is not None else None
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
                        verify: bool = True, profile_dir: str | Path | None = None,
-                       expect_sha256: str | None = None) -> "Pipeline":
+                       expect_sha256: str | None = None, with_vision: bool = True) -> "Pipeline":
         """Open an artifact built with an LLM. ``method="none"`` runs its unreduced baseline graph instead;
-        ``profile_dir`` enables onnxruntime's per-node profile of the vision graph."""
+        ``profile_dir`` enables onnxruntime's per-node profile of the vision graph. ``with_vision=False``: the LLM
+        side alone, fed visual tokens computed elsewhere (``generate(visual_tokens=...)``, e.g. by Triton)."""
         directory = Path(directory)
-        vision = VisionSession.open(directory, provider=provider, verify=verify, graph=_graph_for(method),
-                                    profile_dir=profile_dir, expect_sha256=expect_sha256)
-        spec = vision.manifest.llm
+        if with_vision:
+            vision = VisionSession.open(directory, provider=provider, verify=verify, graph=_graph_for(method),
+                                        profile_dir=profile_dir, expect_sha256=expect_sha256)
+            manifest, graph = vision.manifest, vision.graph
+        else:
+            from ..artifact.manifest import Manifest
+
+            vision, manifest = None, Manifest.read(directory)
+            if verify or expect_sha256:
+                manifest.verify_files(directory, expect_sha256=expect_sha256)
+            graph = manifest.vision
+        spec = manifest.llm
         if not spec or not spec.get("decoder"):
             raise ArtifactError(f"{directory} has no LLM (built with --no-llm or from a vision-only checkpoint)")
-        if int(spec["hidden_size"]) != int(vision.graph["output_width"]):
-            raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {vision.graph['output_width']}")
+        if int(spec["hidden_size"]) != int(graph["output_width"]):
+            raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {graph['output_width']}")
         Tokenizer = ensure_tokenizers()
         tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec["directory"]), spec["tokenizer"])))
-        return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec)
+        pipeline = cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec)
+        pipeline.method = graph.get("method", "?")
+        pipeline.output_width = int(graph["output_width"])
+        return pipeline
 
     # ------------------------------------------------------------------ prompt assembly
     def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:
@@ -151,12 +166,23 @@ class Pipeline:
         names = sorted(self._special_ids, key=len, reverse=True)  # longest first, as the tokenizer matches
         return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
 
-    def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch):
-        """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded, then embedded."""
-        chunks = self.prompt_chunks(prompt, len(images), template)
-        if len(images) > self.vision.batch_max:
+    def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch, visual=None):
+        """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded (or ``visual``,
+        each image's tokens computed elsewhere), then embedded."""
+        if visual is not None:
+            if images:
+                raise InputError("give images or their visual tokens, not both")
+            visual = [np.asarray(v, dtype=np.float32) for v in visual]
+            if any(v.ndim != 2 or v.shape[1] != self.output_width or not len(v) for v in visual):
+                raise InputError(f"visual tokens must be non-empty [n, {self.output_width}] arrays, one per image")
+            if not all(np.isfinite(v).all() for v in visual):
+                raise InputError("visual tokens contain NaN or Inf")
+        chunks = self.prompt_chunks(prompt, len(images) if visual is None else len(visual), template)
+        if images and len(images) > self.vision.batch_max:
             raise InputError(f"{len(images)} images exceed this artifact's batch limit of {self.vision.batch_max}")
-        visual = []
+        if images and self.vision is None:
+            raise InputError("this pipeline was opened without its vision graph: pass visual_tokens")
+        visual = visual or []
         if images:
             with clock.timed("preprocess"):
                 pixels = preprocess_batch(list(images), self.vision.preprocess)
@@ -173,7 +199,7 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
     def generate(self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), stream: bool = False,
-                 seed: int | None = None, template: bool = True, positions: str = "contiguous"):
+                 seed: int | None = None, template: bool = True, positions: str = "contiguous", visual_tokens=None):
         """Generate an answer. ``stream=True`` returns an iterator of text pieces whose ``result`` attribute
         holds the :class:`GenerationResult` once exhausted; otherwise the result itself."""
         if positions not in POSITIONS:
@@ -191,7 +217,8 @@ class Pipeline:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        stream_obj = _Stream(self, list(images), prompt, max_new_tokens, temperature, top_p, tuple(stop), seed, template)
+        stream_obj = _Stream(self, list(images), prompt, max_new_tokens, temperature, top_p, tuple(stop), seed, template,
+                             visual_tokens)
         if stream:
             return stream_obj
         for _ in stream_obj:
@@ -202,8 +229,8 @@ class Pipeline:
 class _Stream:
     """Iterator over decoded text pieces; ``result`` is set when generation ends."""
 
-    def __init__(self, pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template):
-        self.args = (pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template)
+    def __init__(self, pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual=None):
+        self.args = (pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual)
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -211,10 +238,10 @@ class _Stream:
         return self._iter
 
     def _run(self):
-        pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template = self.args
+        pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual_tokens = self.args
         clock = Stopwatch()
         start = time.perf_counter()
-        embeds, visual = pipeline.build_prompt(images, prompt, template, clock)
+        embeds, visual = pipeline.build_prompt(images, prompt, template, clock, visual=visual_tokens)
         room = pipeline.decoder.context_length - embeds.shape[0]
         budget = min(max_new_tokens, room)
         rng = np.random.default_rng(seed)
@@ -254,7 +281,19 @@ class _Stream:
         if len(final) > len(emitted) and final.startswith(emitted):
             yield final[len(emitted):]  # flush what was held back (an incomplete multi-byte character)
         self.result = GenerationResult(final, generated, visual, int(embeds.shape[0]), len(generated), reason, timings,
-                                       pipeline.vision.graph.get("method", "?"))
+                                       pipeline.method)
+
+
+def chunk_layout(chunks: list, visual_counts: Sequence[int]) -> list:
+    """``[(kind, value, start, length)]``: where each prompt chunk sits among the decoder's positions, text chunks
+    by their token count and image chunks by the count the vision graph reported (the place per-patch positions
+    will hang from; today positions are contiguous)."""
+    layout, start = [], 0
+    for kind, value in chunks:
+        length = len(value) if kind == "text" else int(visual_counts[value])
+        layout.append((kind, value, start, length))
+        start += length
+    return layout
 
 
 def _graph_for(method: str | None) -> str:

@@ -1,0 +1,30 @@
+"""Shared by the Python-backend models: where the artifact is, and reading optional scalar inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def artifact_dir(args: dict) -> Path:
+    """The artifact named by the model config's ``artifact`` parameter, relative to the model's directory."""
+    config = json.loads(args["model_config"])
+    relative = config["parameters"]["artifact"]["string_value"]
+    model_dir = Path(args["model_repository"])  # .../models/NAME (Triton passes the model's directory)
+    return (model_dir / relative).resolve()
+
+
+def scalar(pb_utils, request, name: str, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)
+    return default if value.size == 0 else value[0].item()
+
+
+def text(pb_utils, request, name: str) -> str:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return ""
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,201 @@
+"""Serving with Triton: the generated repository's configs parse with Triton's own parser, and a real
+``tritonserver`` (from the nvidia-pytriton wheel, CPU, 127.0.0.1) serves an artifact: the same tokens as a direct
+session, dynamic batching at work, a streamed answer equal to ``run``'s, and a bad image failing alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prumerge.artifact.manifest import Manifest
+from prumerge.errors import ConfigError
+from prumerge.runtime import Pipeline, VisionSession
+from prumerge.samples import synthetic_images
+from prumerge.triton.repository import TritonOptions, vision_config_gpu, write_repository
+from tritonlocal import LocalTriton, available
+
+pytestmark = pytest.mark.slow
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _parse(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def artifact(artifact_factory):
+    return artifact_factory("llava", "prumerge", "padded", llm_precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def repository(artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository(artifact, out, TritonOptions(instances=1, max_batch=8, max_queue_delay_us=200_000))
+    return out
+
+
+def test_every_config_parses_with_tritons_parser(repository, artifact):
+    models = repository / "models"
+    manifest = Manifest.read(artifact)
+    for name in ("prumerge_vision", "prumerge_llm", "prumerge"):
+        for path in (models / name / "config.pbtxt", models / name / "configs" / "cpu.pbtxt"):
+            config = _parse(path.read_text())
+            assert config.name == name, path
+    gpu = _parse((models / "prumerge_vision" / "config.pbtxt").read_text())
+    assert gpu.backend == "onnxruntime" and gpu.max_batch_size == 8 and gpu.instance_group[0].kind == 1  # KIND_GPU
+    assert gpu.dynamic_batching.max_queue_delay_microseconds == 200_000
+    outputs = {o.name: o for o in gpu.output}
+    assert list(outputs["tokens"].dims) == manifest.vision.outputs[0]["shape"][1:] and list(outputs["num_tokens"].reshape.shape) == []
+    assert list(gpu.input[0].dims) == [3, 112, 112] and (models / "prumerge_vision" / "1" / "model.onnx").is_file()
+    cpu = _parse((models / "prumerge_vision" / "configs" / "cpu.pbtxt").read_text())
+    assert cpu.backend == "python" and cpu.instance_group[0].kind == 2  # KIND_CPU
+    for name in ("prumerge_llm", "prumerge"):
+        config = _parse((models / name / "config.pbtxt").read_text())
+        assert config.backend == "python" and config.model_transaction_policy.decoupled
+    # an artifact with an engine is served by TensorRT natively; the accelerator option for onnxruntime
+    manifest.vision.engine = {"file": "vision.engine", "options": {"max_batch": 4}}
+    text, kind = vision_config_gpu(manifest, 8, [2, 4], TritonOptions())
+    plan = _parse(text)
+    assert kind == "tensorrt_plan" and plan.platform == "tensorrt_plan" and plan.max_batch_size == 4
+    assert list(plan.dynamic_batching.preferred_batch_size) == [2, 4]
+    manifest.vision.engine = None
+    accelerated = _parse(vision_config_gpu(manifest, 8, [], TritonOptions(ort_tensorrt=True))[0])
+    assert accelerated.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+
+
+def test_repository_refusals(artifact_factory, artifact, tmp_path):
+    with pytest.raises(ConfigError, match="--output padded"):
+        write_repository(artifact_factory("llava", "prumerge", "dynamic", llm_precision="fp32"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="has no LLM"):
+        write_repository(artifact_factory("llava", "prumerge", "padded"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="--max-batch must be in 1..16"):
+        write_repository(artifact, tmp_path / "c", TritonOptions(max_batch=64))
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    with LocalTriton(repository / "models", tmp_path_factory.mktemp("tritonserver")) as running:
+        yield running
+
+
+def test_vision_tokens_equal_a_direct_session(server, artifact):
+    import tritonclient.http as http
+
+    image = synthetic_images(1, seed=5)[0]
+    session = VisionSession.open(artifact)
+    from prumerge.runtime.preprocess import preprocess_batch
+
+    feed = preprocess_batch([image], session.preprocess)
+    client = http.InferenceServerClient(server.http)
+    request = http.InferInput("pixel_values", list(feed.shape), "FP32")
+    request.set_data_from_numpy(feed)
+    result = client.infer("prumerge_vision", [request])
+    direct = session.run_pixels(feed)
+    # [B] outputs are [B, 1] to clients (config dims [1], reshaped to the graph's [B])
+    assert np.array_equal(result.as_numpy("num_tokens").reshape(-1), direct.num_tokens)
+    assert np.array_equal(result.as_numpy("indices"), direct.indices)
+    np.testing.assert_array_equal(result.as_numpy("tokens"), direct.tokens)
+
+
+def test_concurrent_requests_are_batched(server, artifact):
+    import tritonclient.http as http
+
+    session = VisionSession.open(artifact)
+    from prumerge.runtime.preprocess import preprocess_batch
+
+    feeds = [preprocess_batch([img], session.preprocess) for img in synthetic_images(8, seed=9)]
+    before = server.stats("prumerge_vision")["model_stats"][0]["execution_count"]
+
+    def one(feed):
+        client = http.InferenceServerClient(server.http)
+        request = http.InferInput("pixel_values", list(feed.shape), "FP32")
+        request.set_data_from_numpy(feed)
+        return client.infer("prumerge_vision", [request]).as_numpy("num_tokens")
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(one, feeds))
+    assert [int(c.reshape(-1)[0]) for c in counts] == [int(session.run_pixels(f).num_tokens[0]) for f in feeds]
+    stats = server.stats("prumerge_vision")["model_stats"][0]
+    executions = stats["execution_count"] - before
+    assert executions < 8, f"8 concurrent requests ran in {executions} executions: no batching"
+    assert max(int(b["batch_size"]) for b in stats["batch_stats"]) > 1
+
+
+def _stream(server, images: list, prompt: str, max_new_tokens: int = 8):
+    """(text pieces, final result dict or error message) from the decoupled entry model over gRPC streaming."""
+    import tritonclient.grpc as grpc
+
+    responses: queue.Queue = queue.Queue()
+    client = grpc.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = [grpc.InferInput("IMAGE", [len(images)], "BYTES"), grpc.InferInput("PROMPT", [1], "BYTES"),
+              grpc.InferInput("MAX_NEW_TOKENS", [1], "INT32")]
+    inputs[0].set_data_from_numpy(np.array(images, dtype=object))
+    inputs[1].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    inputs[2].set_data_from_numpy(np.array([max_new_tokens], dtype=np.int32))
+    client.async_stream_infer("prumerge", inputs, enable_empty_final_response=True)
+    pieces, final = [], None
+    while True:
+        result, error = responses.get(timeout=120)
+        if error is not None:
+            final = str(error)
+            break
+        response = result.get_response()
+        if response.outputs:
+            text = result.as_numpy("TEXT")[0].decode()
+            result_json = result.as_numpy("RESULT")[0].decode()
+            pieces.append(text)
+            if result_json:
+                final = json.loads(result_json)
+        if response.parameters.get("triton_final_response") and response.parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return pieces, final
+
+
+def test_streamed_answer_equals_run(server, artifact):
+    images = synthetic_images(2, seed=3)
+    prompt = "<image> describe"
+    pieces, final = _stream(server, [_png(images[0])], prompt)
+    expected = Pipeline.from_artifacts(artifact).generate(images[0], prompt, max_new_tokens=8)
+    assert isinstance(final, dict), final
+    assert "".join(pieces) == expected.text and final["token_ids"] == expected.token_ids
+    assert final["visual_tokens"] == expected.visual_tokens and final["stop_reason"] == expected.stop_reason
+    assert {"preprocess", "vision", "ttft", "server_total"} <= set(final["timings_ms"])
+
+
+def test_a_corrupt_image_fails_its_request_only(server):
+    good = _png(synthetic_images(1, seed=4)[0])
+    results = {}
+
+    def ask(name, image):
+        results[name] = _stream(server, [image], "<image> hi", max_new_tokens=2)
+
+    threads = [threading.Thread(target=ask, args=(f"good{i}", good)) for i in range(3)]
+    threads.append(threading.Thread(target=ask, args=("bad", b"\x89PNG\r\n\x1a\n broken")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert isinstance(results["bad"][1], str) and "cannot decode image" in results["bad"][1]
+    for i in range(3):
+        assert isinstance(results[f"good{i}"][1], dict), results[f"good{i}"][1]
