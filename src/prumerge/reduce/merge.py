@@ -1,11 +1,11 @@
 """Fold pruned information into the survivors: key-cosine nearest neighbours and the extra token.
 
 The official code does this with a Python loop over kept tokens, re-concatenating the other tokens each time.
-Here the same sums are one GEMM: each slot's neighbour weights are scattered into a ``[B, S, P]`` weight matrix
-(zero elsewhere) and ``W @ X`` gives every slot's ``sum_j a_j x_j`` at once (the extra token is one more row of
-the same kind). Nothing of size ``[B, S, n, D]`` is ever materialised (the gather it replaces held 75 MB per
-image for PruMerge+ at ViT-L width); ``W`` is ``S x P`` floats (1.3 MB per image at 577 x 576), and the product
-runs on tensor cores on a GPU. ScatterElements is in TensorRT 10.3's ONNX op set.
+Here the same sums are one GEMM: each slot's neighbours form a ``[B, S, P]`` mask, the weight matrix is the
+attention where the mask is set (zero elsewhere), and ``W @ X`` gives every slot's ``sum_j a_j x_j`` at once (the
+extra token is one more row of the same kind). Nothing of size ``[B, S, n, D]`` is ever materialised (the gather
+it replaces held 75 MB per image for PruMerge+ at ViT-L width); ``W`` is ``S x P`` floats (1.3 MB per image at
+577 x 576, the size of the similarity matrix already there), and the product runs on tensor cores on a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,28 @@ from .config import MergeWeights, ReducerConfig
 from .ranking import top_indices
 
 
+def _similarity(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Key cosine of each slot's patch to every patch, ``[B, S, P]``; a patch's own entry is -inf."""
+    batch, num_slots = slots.shape
+    inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
+    slot_keys = keys.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1]))
+    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
+    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
+    return similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
+
+
+def neighbor_mask(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, S, P]`` bool: each slot's ``count`` most key-cosine-similar other patches, exact ties at the boundary
+    going to the lower patch index. Only the set matters for the merge, so no sort: the count-th value from one
+    TopK, everything above it, and the first tied ones by a running count (the same rule in every runtime)."""
+    similarity = _similarity(keys, slots)
+    threshold = torch.topk(similarity, count, dim=-1).values[..., -1:]
+    above = similarity > threshold
+    tied = similarity == threshold
+    room = count - above.sum(dim=-1, keepdim=True).to(similarity.dtype)
+    return above | (tied & (torch.cumsum(tied.to(similarity.dtype), dim=-1) <= room))
+
+
 def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` most key-cosine-similar other patches of each slot's patch, ``[B, S, count]``.
 
@@ -23,13 +45,7 @@ def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> to
     clamp) without dividing the whole [B, P, D] key tensor. A patch is never its own neighbour. Exact ties are
     broken by the lower patch index (:mod:`.ranking`), in eager mode and in the exported graph alike.
     """
-    batch, num_slots = slots.shape
-    inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
-    slot_keys = keys.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1]))
-    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
-    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
-    similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
-    return top_indices(similarity, count)
+    return top_indices(_similarity(keys, slots), count)
 
 
 def neighbor_gaps(keys: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
@@ -67,13 +83,12 @@ def merge_tokens(
     num_neighbors = min(config.neighbors, num_patches - 1)
     pruned_weights = torch.where(selected, torch.zeros_like(scores), scores).unsqueeze(1)  # [B, 1, P]
     if num_neighbors > 0:
-        neighbors = nearest_neighbors(keys, slots, num_neighbors)  # [B, S, n]
-        weights = scores.gather(1, neighbors.reshape(batch, -1)).reshape(batch, num_slots, num_neighbors)
-        matrix = scores.new_zeros(batch, num_slots, num_patches).scatter(-1, neighbors, weights)  # [B, S, P]
+        mask = neighbor_mask(keys, slots, num_neighbors)  # [B, S, P]
+        matrix = torch.where(mask, scores.unsqueeze(1), torch.zeros_like(scores).unsqueeze(1))  # a_j where j merges in
         # one GEMM for every slot's neighbour sum and the extra token (its row: attention of the pruned patches)
         sums = torch.matmul(torch.cat([matrix, pruned_weights], dim=1), features)  # [B, S + 1, D]
         neighbor_sum, extra = sums[:, :num_slots], sums[:, num_slots:]
-        weight_total = weights.sum(dim=-1, keepdim=True)  # [B, S, 1]
+        weight_total = matrix.sum(dim=-1, keepdim=True)  # [B, S, 1]
     else:
         neighbor_sum = torch.zeros_like(slot_features)
         weight_total = slot_features.new_zeros(batch, num_slots, 1)

@@ -83,13 +83,16 @@ def reduce_tokens(
         scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
     selection = select_tokens(scores, outliers, config, capacity)
-    merged, extra = merge_tokens(features, k[:, prefix:], scores, selection.slots, selection.selected, config)
+    slots_used = selection.slots
+    if not tracing():  # eager: merge only the slots some image uses (the graph keeps its static capacity)
+        slots_used = slots_used[:, : max(int(selection.num_selected.max()), 1)]
+    merged, extra = merge_tokens(features, k[:, prefix:], scores, slots_used, selection.selected, config)
 
     slot = torch.arange(capacity, device=features.device).unsqueeze(0)
     count = selection.num_selected.unsqueeze(-1)
-    pad_rows = capacity - merged.shape[1]
-    merged = torch.cat([merged, merged.new_zeros(batch, pad_rows, width)], dim=1)
-    slots = torch.cat([selection.slots, selection.slots.new_full((batch, pad_rows), PADDING_INDEX)], dim=1)
+    merged = torch.cat([merged, merged.new_zeros(batch, capacity - merged.shape[1], width)], dim=1)
+    slots = selection.slots
+    slots = torch.cat([slots, slots.new_full((batch, capacity - slots.shape[1]), PADDING_INDEX)], dim=1)
     is_token = (slot < count).unsqueeze(-1)
     is_extra = (slot == count).unsqueeze(-1)
     tokens = torch.where(is_token, merged, torch.where(is_extra, extra, torch.zeros_like(merged)))
