@@ -80,14 +80,9 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         raise ConfigError("an INT8 vision graph needs --calibration FILE (from prumerge-export calibrate)")
     engine_options = None
     if options.target or options.engine:
-        from .tensorrt import EngineOptions, required_contract
+        from .tensorrt import EngineOptions, check_batch
 
         engine_options = EngineOptions.for_target(options.target or "server", **options.engine_options)
-        needed = required_contract(engine_options.target)
-        if needed and options.output != needed:
-            raise ConfigError(f"target {engine_options.target} (TensorRT 10.3, JetPack 6) needs --output {needed}")
-        from .tensorrt import check_batch
-
         check_batch(engine_options, options.batch_max)
     with staged_directory(out, force=force) as stage, \
             as_llava_hf(model, options.base, options.vision_tower, target=Path(out).resolve(), progress=step) as (checkpoint, converted):
@@ -133,15 +128,18 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
 
         if engine_options is not None:
-            from .tensorrt import ENGINE_FILE, SCRIPT_FILE, build_engine, build_script
+            from ..artifact.nodes import expand
+            from .tensorrt import ENGINE_FILE, SCRIPT_FILE, build_engine, build_script, precision_plan
 
+            stages = expand(vision["node_stages"])
+            plan = precision_plan(engine_options, vision["precision"], vision["precision"] == "int8")
             script = stage / SCRIPT_FILE
-            script.write_text(build_script(vision["inputs"], engine_options, VISION_FILE))
+            script.write_text(build_script(vision["inputs"], engine_options, VISION_FILE, plan, stages))
             script.chmod(0o755)
-            vision["tensorrt_target"] = engine_options.to_dict()
+            vision["tensorrt_target"] = engine_options.to_dict() | {"plan": plan}
             if options.engine:
                 step(f"building the TensorRT engine ({engine_options.precision}, {engine_options.target})")
-                vision["engine"] = build_engine(stage / VISION_FILE, stage / ENGINE_FILE, vision["inputs"], engine_options)
+                vision["engine"] = build_engine(stage / VISION_FILE, stage / ENGINE_FILE, vision["inputs"], engine_options, stages)
 
         step("writing manifest")
         manifest = Manifest(

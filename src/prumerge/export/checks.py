@@ -70,6 +70,7 @@ def op_support(model, version: str | None = None, table: dict | None = None) -> 
         raise ExportError(f"no TensorRT op data for version {version}; known: {', '.join(table['versions'])}")
     limits = table["versions"][version]
     supported, restrictions = set(table["supported"]), table.get("restrictions", {})
+    supported -= {op for op, since in table.get("added_in", {}).items() if _version(version) < _version(since)}
     data_dependent_ops = set(table.get("data_dependent_ops", []))
     constants = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
@@ -88,9 +89,7 @@ def op_support(model, version: str | None = None, table: dict | None = None) -> 
             dynamic.append(f"{node.op_type} ({node.name or node.output[0]})")
         if node.op_type == "TopK" and "TopK" in restrictions:
             k_name = node.input[1] if len(node.input) > 1 else ""
-            if k_name not in constants:
-                violations.append(f"TopK {node.name}: K is not a build-time constant")
-            else:
+            if k_name in constants:  # a dynamic K is supported (TensorRT 8.6+); a constant one must be below the limit
                 k = int(numpy_helper.to_array(constants[k_name]).reshape(-1)[0])
                 limit = restrictions["TopK"].get("k_max")
                 if limit is not None and k >= limit:
@@ -111,6 +110,10 @@ def op_support_all(model) -> dict:
     """``{version: report dict}`` for every TensorRT version in the op table."""
     table = load_op_table()
     return {version: op_support(model, version, table).to_dict() for version in table["versions"]}
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in str(text).split(".")[:2])
 
 
 def _walk(graph):

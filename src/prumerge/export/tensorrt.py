@@ -1,13 +1,22 @@
-"""TensorRT engines from an artifact's ``vision.onnx``: builder, Jetson targets, ``build_engine.sh``.
+"""TensorRT engines from an artifact's vision graph, built with polygraphy: targets, precision plan, trtexec script.
 
-Engines are specific to one GPU and one TensorRT version, so on Jetson they must be built on the device itself:
-every artifact can carry ``build_engine.sh`` with the exact ``trtexec`` command and the equivalent
-``prumerge-export engine DIR``. The builder keeps the reducer's layers, Softmax and LayerNorm in FP32 under FP16
-(token selection compares attention scores; FP16 would move the outlier threshold) and builds INT8 only from an
-explicit Q/DQ graph (strongly typed network), since TensorRT's implicit INT8 calibrators are deprecated.
+Engines are specific to one GPU and one TensorRT version, so on Jetson they are built on the device itself: every
+artifact built with ``--target`` carries ``build_engine.sh``, which runs ``prumerge-export engine`` (records the
+engine in the manifest) or, with ``--trtexec``, the equivalent ``trtexec`` line.
 
-Everything that needs no TensorRT (targets, profiles, flags, the trtexec line, compatibility facts) is plain
-Python, so it is unit-tested without a GPU; :func:`build_engine` imports ``tensorrt`` only when called.
+Precision plan (``precision_plan``):
+
+* ``strongly typed`` (the default path, and the only one in TensorRT 11): the precisions are those of the graph.
+  An ``--fp16`` artifact already computes the reducer in FP32 with explicit casts, so its FP16 engine keeps
+  selection in FP32 with no per-layer flags; INT8 engines come from the Q/DQ graph; FP32 engines from FP32 graphs.
+* ``weakly typed`` FP16 from an FP32 graph, only on TensorRT 10.x (``BuilderFlag.FP16`` is deprecated since 10.12
+  and gone in 11): FP16 allowed, precision constraints obeyed, and only float compute layers of the reducer,
+  Softmax and normalisation pinned to FP32 (never constants, shapes, or int/bool layers, which trtexec and
+  polygraphy skip as well).
+
+polygraphy (NVIDIA's own) carries network loading, config, build, timing cache and saving; what is prumerge's is
+the target defaults, the plan, the manifest facts and the mismatch refusal. Everything that needs no TensorRT is
+plain Python and tested here; TensorRT itself is imported only when an engine is built.
 """
 
 from __future__ import annotations
@@ -66,11 +75,6 @@ class EngineOptions:
         return dataclasses.asdict(self)
 
 
-def required_contract(target: str) -> str | None:
-    """Jetson (JetPack 6, TensorRT 10.3) needs the padded contract: no data-dependent shapes."""
-    return "padded" if target.startswith("jetson") else None
-
-
 def optimization_profile(inputs: list, options: EngineOptions) -> dict:
     """``{input name: (min, opt, max) shapes}`` for the batch axis; refuses unknown or extra dynamic axes."""
     profile = {}
@@ -89,23 +93,45 @@ def check_batch(options: EngineOptions, batch_max: int) -> None:
         raise ConfigError(f"engine max batch {options.max_batch} exceeds the graph's exported limit {batch_max}")
 
 
-def builder_flags(options: EngineOptions, has_qdq: bool) -> dict:
-    """Network and builder flags by name: INT8 is a strongly typed build of a Q/DQ graph; FP16 keeps the
-    constrained layers in FP32 (OBEY_PRECISION_CONSTRAINTS)."""
-    if options.precision == "int8":
+def precision_plan(options: EngineOptions, graph_precision: str, has_qdq: bool, tensorrt_version: str | None = None) -> dict:
+    """How an engine of ``options.precision`` is built from a graph of ``graph_precision`` (fp32 | fp16 | int8).
+
+    ``{"strongly_typed": bool, "fp16": bool, "pin_fp32": bool}``; a combination that cannot be built faithfully
+    is refused with the way to get it.
+    """
+    engine = options.precision
+    if engine == "int8":
         if not has_qdq:
             raise ConfigError("INT8 engines are built from an explicit Q/DQ graph (prumerge-export calibrate + build "
                               "--precision int8); TensorRT's implicit INT8 calibration is deprecated")
-        return {"network": ["STRONGLY_TYPED"], "builder": []}
-    if options.precision == "fp16":
-        return {"network": [], "builder": ["FP16", "OBEY_PRECISION_CONSTRAINTS"]}
-    return {"network": [], "builder": []}
+        return {"strongly_typed": True, "fp16": False, "pin_fp32": False}
+    if engine == graph_precision or (engine == "fp32" and graph_precision == "fp32"):
+        return {"strongly_typed": True, "fp16": False, "pin_fp32": False}
+    if engine == "fp16" and graph_precision == "fp32":
+        major = _major(tensorrt_version)
+        if major is not None and major >= 11:
+            raise ConfigError("TensorRT 11 builds strongly typed networks only: export the graph with --fp16 for an "
+                              "FP16 engine (its reducer computes in FP32 with explicit casts)")
+        return {"strongly_typed": False, "fp16": True, "pin_fp32": True}
+    raise ConfigError(f"a {engine} engine cannot be built from this {graph_precision} graph; rebuild the artifact "
+                      f"{'with --fp16' if engine == 'fp16' else 'without --fp16'}")
+
+
+def _major(version: str | None) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except (TypeError, ValueError):
+        return None
+
+
+FP32_WORDS = ("softmax", "layernorm", "layer_norm", "layernormalization", "reducel2")
 
 
 def keep_fp32(layer_name: str, op_stage: dict) -> bool:
-    """Layers that stay FP32 under FP16: everything traced from the reducer, plus softmax / normalisation."""
+    """Layers that stay FP32 under weakly typed FP16: everything traced from the reducer, softmax, normalisation.
+    (Which of those layers *can* carry a precision is decided in :func:`pinnable`.)"""
     lowered = layer_name.lower()
-    if any(word in lowered for word in ("softmax", "layernorm", "layer_norm", "layernormalization", "reducel2")):
+    if any(word in lowered for word in FP32_WORDS):
         return True
     name = layer_name.split(" ")[0]
     for node, stage in op_stage.items():
@@ -114,117 +140,172 @@ def keep_fp32(layer_name: str, op_stage: dict) -> bool:
     return False
 
 
+# layer types that carry no float arithmetic: pinning their precision breaks builds under OBEY (trtexec and
+# polygraphy skip them too)
+NON_COMPUTE_LAYERS = ("CONSTANT", "SHAPE", "IDENTITY", "SHUFFLE", "SLICE", "CONCATENATION", "GATHER", "SCATTER",
+                      "CONDITION", "ASSERTION", "FILL", "NON_ZERO", "CAST")
+
+
+def pinnable(layer_type: str, output_dtypes: list) -> bool:
+    """A layer whose precision may be set: float compute (not a constant/shape/data-movement layer) with float outputs."""
+    return layer_type not in NON_COMPUTE_LAYERS and bool(output_dtypes) and all(d in ("FLOAT", "HALF") for d in output_dtypes)
+
+
+def fp32_layer_patterns(op_stage: dict) -> list:
+    """trtexec ``--layerPrecisions`` names for the reducer's nodes: one ``*`` each (all trtexec accepts), a
+    prefix match so that layers TensorRT expands a node into are covered."""
+    return sorted(f"{node}*" for node, stage in op_stage.items() if stage == "reducer")
+
+
 def _shape_arg(profile: dict, index: int) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shapes[index]))}" for name, shapes in profile.items())
 
 
-def trtexec_command(onnx_file: str, engine_file: str, inputs: list, options: EngineOptions, trtexec: str = "trtexec") -> list:
-    """The ``trtexec`` argument list equivalent to :func:`build_engine` (what ``build_engine.sh`` runs)."""
+def trtexec_command(onnx_file: str, engine_file: str, inputs: list, options: EngineOptions, plan: dict | None = None,
+                    op_stage: dict | None = None, trtexec: str = "trtexec") -> list:
+    """The ``trtexec`` argument list equivalent to :func:`build_engine` for ``plan`` (what ``build_engine.sh
+    --trtexec`` runs)."""
     profile = optimization_profile(inputs, options)
+    plan = plan or {"strongly_typed": True, "fp16": False, "pin_fp32": False}
     cmd = [trtexec, f"--onnx={onnx_file}", f"--saveEngine={engine_file}", f"--minShapes={_shape_arg(profile, 0)}",
            f"--optShapes={_shape_arg(profile, 1)}", f"--maxShapes={_shape_arg(profile, 2)}",
            f"--memPoolSize=workspace:{options.workspace_mib}M"]
-    if options.precision == "fp16":
-        cmd += ["--fp16", "--precisionConstraints=obey", "--layerPrecisions=*Softmax*:fp32,*LayerNorm*:fp32"]
-    elif options.precision == "int8":
+    if plan["strongly_typed"]:
         cmd += ["--stronglyTyped"]
+    if plan["fp16"]:
+        cmd += ["--fp16"]
+    if plan["pin_fp32"]:
+        patterns = fp32_layer_patterns(op_stage or {})
+        cmd += ["--precisionConstraints=obey"]
+        if patterns:
+            cmd += ["--layerPrecisions=" + ",".join(f"{p}:fp32" for p in patterns)]
     if options.timing_cache:
         cmd += [f"--timingCacheFile={options.timing_cache}"]
     return cmd
 
 
-def build_script(inputs: list, options: EngineOptions, onnx_file: str = "vision.onnx") -> str:
+def build_script(inputs: list, options: EngineOptions, onnx_file: str = "vision.onnx", plan: dict | None = None,
+                 op_stage: dict | None = None) -> str:
     """``build_engine.sh``: run on the target device (engines are tied to one GPU and TensorRT version)."""
-    command = " ".join(shlex.quote(c) for c in trtexec_command(onnx_file, ENGINE_FILE, inputs, options))
+    command = " ".join(shlex.quote(c) for c in trtexec_command(onnx_file, ENGINE_FILE, inputs, options, plan, op_stage))
     batch = f"--min-batch {options.min_batch} --opt-batch {options.opt_batch} --max-batch {options.max_batch}"
     return f"""#!/usr/bin/env bash
 # Build the TensorRT engine for this artifact ON THE DEVICE THAT WILL RUN IT ({options.target}).
 # An engine is tied to one GPU model and one TensorRT version; building elsewhere gives an engine the runtime refuses.
-# Either line works; the second also records the engine (TensorRT version, GPU, flags, sha256) in manifest.json,
-# which the prumerge runtime needs to load it. Layers of the reducer stay FP32 under FP16 only with the second.
+#   bash build_engine.sh            prumerge-export engine: builds with polygraphy and records the engine
+#                                   (TensorRT version, GPU, plan, sha256) in manifest.json, which the runtime needs
+#   bash build_engine.sh --trtexec  the equivalent trtexec build (JetPack: /usr/src/tensorrt/bin/trtexec); the
+#                                   engine is not recorded, so prumerge's runtime will not load it (Triton will)
 set -euo pipefail
 cd "$(dirname "$0")"
-
-# 1. trtexec (JetPack: /usr/src/tensorrt/bin/trtexec)
-# {command}
-
-# 2. prumerge (pip install prumerge on the device; recommended)
-prumerge-export engine . --target {options.target} --precision {options.precision} --workspace {options.workspace_mib} {batch}
+if [ "${{1:-}}" = "--trtexec" ]; then
+  TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+  exec "$TRTEXEC" {command.split(" ", 1)[1]}
+fi
+exec prumerge-export engine . --target {options.target} --precision {options.precision} --workspace {options.workspace_mib} {batch}
 """
 
 
 # ---------------------------------------------------------------------------------------------- device facts
-def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: EngineOptions) -> dict:
-    """Parse and build with the TensorRT Python API; write the engine; return the facts for the manifest."""
+def graph_facts(onnx_path: Path) -> dict:
+    """What the plan depends on: the graph's float precision and whether it carries Q/DQ nodes."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    input_type = graph.input[0].type.tensor_type.elem_type
+    return {"has_qdq": has_qdq, "precision": "int8" if has_qdq else ("fp16" if input_type == onnx.TensorProto.FLOAT16 else "fp32")}
+
+
+def polygraphy_build(onnx_path: Path, inputs: list, options: EngineOptions, plan: dict, op_stage: dict | None = None):
+    """The polygraphy loader chain for ``plan`` (lazy: nothing runs until it is called)."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (low, opt, high) in optimization_profile(inputs, options).items():
+        profile.add(name, min=low, opt=opt, max=high)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan["strongly_typed"])
+    if plan["pin_fp32"]:
+        network = _PinFp32(network, op_stage or {})
+    cache = options.timing_cache
+    config = CreateConfig(fp16=plan["fp16"] or None, precision_constraints="obey" if plan["pin_fp32"] else None,
+                          profiles=[profile], memory_pool_limits=_workspace(options),
+                          load_timing_cache=cache if cache and Path(cache).is_file() else None)
+    return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)
+
+
+def _workspace(options: EngineOptions):
+    import tensorrt as trt
+
+    return {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20}
+
+
+class _PinFp32:
+    """Network loader wrapper (weakly typed FP16 only): the reducer's float compute layers, softmax and
+    normalisation run in FP32; constants, shapes, data movement and int/bool layers are left alone."""
+
+    def __init__(self, network, op_stage: dict) -> None:
+        self.network, self.op_stage, self.pinned = network, op_stage, []
+
+    def __call__(self):
+        import tensorrt as trt
+
+        built = self.network()
+        net = built[1]
+        for i in range(net.num_layers):
+            layer = net.get_layer(i)
+            dtypes = [layer.get_output(j).dtype.name for j in range(layer.num_outputs)]
+            if keep_fp32(layer.name, self.op_stage) and pinnable(layer.type.name, dtypes):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                self.pinned.append(layer.name)
+        return built
+
+
+def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: EngineOptions, op_stage: dict | None = None) -> dict:
+    """Build with polygraphy (parse, config, build, timing cache), write the engine; return the manifest facts."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError("TensorRT is not installed here (pip install tensorrt, or JetPack's python3-libnvinfer); "
                                       "build_engine.sh in the artifact runs the same build on the device") from exc
-    import onnx
-
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError("engine builds use polygraphy: pip install 'prumerge[trt]'") from exc
     from ..artifact.nodes import classify_nodes
 
-    graph = onnx.load(str(onnx_path), load_external_data=False)
-    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.graph.node)
-    flags = builder_flags(options, has_qdq)
-    profile_shapes = optimization_profile(inputs, options)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network_flags = 0
-    for name in flags["network"]:
-        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}:\n" + "\n".join(errors))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    for name in flags["builder"]:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    pinned = []
-    if options.precision == "fp16":
-        stages = classify_nodes(onnx_path)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if keep_fp32(layer.name, stages):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                        layer.set_output_type(j, trt.float32)
-                pinned.append(layer.name)
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes.items():
-        profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(profile)
-    cache_path = Path(options.timing_cache) if options.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} (see the log above)")
+    facts = graph_facts(onnx_path)
+    plan = precision_plan(options, facts["precision"], facts["has_qdq"], trt.__version__)
+    if plan["pin_fp32"] and op_stage is None:
+        op_stage = classify_nodes(onnx_path)
+    loader = polygraphy_build(onnx_path, inputs, options, plan, op_stage)
+    try:
+        serialized = loader()
+    except Exception as exc:  # polygraphy raises PolygraphyException with TensorRT's parser/builder messages
+        raise EngineBuildError(f"TensorRT {trt.__version__} could not build {onnx_path.name}: {exc}") from exc
     engine_path.write_bytes(memoryview(serialized))
-    if cache_path is not None:
-        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return {**device_facts(), "file": engine_path.name, "options": options.to_dict(), "flags": flags,
-            "fp32_layers": len(pinned), "profile": {k: [list(s) for s in v] for k, v in profile_shapes.items()}}
+    pinned = getattr(loader._network, "pinned", [])  # the _PinFp32 wrapper, when the plan pins layers
+    return {**device_facts(), "file": engine_path.name, "options": options.to_dict(), "plan": plan,
+            "graph_precision": facts["precision"], "fp32_layers": len(pinned),
+            "profile": {k: [list(s) for s in v] for k, v in optimization_profile(inputs, options).items()}}
 
 
 def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dict:
     """Build ``vision.engine`` for an existing artifact on this machine and record it in the manifest."""
-    from ..artifact.manifest import Manifest, describe_files
+    from ..artifact.manifest import Manifest, describe_files, inside
 
     directory = Path(directory)
     manifest = Manifest.read(directory)
     manifest.verify_files(directory)
-    contract = required_contract(options.target)
-    if contract and manifest.vision["contract"] != contract:
-        raise ConfigError(f"target {options.target} needs the {contract} contract; this artifact has {manifest.vision['contract']}")
     check_batch(options, int(manifest.vision["batch_max"]))
     partial = directory / f".{ENGINE_FILE}.partial"
     try:
-        facts = build_engine(directory / manifest.vision["file"], partial, manifest.vision["inputs"], options)
+        from ..artifact.nodes import expand
+
+        stages = expand(manifest.vision.node_stages) if manifest.vision.node_stages else None
+        facts = build_engine(inside(directory, manifest.vision.file), partial, manifest.vision.inputs, options, stages)
         partial.replace(directory / ENGINE_FILE)
     finally:
         partial.unlink(missing_ok=True)
