@@ -23,16 +23,9 @@ sys.path.insert(0, str(HERE))
 
 
 def _median_ms(fn, runs: int = 20, warmup: int = 3) -> float:
-    import statistics
+    from common import timed
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return timed(fn, runs, warmup) * 1e3
 
 
 def main() -> None:

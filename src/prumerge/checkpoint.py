@@ -99,6 +99,20 @@ class Checkpoint:
                 digest.update(path.read_bytes())
         return digest.hexdigest()
 
+    def weight_files(self, safetensors_only: bool = False) -> list:
+        """The checkpoint's weight file names, in order: sharded or single safetensors, else (unless
+        ``safetensors_only``) sharded or single ``pytorch_model.bin``; [] when there are none."""
+        kinds = [("model.safetensors.index.json", "model.safetensors")]
+        if not safetensors_only:
+            kinds.append(("pytorch_model.bin.index.json", "pytorch_model.bin"))
+        for index_name, single in kinds:
+            index = self.file(index_name, required=False)
+            if index is not None:
+                return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if self.file(single, required=False) is not None:
+                return [single]
+        return []
+
     def read_tensors(self, wanted: Callable[[str], bool]) -> dict:
         """Tensors whose key satisfies ``wanted``, read from only the weight files that hold them."""
         import torch

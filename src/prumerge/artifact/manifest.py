@@ -135,7 +135,15 @@ class ValidationSection(Section):
     worst_unexplained: float = 0.0
     near_tie_epsilon: float = 0.0
     worst_explained: float = 0.0
-    ok: bool = False
+    ok: bool = False  # derived: counts and indices identical, no unexplained token (recomputed, never trusted)
+
+    def __post_init__(self) -> None:
+        self.ok = bool(self.counts_identical and self.indices_identical and self.unexplained == 0)
+
+    def summary(self) -> str:
+        return (f"{self.tokens} tokens on {self.images} images: {self.tokens_exact} within {self.tolerance:g}, "
+                f"{self.near_ties} explained by near-ties (worst {self.worst_explained:.2g}), "
+                f"{self.unexplained} unexplained (worst {self.worst_unexplained:.2g})")
 
 
 @dataclasses.dataclass

@@ -255,17 +255,8 @@ def _tensors(llm: Checkpoint, overrides: dict) -> Iterator:
     """Every LLM tensor, one weight file at a time; ``overrides`` (non-LoRA trainables) replace or add keys."""
     import torch  # noqa: F401  (torch tensors throughout)
 
-    index = llm.file("model.safetensors.index.json", required=False)
-    bin_index = llm.file("pytorch_model.bin.index.json", required=False)
-    if index is not None:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif llm.file("model.safetensors", required=False) is not None:
-        files = ["model.safetensors"]
-    elif bin_index is not None:
-        files = sorted(set(json.loads(bin_index.read_text())["weight_map"].values()))
-    elif llm.file("pytorch_model.bin", required=False) is not None:
-        files = ["pytorch_model.bin"]
-    else:
+    files = llm.weight_files()
+    if not files:
         raise CheckpointError(f"{llm.source}: no model.safetensors, sharded safetensors or pytorch_model.bin found")
     seen = set()
     for name in files:

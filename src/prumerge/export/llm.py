@@ -44,7 +44,7 @@ def _lm_key(key: str) -> str | None:
 
 def require_safetensors(checkpoint: Checkpoint) -> None:
     """Checked before any export work: the LLM conversion reads safetensors only."""
-    if checkpoint.file("model.safetensors.index.json", required=False) is None and checkpoint.file("model.safetensors", required=False) is None:
+    if not checkpoint.weight_files(safetensors_only=True):
         raise CheckpointError(f"{checkpoint.source}: the LLM export needs safetensors weights (this checkpoint has only "
                               "pytorch_model.bin); convert them with transformers' save_pretrained, or pass --no-llm")
 
@@ -55,12 +55,8 @@ def extract_language_model(checkpoint: Checkpoint, text_config, out: Path) -> Pa
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    index = checkpoint.file("model.safetensors.index.json", required=False)
-    if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif checkpoint.file("model.safetensors", required=False) is not None:
-        shards = ["model.safetensors"]
-    else:
+    shards = checkpoint.weight_files(safetensors_only=True)
+    if not shards:
         raise CheckpointError(f"{checkpoint.source}: the LLM export needs safetensors weights")
     weight_map, found = {}, 0
     for number, shard in enumerate(shards):

@@ -6,10 +6,10 @@ must agree within a tolerance that depends on precision.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
+from ..artifact.manifest import ValidationSection
 from ..errors import ValidationError
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -22,40 +22,8 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 NEAR_TIE_EPSILON = {"fp32": 2e-5, "fp16": 1e-2}
 
 
-@dataclasses.dataclass
-class ValidationResult:
-    """Counts and indices are all-or-nothing; features are judged token by token.
-
-    ``tokens_exact``: tokens within ``tolerance``; ``near_ties``: tokens over it whose reference neighbour boundary
-    is a near-tie (gap below ``near_tie_epsilon``); ``unexplained``: the rest (any fails); ``worst_unexplained``:
-    their largest error (0 when none).
-    """
-
-    images: int
-    counts_identical: bool
-    indices_identical: bool
-    max_abs_error: float
-    tolerance: float
-    provider: str
-    tokens: int = 0
-    tokens_exact: int = 0
-    near_ties: int = 0
-    unexplained: int = 0
-    worst_unexplained: float = 0.0
-    near_tie_epsilon: float = 0.0
-    worst_explained: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.counts_identical and self.indices_identical and self.unexplained == 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"ok": self.ok}
-
-    def summary(self) -> str:
-        return (f"{self.tokens} tokens on {self.images} images: {self.tokens_exact} within {self.tolerance:g}, "
-                f"{self.near_ties} explained by near-ties (worst {self.worst_explained:.2g}), "
-                f"{self.unexplained} unexplained (worst {self.worst_unexplained:.2g})")
+# the manifest's section is the result's type: one definition of what a validation records
+ValidationResult = ValidationSection
 
 
 def synthetic_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
@@ -85,29 +53,29 @@ def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider
     ``gaps [B, C]``: the reference's neighbour-boundary similarity gap per slot (``PruMergeEncoder.neighbor_gaps``);
     without it no token over tolerance is explained.
     """
-    counts = np.array_equal(reference["num_tokens"], candidate["num_tokens"])
+    counts = bool(np.array_equal(reference["num_tokens"], candidate["num_tokens"]))
     width = candidate["tokens"].shape[1]
-    indices = counts and np.array_equal(reference["indices"][:, :width], candidate["indices"])
-    result = ValidationResult(len(reference["num_tokens"]), bool(counts), bool(indices), float("inf"), tolerance, provider,
-                              near_tie_epsilon=epsilon)
-    if not counts:
-        return result
-    result.max_abs_error = 0.0
-    for b, n in enumerate(reference["num_tokens"]):
-        n = int(n)
-        diff = np.abs(reference["tokens"][b, :n].astype(np.float64) - candidate["tokens"][b, :n].astype(np.float64))
-        per_token = diff.reshape(n, -1).max(axis=1, initial=0.0)
-        result.tokens += n
-        result.max_abs_error = max(result.max_abs_error, float(per_token.max(initial=0.0)))
-        over = per_token > tolerance
-        result.tokens_exact += int((~over).sum())
-        tie = np.zeros(n, dtype=bool) if gaps is None else np.asarray(gaps[b, :n]) < epsilon
-        explained = over & tie
-        result.near_ties += int(explained.sum())
-        result.unexplained += int((over & ~tie).sum())
-        result.worst_explained = max(result.worst_explained, float(per_token[explained].max(initial=0.0)))
-        result.worst_unexplained = max(result.worst_unexplained, float(per_token[over & ~tie].max(initial=0.0)))
-    return result
+    indices = counts and bool(np.array_equal(reference["indices"][:, :width], candidate["indices"]))
+    found = dict(tokens=0, tokens_exact=0, near_ties=0, unexplained=0, worst_unexplained=0.0, worst_explained=0.0)
+    max_error = float("inf")
+    if counts:
+        max_error = 0.0
+        for b, n in enumerate(reference["num_tokens"]):
+            n = int(n)
+            diff = np.abs(reference["tokens"][b, :n].astype(np.float64) - candidate["tokens"][b, :n].astype(np.float64))
+            per_token = diff.reshape(n, -1).max(axis=1, initial=0.0)
+            max_error = max(max_error, float(per_token.max(initial=0.0)))
+            over = per_token > tolerance
+            tie = np.zeros(n, dtype=bool) if gaps is None else np.asarray(gaps[b, :n]) < epsilon
+            found["tokens"] += n
+            found["tokens_exact"] += int((~over).sum())
+            found["near_ties"] += int((over & tie).sum())
+            found["unexplained"] += int((over & ~tie).sum())
+            found["worst_explained"] = max(found["worst_explained"], float(per_token[over & tie].max(initial=0.0)))
+            found["worst_unexplained"] = max(found["worst_unexplained"], float(per_token[over & ~tie].max(initial=0.0)))
+    return ValidationResult(images=len(reference["num_tokens"]), counts_identical=counts, indices_identical=indices,
+                            max_abs_error=max_error, tolerance=tolerance, provider=provider, near_tie_epsilon=epsilon,
+                            **found)
 
 
 def require(result: ValidationResult, what: str) -> ValidationResult:
