@@ -107,7 +107,11 @@ class LocalTriton:
             return json.loads(r.read())
 
     def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+        """The log's first lines (where an option error is) and its last ones."""
+        if not self.log.exists():
+            return ""
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text if len(text) <= 2 * lines else [*text[:lines], "...", *text[-lines:]])
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
