@@ -62,8 +62,11 @@ def child(kind: str, workdir: Path, runs: int, method: str) -> None:
         out = session.run(None, {"pixel_values": pixels})
         latency = timed(lambda: session.run(None, {"pixel_values": pixels}), runs)
         counts = out[1].tolist()
-    print(json.dumps({"latency_s": latency, "peak_rss_mb": peak_rss_mb(),
-                      "num_tokens": counts}))
+        batch8 = np.repeat(pixels, 8, axis=0)
+        throughput = {"images_per_s_batch1": 1 / latency,
+                      "images_per_s_batch8": 8 / timed(lambda: session.run(None, {"pixel_values": batch8}), max(2, runs // 2))}
+    print(json.dumps({"latency_s": latency, "peak_rss_mb": peak_rss_mb(), "num_tokens": counts,
+                      **(throughput if kind == "ort" else {})}))
 
 
 def main() -> None:
@@ -120,6 +123,9 @@ def main() -> None:
     for kind, label in (("torch", "torch eager"), ("ort", "onnxruntime CPU")):
         r = results[kind]
         print(f"{label:<16} {r['latency_s'] * 1e3:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB   tokens {r['num_tokens']}")
+    ort_result = results["ort"]
+    print(f"onnxruntime CPU throughput: {ort_result['images_per_s_batch1']:.2f} images/s at batch 1, "
+          f"{ort_result['images_per_s_batch8']:.2f} at batch 8")
     ratio = results["torch"]["latency_s"] / results["ort"]["latency_s"]
     same = results["torch"]["num_tokens"] == results["ort"]["num_tokens"]
     print(f"onnxruntime speed-up over torch eager: {ratio:.2f}x (goal >= 1.3x); same token counts: {same}")

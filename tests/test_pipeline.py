@@ -89,6 +89,17 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
         logits, cache = decoder.step(embeds[t : t + 1], cache)
         np.testing.assert_allclose(logits, full[t], atol=1e-4)
     assert cache.length == 20
+    # the shared, preallocated buffer (GroupQueryAttention writes in place) gives the same logits, bit for bit
+    assert decoder.spec["kv_share_buffer"], "the builder's GQA decoder shares past and present"
+    shared = decoder.start(capacity=24)
+    assert shared.capacity == 24
+    logits, shared = decoder.step(embeds[:12], shared)
+    np.testing.assert_allclose(logits, full[11], atol=1e-4)
+    for t in range(12, 20):
+        logits, shared = decoder.step(embeds[t : t + 1], shared)
+        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+    with pytest.raises(InputError, match="allocated for 24"):
+        decoder.step(np.zeros((5, embeds.shape[1]), np.float32), shared)
 
 
 def test_counts_timings_streaming_and_stops(llm_artifact):

@@ -202,6 +202,7 @@ class LLMSection(Section):
     add_bos: bool | None = None
     prompt_format: str | None = None
     image_marker: str | None = None
+    kv_share_buffer: bool | None = None  # the decoder writes into one preallocated KV buffer (GQA), no copy per step
 
 
 _SECTIONS = {"source": SourceSection, "reducer": ReducerSection, "vision": GraphSection, "baseline": GraphSection,

@@ -194,4 +194,6 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
         "prompt_format": fmt,
         "image_marker": "<image>",
         "image_token_id": getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
+        # GroupQueryAttention decoders can write the new keys/values into one preallocated buffer in place
+        "kv_share_buffer": bool(json.loads((out / "genai_config.json").read_text()).get("search", {}).get("past_present_share_buffer")),
     }

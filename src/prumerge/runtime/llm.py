@@ -50,9 +50,18 @@ class OnnxDecoder:
             raise InputError(f"token id out of range for a vocabulary of {self.embeddings.shape[0]}")
         return np.asarray(self.embeddings[ids], dtype=np.float32)
 
-    def start(self) -> "KVCache":
+    def start(self, capacity: int | None = None) -> "KVCache":
+        """An empty cache. ``capacity`` (positions the generation can reach): with a decoder that shares past and
+        present (GroupQueryAttention, ``kv_share_buffer``), one buffer of that length per layer is allocated now
+        and every step writes its keys/values into it in place, as onnxruntime-genai's own generator runs these
+        models, so a step's cost does not grow with copying the cache. Otherwise the cache grows by concatenation."""
         import onnxruntime as ort
 
+        if capacity and self.spec.get("kv_share_buffer"):
+            length = min(int(capacity), self.context_length)
+            shape = (1, self.kv_shape[0], length, self.kv_shape[1])
+            return KVCache({past: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
+                            for past, _ in self._names}, 0, capacity=length)
         empty = np.zeros((1, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.kv_dtype)
         return KVCache({past: ort.OrtValue.ortvalue_from_numpy(empty) for past, _ in self._names}, 0)
 
@@ -63,12 +72,17 @@ class OnnxDecoder:
         total = cache.length + embeds.shape[0]
         if total > self.context_length:
             raise InputError(f"the sequence needs {total} positions but the model's context is {self.context_length}")
+        if cache.capacity is not None and total > cache.capacity:
+            raise InputError(f"the sequence needs {total} positions but the cache was allocated for {cache.capacity}")
         binding.bind_cpu_input(self.io["inputs_embeds"], np.ascontiguousarray(embeds[None].astype(self.embeds_dtype)))
         binding.bind_cpu_input(self.io["attention_mask"], np.ones((1, total), dtype=np.int64))
         bound = []
         for past, present in self._names:
             binding.bind_ortvalue_input(past, cache.values[past])
-            binding.bind_output(present, "cpu")
+            if cache.capacity is not None:  # the same buffer in and out: written in place
+                binding.bind_ortvalue_output(present, cache.values[past])
+            else:
+                binding.bind_output(present, "cpu")
             bound.append(present)
         binding.bind_output(self.io["logits"], "cpu")
         bound.append(self.io["logits"])
@@ -76,14 +90,20 @@ class OnnxDecoder:
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
         logits = outputs[self.io["logits"]].numpy()[0]
         logits = (logits if all_logits else logits[-1]).astype(np.float32)
+        if cache.capacity is not None:
+            return logits, KVCache(cache.values, total, capacity=cache.capacity)
         grown = KVCache({past: outputs[present] for past, present in self._names}, total)
         return logits, grown
 
 
 class KVCache:
-    def __init__(self, values: dict, length: int) -> None:
+    """Past keys/values as OrtValues: grown by concatenation, or (``capacity`` set) one preallocated buffer per
+    layer written in place, ``length`` positions of it valid."""
+
+    def __init__(self, values: dict, length: int, capacity: int | None = None) -> None:
         self.values = values
         self.length = length
+        self.capacity = capacity
 
 
 def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

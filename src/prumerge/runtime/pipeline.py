@@ -247,7 +247,7 @@ class _Stream:
         rng = np.random.default_rng(seed)
         eos = set(pipeline.spec.get("eos_token_ids") or [])
         with clock.timed("prefill"):
-            cache = pipeline.decoder.start()
+            cache = pipeline.decoder.start(capacity=embeds.shape[0] + budget)
             logits, cache = pipeline.decoder.step(embeds, cache)
         ttft = (time.perf_counter() - start) * 1e3
         generated, emitted, reason, steps = [], "", "max_new_tokens", 0
