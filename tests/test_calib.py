@@ -143,3 +143,19 @@ def test_calibrate_cli(llava_dir, folder, tmp_path):
     assert f"mean Jaccard {data['mean_jaccard']:.3f}" in result.output
     assert f"latency fp32/int8 {data['latency_ratio']:.2f}x" in result.output and np.isfinite(data["latency_ratio"])
     assert json.loads((tmp_path / "c.json").read_text())["coverage"] == 0.9
+
+
+def test_int8_float_layers_keep_the_selection_path_float(artifact_factory):
+    """K = 1 keeps the last encoder layer (its LayerNorm and q/k projections: all that feeds selection after the
+    penultimate state) float; K = 2 the layer before too; the sets grow, and only tower nodes are added."""
+    import onnx
+
+    path = artifact_factory("llava", "prumerge", "padded") / "vision.onnx"
+    sets = [set(float_nodes(path, k)) for k in (0, 1, 2)]
+    assert sets[0] < sets[1] < sets[2]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    scopes = {n.name: next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "") for n in graph.node}
+    added = sets[1] - sets[0]
+    assert added and all("encoder.layers.2" in scopes[name] for name in added)  # the tiny tower has 3 layers: 0..2
+    assert any(graph_node.op_type == "MatMul" for graph_node in graph.node if graph_node.name in added)  # q/k projections
+    assert all("encoder.layers.1" in scopes[name] or "encoder.layers.2" in scopes[name] for name in sets[2] - sets[0])

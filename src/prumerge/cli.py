@@ -123,6 +123,8 @@ def build_options(func):
                      help="calibration file from `calibrate`: sets the capacity; with --precision int8, the INT8 image set"),
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True),
+        click.option("--int8-float-layers", type=click.IntRange(0), default=0, show_default=True,
+                     help="INT8: keep the tower's last K encoder layers float (K=1: what feeds token selection)"),
         click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
         image_size_option(),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
@@ -146,7 +148,8 @@ def _options_from(kwargs) -> "object":
                         baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
                         engine_options=engine, calibration=str(calibration) if calibration else None,
                         int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"),
-                        slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"))
+                        slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
+                        int8_float_layers=kwargs.pop("int8_float_layers"))
 
 
 def _build(model: str, out: Path, options, force: bool):

@@ -22,8 +22,12 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
 
-def float_nodes(onnx_path: Path) -> list:
-    """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization."""
+def float_nodes(onnx_path: Path, float_layers: int = 0) -> list:
+    """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization, and with
+    ``float_layers = K`` every node of the tower's last K encoder layers (K = 1: the last layer's LayerNorm and q/k
+    projections, all that feeds token selection after the penultimate state; K > 1 also the layers producing it)."""
+    import re
+
     import onnx
 
     from ..artifact.nodes import classify_nodes
@@ -32,6 +36,16 @@ def float_nodes(onnx_path: Path) -> list:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     keep = {n.name for n in graph.node if stages.get(n.name) in ("reducer", "vision_other")}
     keep |= {n.name for n in graph.node if n.op_type in ("Softmax", "LayerNormalization")}
+    if float_layers > 0:
+        layer_of = {}
+        for node in graph.node:
+            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+            found = re.findall(r"encoder\.layers?\.(\d+)", scopes)
+            if "'encoder.tower" in scopes and found:
+                layer_of[node.name] = int(found[-1])
+        if layer_of:
+            last = max(layer_of.values())
+            keep |= {name for name, layer in layer_of.items() if layer > last - float_layers}
     return sorted(keep)
 
 
@@ -52,7 +66,7 @@ TARGETS = ("cpu", "tensorrt")
 
 
 def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
-                    input_name: str = INPUT_NAME, target: str = "cpu") -> dict:
+                    input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0) -> dict:
     """Write the INT8 QDQ graph; return what was done (for the manifest).
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
@@ -64,7 +78,9 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
 
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
-    excluded = float_nodes(fp32_path)
+    if float_layers < 0:
+        raise ConfigError(f"float layers must be >= 0, got {float_layers}")
+    excluded = float_nodes(fp32_path, float_layers)
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
     large = sum(p.stat().st_size for p in fp32_path.parent.glob(fp32_path.name + "*")) > (1 << 30)
@@ -81,7 +97,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
         raise ExportError(f"INT8 quantisation of {fp32_path.name} failed: {exc}") from exc
     return {"format": "QDQ", "calibration_method": method, "calibration_images": int(len(pixels)),
             "quantized_ops": QUANTIZED_OPS, "float_nodes": len(excluded), "per_channel": True, "target": target,
-            "activations": "int8 symmetric" if target == "tensorrt" else "uint8",
+            "activations": "int8 symmetric" if target == "tensorrt" else "uint8", "float_layers": float_layers,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -153,7 +169,7 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
 
 
 def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
-                workdir: Path | None = None, image_size: int | None = None) -> Int8Agreement:
+                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0) -> Int8Agreement:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
     import tempfile
 
@@ -167,7 +183,7 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
     with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_onnx(encoder, fp32, "padded", batch_max=8)
-        quantize_vision(fp32, int8, pixels, calibration_method, target=target)
+        quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers)
         result = agreement(session_outputs(fp32, pixels), session_outputs(int8, pixels))
         result.latency_ratio = latency_ratio(fp32, int8, pixels)
     return result

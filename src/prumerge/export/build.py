@@ -51,6 +51,7 @@ class BuildOptions:
     calibration_method: str = "minmax"
     slim: bool = True  # onnxslim constant folding / simplification (validated like any graph)
     image_size: int | None = None  # square input side; None: the checkpoint's processor crop, else its config
+    int8_float_layers: int = 0  # INT8: also keep the tower's last K encoder layers float (selection stays closer)
     base: str | None = None  # original-layout LoRA checkpoints: the base LLM (local dir or hub id)
     vision_tower: str | None = None  # original-layout checkpoints: the CLIP tower, instead of config's mm_vision_tower
 
@@ -110,7 +111,8 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         vision = _vision_graph(encoder, stage / VISION_FILE, options, step)
         if options.int8:
             int8_target = "tensorrt" if engine_options is not None else "cpu"
-            vision.update(_quantize(encoder, stage, calibration, options.calibration_method, int8_target, step))
+            vision.update(_quantize(encoder, stage, calibration, options.calibration_method, int8_target, step,
+                                    options.int8_float_layers))
             vision["node_stages"] = _node_stages(stage / VISION_FILE)
         baseline = None
         if options.baseline and method is not Method.NONE:
@@ -167,7 +169,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     return manifest
 
 
-def _quantize(encoder, stage: Path, calibration, method: str, target: str, step: Progress) -> dict:
+def _quantize(encoder, stage: Path, calibration, method: str, target: str, step: Progress, float_layers: int = 0) -> dict:
     """Replace the validated fp32 graph by its INT8 QDQ version; record how it agrees with fp32 on the set."""
     import onnx
 
@@ -182,7 +184,8 @@ def _quantize(encoder, stage: Path, calibration, method: str, target: str, step:
     for part in stage.glob(VISION_FILE + "*"):
         part.replace(fp32_dir / part.name)
     step(f"quantising {VISION_FILE} to INT8 ({method} calibration on {len(pixels)} images, {target} Q/DQ)")
-    info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, method, target=target)
+    info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, method, target=target,
+                           float_layers=float_layers)
     check_onnx(stage / VISION_FILE)
     step("comparing INT8 with fp32 on the calibration set")
     info["agreement"] = agreement(session_outputs(fp32_dir / VISION_FILE, pixels), session_outputs(stage / VISION_FILE, pixels)).to_dict()
