@@ -288,7 +288,11 @@ def test_context_limit_is_reported_as_such(artifact_factory):
     pipeline = Pipeline.from_artifacts(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"))
     room = pipeline.decoder.context_length
     length = lambda n: len(pipeline.prompt_chunks("red " * n, 0)[0][1])  # noqa: E731
-    words = next(n for n in range(room, 0, -1) if length(n) <= room - 3)  # 3 or fewer positions left
+    low, high = 1, room  # the most words whose prompt leaves 3 or more positions (binary search: length grows with n)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= room - 3 else (low, middle - 1)
+    words = low
     result = pipeline.generate(None, "red " * words, max_new_tokens=100)
     assert result.stop_reason == "context"  # greedy on this model: no EOS within the 3 positions (deterministic)
     assert result.prompt_tokens + result.generated_tokens == room

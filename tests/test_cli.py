@@ -59,8 +59,10 @@ def test_bad_model_is_one_clear_error(tmp_path):
 
 
 def test_demo_runs_offline(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
+    """The demo's vision side here (its full run with the SmolLM2 answers, ~100 s, is the main job that .ci/run
+    executes and checks after the suite)."""
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--no-llm"])
     assert result.exit_code == 0, result.output
     assert "RANDOM weights" in result.output
     assert result.output.count("visual tokens for the LLM") == 4
-    assert "[prumerge] answer" in result.output and "[none] answer" in result.output
+    assert "no LLM in this demo" in result.output

@@ -80,7 +80,7 @@ def test_every_config_parses_with_tritons_parser(repository, artifact):
 
 def test_repository_refusals(artifact_factory, artifact, tmp_path):
     with pytest.raises(ConfigError, match="--output padded"):
-        write_repository(artifact_factory("llava", "prumerge", "dynamic", llm_precision="fp32"), tmp_path / "a")
+        write_repository(artifact_factory("llava", "prumerge", "dynamic"), tmp_path / "a")
     with pytest.raises(ConfigError, match="has no LLM"):
         write_repository(artifact_factory("llava", "prumerge", "padded"), tmp_path / "b")
     with pytest.raises(ConfigError, match="--max-batch must be in 1..16"):

@@ -156,7 +156,7 @@ class PruMergeEncoder(nn.Module):
         return reduce_tokens(hidden[:, prefix:], q, k, reducer or self.reducer, num_heads=self.num_heads, prefix=prefix,
                              importance=self.adapter.importance)
 
-    def neighbor_gaps(self, pixel_values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def neighbor_gaps(self, pixel_values: torch.Tensor | None, indices: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """For each output slot, the reference's similarity gap at its neighbour boundary, ``[B, C]`` float64.
 
         Slot ``i`` holding patch ``p`` merges ``p``'s ``n`` most key-cosine-similar other patches; the gap is the
@@ -166,10 +166,11 @@ class PruMergeEncoder(nn.Module):
         """
         from .reduce.merge import neighbor_gaps
 
-        with torch.no_grad():
-            _, _, k = self.tower_outputs(pixel_values)
+        if keys is None:
+            with torch.no_grad():
+                _, _, keys = self.tower_outputs(pixel_values)
         prefix = self.adapter.prefix_tokens
-        return neighbor_gaps(k[:, prefix:].double(), indices, self.reducer.neighbors)
+        return neighbor_gaps(keys[:, prefix:].double(), indices, self.reducer.neighbors)
 
     # ------------------------------------------------------------------ forward
     @property
@@ -198,9 +199,13 @@ class PruMergeEncoder(nn.Module):
         q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
-    def forward(self, pixel_values: torch.Tensor) -> ReducedTokens:
+    def forward(self, pixel_values: torch.Tensor, keys_sink: list | None = None) -> ReducedTokens:
+        """``keys_sink``: a list that receives the last layer's keys (validation reuses them instead of a second
+        tower pass)."""
         self.check_pixels(pixel_values)
         hidden, q, k = self.tower_outputs(pixel_values)
+        if keys_sink is not None:
+            keys_sink.append(k)
         batch, prefix = hidden.shape[0], self.adapter.prefix_tokens
         if self.reducer.method is Method.NONE:
             check_inputs(hidden[:, prefix:], q, k, prefix)

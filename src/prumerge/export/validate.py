@@ -96,8 +96,8 @@ def validate_against(encoder, got: dict, pixels, precision: str, provider: str) 
     import torch
 
     with torch.no_grad():
-        feed = torch.from_numpy(pixels)
-        ref = encoder(feed)
-        gaps = encoder.neighbor_gaps(feed, ref.indices).numpy() if encoder.reducer.method.value != "none" else None
+        keys: list = []
+        ref = encoder(torch.from_numpy(pixels), keys_sink=keys)  # one tower pass for the reference and its keys
+        gaps = encoder.neighbor_gaps(None, ref.indices, keys=keys[0]).numpy() if encoder.reducer.method.value != "none" else None
     return compare_outputs(reference_arrays(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision])
