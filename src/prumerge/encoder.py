@@ -123,9 +123,10 @@ class PruMergeEncoder(nn.Module):
         if tower is None:
             state = checkpoint.read_tensors(wanted)
             tower = _load_tower(vision_config, vision_state(state, has_prefix=model_type == "llava"), checkpoint.source)
+        processor = checkpoint.processor()  # preprocessor_config.json as found (None when absent)
         if image_size is None:
             try:
-                image_size = processor_image_size(checkpoint.processor())
+                image_size = processor_image_size(processor)
             except InputError as exc:
                 raise CheckpointError(f"{checkpoint.source}: preprocessor_config.json: {exc}") from exc
         tower_for(tower).resize(int(image_size or tower.config.image_size))
@@ -135,7 +136,7 @@ class PruMergeEncoder(nn.Module):
         source = {"model": checkpoint.source, "revision": revision, "fingerprint": checkpoint.fingerprint(), "model_type": model_type}
         encoder = cls(tower, reducer, projector=projector, feature_layer=feature_layer, keep_cls=keep_cls, source=source)
         encoder.checkpoint_config = config  # the whole HF config (LLM side included), for the artifact manifest
-        encoder.processor = checkpoint.processor()  # preprocessor_config.json as found (None when absent)
+        encoder.processor = processor
         return encoder.to(dtype).eval()
 
     # ------------------------------------------------------------------ what callers share

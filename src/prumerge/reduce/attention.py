@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .config import Attention
 
 
@@ -29,6 +30,17 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: At
     kh = k.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)  # [B, H, N, d]
     probs = torch.softmax(torch.matmul(qh, kh.transpose(2, 3)) * (head_dim**-0.5), dim=-1)  # [B, H, 1, N]
     return probs.mean(dim=1)[:, 0, prefix:]
+
+
+def importance_scores(q: torch.Tensor, k: torch.Tensor, config, num_heads: int, prefix: int,
+                      importance: str = "cls_attention") -> torch.Tensor:
+    """Patch importance ``[B, P]`` as the tower's adapter names it: ``cls_attention`` (CLIP, DINOv2) or
+    ``received_attention`` (towers without CLS, such as SigLIP, which needs every query row)."""
+    if importance == "received_attention":
+        if q.shape[1] != k.shape[1]:
+            raise InputError("received attention needs every query row: q must be [batch, prefix + patches, width]")
+        return received_attention(q, k, num_heads=num_heads, prefix=prefix)
+    return cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, prefix: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .attention import cls_attention, received_attention
+from .attention import importance_scores
 from .config import Method, ReducerConfig
 from .merge import nearest_neighbors
 from .outliers import iqr_outlier_count
@@ -37,10 +37,7 @@ def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: Re
         raise ValueError("explain needs method prumerge or prumerge+")
     features, q, k = features.float(), q.float(), k.float()
     num_patches = features.shape[1]
-    if importance == "received_attention":
-        scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
-    else:
-        scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
+    scores = importance_scores(q, k, config, num_heads, prefix, importance)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
     selection = select_tokens(scores, outliers, config, config.resolved_capacity(num_patches))
     count = int(selection.num_selected[0])

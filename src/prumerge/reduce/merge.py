@@ -51,15 +51,11 @@ def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> to
 def neighbor_gaps(keys: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
     """``[B, C]``: for each slot holding a patch (``indices >= 0``), its ``count``-th minus ``(count + 1)``-th
     key-cosine similarity to the other patches; +inf elsewhere and where no (count + 1)-th patch exists."""
-    batch, num_patches, _ = keys.shape
+    num_patches = keys.shape[1]
     gaps = torch.full(indices.shape, float("inf"), dtype=torch.float64)
     if count <= 0 or count + 1 > num_patches - 1:
         return gaps
-    slots = indices.clamp(min=0)
-    normed = keys / torch.clamp(torch.linalg.vector_norm(keys, dim=-1, keepdim=True), min=1e-12)
-    similarity = torch.matmul(normed.gather(1, slots.unsqueeze(-1).expand(-1, -1, keys.shape[-1])), normed.transpose(1, 2))
-    similarity = similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
-    top = torch.topk(similarity, count + 1, dim=-1).values.double()
+    top = torch.topk(_similarity(keys, indices.clamp(min=0)), count + 1, dim=-1).values.double()
     return torch.where(indices >= 0, top[..., count - 1] - top[..., count], gaps)
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError
-from .attention import cls_attention, received_attention
+from .attention import importance_scores
 from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
 from .merge import merge_tokens
 from .outliers import iqr_outlier_count
@@ -75,12 +75,7 @@ def reduce_tokens(
     batch, num_patches, width = features.shape
     capacity = config.resolved_capacity(num_patches)
 
-    if importance == "received_attention":
-        if q.shape[1] != k.shape[1]:
-            raise InputError("received attention needs every query row: q must be [batch, prefix + patches, width]")
-        scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
-    else:
-        scores = cls_attention(q, k, num_heads=num_heads, mode=config.attention, prefix=prefix)
+    scores = importance_scores(q, k, config, num_heads, prefix, importance)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
     selection = select_tokens(scores, outliers, config, capacity)
     slots_used = selection.slots
