@@ -43,14 +43,16 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, vision: VisionSession, decoder: OnnxDecoder, tokenizer, spec: dict) -> None:
+    def __init__(self, vision: VisionSession | None, decoder: OnnxDecoder, tokenizer, spec: dict, graph=None) -> None:
+        """``graph``: the vision graph's manifest section (default: the session's; given when there is none)."""
         self.vision = vision
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.spec = spec
         self.marker = spec.get("image_marker", "<image>")
-        self.method = vision.graph.get("method", "?") if vision is not None else "?"
-        self.output_width = int(vision.graph["output_width"]) if vision is not None else None
+        graph = graph if graph is not None else (vision.graph if vision is not None else None)
+        self.method = graph.get("method", "?") if graph is not None else "?"
+        self.output_width = int(graph["output_width"]) if graph is not None else None
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
@@ -78,10 +80,7 @@ class Pipeline:
             raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {graph['output_width']}")
         Tokenizer = ensure_tokenizers()
         tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec["directory"]), spec["tokenizer"])))
-        pipeline = cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec)
-        pipeline.method = graph.get("method", "?")
-        pipeline.output_width = int(graph["output_width"])
-        return pipeline
+        return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec, graph)
 
     # ------------------------------------------------------------------ prompt assembly
     def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:
@@ -178,10 +177,10 @@ class Pipeline:
             if not all(np.isfinite(v).all() for v in visual):
                 raise InputError("visual tokens contain NaN or Inf")
         chunks = self.prompt_chunks(prompt, len(images) if visual is None else len(visual), template)
-        if images and len(images) > self.vision.batch_max:
-            raise InputError(f"{len(images)} images exceed this artifact's batch limit of {self.vision.batch_max}")
         if images and self.vision is None:
             raise InputError("this pipeline was opened without its vision graph: pass visual_tokens")
+        if images and len(images) > self.vision.batch_max:
+            raise InputError(f"{len(images)} images exceed this artifact's batch limit of {self.vision.batch_max}")
         visual = visual or []
         if images:
             with clock.timed("preprocess"):
