@@ -89,6 +89,9 @@ def test_small_capacity_truncates_and_says_so(artifact_factory):
     directory = artifact_factory("llava", "prumerge+", "padded", max_tokens=3)
     out = VisionSession.open(directory).run_pixels(synthetic_pixels(6, 112))
     assert out.tokens.shape[1] == 3 and (out.num_tokens <= 3).all() and out.truncated.any()
+    from prumerge.export.verify import verify_artifact
+
+    assert verify_artifact(directory, images=6)["reference"]["ok"]  # the reference is rebuilt at the graph's capacity
 
 
 def test_fp16_export_runs(artifact_factory):

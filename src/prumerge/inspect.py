@@ -66,7 +66,7 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
     model_path = Path(model)
     if model_path.is_dir() and (model_path / MANIFEST_NAME).is_file():
         manifest = Manifest.read(model_path)
-        options = {k: v for k, v in manifest.reducer["options"].items() if k not in ("method", "capacity")}
+        options = dict(manifest.reducer["options"])  # the graph's capacity stays out: inspect shows untruncated
         reducer_options = {**options, **reducer_options}
         model = manifest.source["model"]
         image_size = image_size or manifest.reducer.get("image_size")

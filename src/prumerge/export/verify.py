@@ -37,13 +37,16 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
 
     source = manifest.source.get("model")
     original = manifest.source.get("layout") == "llava-original"
+    options = dict(manifest.reducer.options)
+    if manifest.vision.method != "none":  # the graph owns its capacity (set by --max-tokens or a calibration)
+        options["capacity"] = manifest.vision.capacity
     try:
         with as_llava_hf(source, manifest.source.get("base") if original else None,
                          manifest.source.get("vision_tower") if original else None) as (checkpoint, _):
             encoder = PruMergeEncoder.from_pretrained(
                 checkpoint, method=manifest.vision.method, project=manifest.vision.projected,
                 revision=manifest.source.get("revision"), image_size=session.image_size,
-                **{k: v for k, v in manifest.reducer["options"].items() if k != "method"},
+                **options,
             )
     except CheckpointError as exc:
         raise ArtifactError(f"cannot rebuild the PyTorch reference from {source!r} ({exc}); use --no-reference to check hashes and the graph only") from exc
