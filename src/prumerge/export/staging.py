@@ -137,12 +137,8 @@ def staged_directory(target: str | os.PathLike, force: bool = False, owned: bool
                 (staging / OWNED_MARKER).write_text("written by prumerge; --force may replace this directory\n")
             try:
                 yield staging
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            try:
                 _replace(target, staging, force)
-            except BaseException:
+            except BaseException:  # a failed build or a refused rename: nothing of ours is left
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
     except OSError as exc:  # read-only or full disk, permissions: one line naming the file, not a traceback
