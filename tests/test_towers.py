@@ -121,3 +121,46 @@ def test_families_export_and_run(family, dinov2_dir, siglip_dir, tmp_path):
         ref = encoder(torch.from_numpy(pixels))
     assert np.array_equal(got.num_tokens, ref.num_tokens.numpy()) and np.array_equal(got.indices, ref.indices.numpy())
     np.testing.assert_allclose(got.tokens, ref.tokens.numpy(), atol=1e-4)
+
+
+def test_older_transformers_dinov2_layout_gives_the_same_tokens(dinov2_dir):
+    """transformers releases before the attention refactor (5.17, as on the GPU machine) name DINOv2's projections
+    ``attention.attention.query/key`` and take no ``attention_mask`` in the layer's forward; both layouts must give
+    the same tokens (a layout the adapter did not know was an AttributeError / TypeError for those users)."""
+    from torch import nn
+
+    encoder = PruMergeEncoder.from_pretrained(dinov2_dir, method="prumerge").eval()
+    pixels = torch.from_numpy(synthetic_pixels(2, encoder.image_size))
+    with torch.no_grad():
+        expected = encoder(pixels)
+
+    class OldSelfAttention(nn.Module):
+        def __init__(self, new):
+            super().__init__()
+            self.query, self.key = new.q_proj, new.k_proj
+
+    class OldAttention(nn.Module):
+        def __init__(self, new):
+            super().__init__()
+            self.attention = OldSelfAttention(new)
+            self.new = new
+
+        def forward(self, hidden):
+            return self.new(hidden)[0]
+
+    class OldLayer(nn.Module):  # forward(hidden_states) only, as in 5.17
+        def __init__(self, new):
+            super().__init__()
+            self.new = new
+            self.norm1, self.attention = new.norm1, OldAttention(new.attention)
+
+        def forward(self, hidden_states):
+            return self.new(hidden_states)
+
+    layers = encoder.adapter.layers
+    for i in range(len(layers)):
+        layers[i] = OldLayer(layers[i])
+    with torch.no_grad():
+        got = encoder(pixels)
+    assert torch.equal(got.indices, expected.indices)
+    torch.testing.assert_close(got.tokens, expected.tokens, rtol=0, atol=0)

@@ -14,10 +14,20 @@ differs from CLIP.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from .errors import CheckpointError
+
+
+@functools.cache
+def _takes_attention_mask(layer_type: type) -> bool:
+    """Whether a layer's forward names ``attention_mask``: CLIP/SigLIP layers require it in every transformers 5.x,
+    DINOv2's gained it in later 5.x releases (5.17 has none, so passing it there is a TypeError)."""
+    return "attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
 class Tower:
@@ -49,7 +59,7 @@ class Tower:
         return self.model.pre_layrnorm(self.model.embeddings(pixel_values))
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(hidden, attention_mask=None)
+        out = layer(hidden, attention_mask=None) if _takes_attention_mask(type(layer)) else layer(hidden)
         return out[0] if isinstance(out, tuple) else out
 
     def qk(self, layer: nn.Module, hidden: torch.Tensor, query_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +130,11 @@ class Dinov2Tower(Tower):
     def qk(self, layer, hidden, query_rows=None):
         normed = layer.norm1(hidden)
         attention = layer.attention
-        return attention.q_proj(normed[:, :query_rows] if query_rows else normed), attention.k_proj(normed)
+        if hasattr(attention, "q_proj"):
+            q_proj, k_proj = attention.q_proj, attention.k_proj
+        else:  # transformers releases before the attention refactor (5.17 among them): attention.attention.query/key
+            q_proj, k_proj = attention.attention.query, attention.attention.key
+        return q_proj(normed[:, :query_rows] if query_rows else normed), k_proj(normed)
 
     def _set_positions(self, embeddings, table):
         embeddings.position_embeddings = nn.Parameter(table)
