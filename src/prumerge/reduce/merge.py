@@ -2,10 +2,12 @@
 
 The official code does this with a Python loop over kept tokens, re-concatenating the other tokens each time.
 Here the same sums are one GEMM: each slot's neighbours form a ``[B, S, P]`` mask, the weight matrix is the
-attention where the mask is set (zero elsewhere), and ``W @ X`` gives every slot's ``sum_j a_j x_j`` at once (the
-extra token is one more row of the same kind). Nothing of size ``[B, S, n, D]`` is ever materialised (the gather
-it replaces held 75 MB per image for PruMerge+ at ViT-L width); ``W`` is ``S x P`` floats (1.3 MB per image at
-577 x 576, the size of the similarity matrix already there), and the product runs on tensor cores on a GPU.
+attention where the mask is set, 1 at the slot's own patch, zero elsewhere, and ``W @ X`` gives every output token
+``x_i + sum_j a_j x_j`` at once (the extra token is one more row of the same kind, padding rows are zero), already
+in output order. Nothing of size ``[B, S, n, D]`` is ever materialised (the gather it replaced held 75 MB per
+image for PruMerge+ at ViT-L width), nor a ``[B, S, D]`` gather of the slots' own features; ``W`` is ``C x P``
+floats (1.3 MB per image at 577 x 576, the size of the similarity matrix already there), and the product runs on
+tensor cores on a GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +61,45 @@ def neighbor_gaps(keys: torch.Tensor, indices: torch.Tensor, count: int) -> torc
     return torch.where(indices >= 0, top[..., count - 1] - top[..., count], gaps)
 
 
+def merge_weights(
+    keys: torch.Tensor,
+    scores: torch.Tensor,
+    slots: torch.Tensor,
+    selected: torch.Tensor,
+    num_selected: torch.Tensor,
+    config: ReducerConfig,
+) -> torch.Tensor:
+    """``[B, S + 1, P]``: the output tokens as weights over the original patches, row by output position.
+
+    Row ``r < num_selected``: slot ``r``'s own patch with weight 1 plus its ``neighbors`` most key-cosine-similar
+    other patches ``j`` (selected ones included) with weight ``a_j``; row ``num_selected``: ``a_j`` of every patch
+    that was not selected (the extra token); later rows zero (padding). ``W @ X`` is then the whole output in one
+    GEMM, ``x_i`` included: no ``[B, S, D]`` gather of the slots' own features and no per-row placement of D-wide
+    tensors. With ``merge_weights="normalized"`` the own weight is ``a_i`` and each row is divided by its sum.
+    """
+    batch, num_slots = slots.shape
+    num_patches = scores.shape[-1]
+    num_neighbors = min(config.neighbors, num_patches - 1)
+    normalized = config.merge_weights is MergeWeights.NORMALIZED
+    zeros = torch.zeros_like(scores).unsqueeze(1)  # [B, 1, P]
+    if num_neighbors > 0:
+        mask = neighbor_mask(keys, slots, num_neighbors)  # [B, S, P]; a slot's own patch is never in it
+        rows = torch.where(mask, scores.unsqueeze(1), zeros)
+    else:
+        rows = zeros.expand(batch, num_slots, num_patches)
+    own = scores.gather(-1, slots) if normalized else torch.ones_like(slots, dtype=scores.dtype)
+    rows = rows.scatter(-1, slots.unsqueeze(-1), own.unsqueeze(-1))
+    pruned = torch.where(selected, torch.zeros_like(scores), scores).unsqueeze(1)  # [B, 1, P]
+    if normalized:
+        rows = rows / rows.sum(dim=-1, keepdim=True)
+        total = pruned.sum(dim=-1, keepdim=True)
+        pruned = pruned / torch.where(total > 0, total, torch.ones_like(total))
+    position = torch.arange(num_slots + 1, device=scores.device).view(1, -1, 1)
+    count = num_selected.view(-1, 1, 1)
+    rows = torch.cat([rows, zeros], dim=1)  # [B, S + 1, P]
+    return torch.where(position < count, rows, torch.where(position == count, pruned, zeros))
+
+
 def merge_tokens(
     features: torch.Tensor,
     keys: torch.Tensor,
@@ -67,33 +108,13 @@ def merge_tokens(
     selected: torch.Tensor,
     config: ReducerConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(merged [B, S, D], extra [B, 1, D])``.
+    """Return ``(merged [B, S, D], extra [B, 1, D])`` for every slot (all ``S`` treated as holding a token).
 
     For the patch ``i`` in each slot: its ``neighbors`` most key-cosine-similar other patches ``j`` (selected ones
     included) give ``x_i + sum_j a_j x_j``, all from the original features. ``extra`` is ``sum a_j x_j`` over the
     patches that were not selected. With fewer than ``neighbors + 1`` patches, all other patches are neighbours.
     """
-    batch, num_patches, width = features.shape
-    num_slots = slots.shape[1]
-    slot_features = features.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, width))
-    num_neighbors = min(config.neighbors, num_patches - 1)
-    pruned_weights = torch.where(selected, torch.zeros_like(scores), scores).unsqueeze(1)  # [B, 1, P]
-    if num_neighbors > 0:
-        mask = neighbor_mask(keys, slots, num_neighbors)  # [B, S, P]
-        matrix = torch.where(mask, scores.unsqueeze(1), torch.zeros_like(scores).unsqueeze(1))  # a_j where j merges in
-        # one GEMM for every slot's neighbour sum and the extra token (its row: attention of the pruned patches)
-        sums = torch.matmul(torch.cat([matrix, pruned_weights], dim=1), features)  # [B, S + 1, D]
-        neighbor_sum, extra = sums[:, :num_slots], sums[:, num_slots:]
-        weight_total = matrix.sum(dim=-1, keepdim=True)  # [B, S, 1]
-    else:
-        neighbor_sum = torch.zeros_like(slot_features)
-        weight_total = slot_features.new_zeros(batch, num_slots, 1)
-        extra = torch.matmul(pruned_weights, features)
-    merged = slot_features + neighbor_sum
-
-    if config.merge_weights is MergeWeights.NORMALIZED:
-        own = scores.gather(-1, slots).unsqueeze(-1)
-        merged = (own * slot_features + neighbor_sum) / (own + weight_total)
-        total = pruned_weights.sum(-1, keepdim=True)
-        extra = extra / torch.where(total > 0, total, torch.ones_like(total))
-    return merged, extra
+    batch, num_slots = slots.shape
+    every_slot = torch.full((batch,), num_slots, dtype=torch.long, device=slots.device)
+    sums = torch.matmul(merge_weights(keys, scores, slots, selected, every_slot, config), features)
+    return sums[:, :num_slots], sums[:, num_slots:]

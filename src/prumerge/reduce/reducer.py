@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from .attention import importance_scores
 from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
-from .merge import merge_tokens
+from .merge import merge_weights
 from .outliers import iqr_outlier_count
 from .ranking import tracing
 from .selection import select_tokens
@@ -81,16 +81,15 @@ def reduce_tokens(
     slots_used = selection.slots
     if not tracing():  # eager: merge only the slots some image uses (the graph keeps its static capacity)
         slots_used = slots_used[:, : max(int(selection.num_selected.max()), 1)]
-    merged, extra = merge_tokens(features, k[:, prefix:], scores, slots_used, selection.selected, config)
+    weights = merge_weights(k[:, prefix:], scores, slots_used, selection.selected, selection.num_selected, config)
+    tokens = torch.matmul(weights, features)  # [B, S + 1, D]: every output token, padding rows zero
+    if tokens.shape[1] < capacity:  # eager only: the slots no image used are padding
+        tokens = torch.cat([tokens, tokens.new_zeros(batch, capacity - tokens.shape[1], width)], dim=1)
 
     slot = torch.arange(capacity, device=features.device).unsqueeze(0)
     count = selection.num_selected.unsqueeze(-1)
-    merged = torch.cat([merged, merged.new_zeros(batch, capacity - merged.shape[1], width)], dim=1)
     slots = selection.slots
     slots = torch.cat([slots, slots.new_full((batch, capacity - slots.shape[1]), PADDING_INDEX)], dim=1)
-    is_token = (slot < count).unsqueeze(-1)
-    is_extra = (slot == count).unsqueeze(-1)
-    tokens = torch.where(is_token, merged, torch.where(is_extra, extra, torch.zeros_like(merged)))
     indices = torch.where(
         slot < count,
         slots,
