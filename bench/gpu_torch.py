@@ -120,12 +120,12 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
                 with torch.inference_mode():
                     gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref["indices"]),
                                                  keys=_raw_keys(encoder, pixels, dtype)).numpy()
-                references[dtype] = (ref, ref_keys, gaps)
+                references[dtype] = (ref, ref_keys, gaps, _threshold_margins(encoder, pixels, dtype))
             for name, dtype, tf32 in _precisions(device):
                 if device == "cuda":
                     _set_tf32(tf32)
                 precision = "fp16" if dtype == torch.float16 else "fp32"
-                ref, ref_keys, gaps = references[dtype]
+                ref, ref_keys, gaps, margins = references[dtype]
                 encoder = copy.deepcopy(base).to(device=device, dtype=dtype)
                 got, keys = _run(encoder, pixels, device, dtype)
                 if method == "prumerge":  # keys do not depend on the method: measured once
@@ -137,6 +137,8 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
                 out[f"{method} {name} vs CPU {precision}"] = {key: row[key] for key in (
                     "counts_identical", "indices_identical", "tokens", "tokens_exact", "near_ties", "unexplained",
                     "max_abs_error", "worst_explained", "worst_unexplained", "tolerance", "near_tie_epsilon", "ok")}
+                if not result.indices_identical:
+                    out[f"{method} {name} vs CPU {precision}"]["per_image"] = _per_image(ref, got, margins)
                 if precision == "fp16":
                     moved = agreement(references[torch.float32][0], got)
                     out[f"{method} {name} selection vs fp32"] = {
@@ -148,6 +150,40 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return out
+
+
+def _threshold_margins(encoder, pixels: np.ndarray, dtype) -> np.ndarray:
+    """Per image: how close the nearest patch score lies to the IQR outlier threshold, relative to the threshold
+    (a count can only flip between runtimes when this is within their score error)."""
+    from prumerge.reduce.attention import importance_scores
+    from prumerge.reduce.outliers import linear_quantile
+
+    adapter = encoder.adapter
+    margins = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), 8):
+            _, q, k = encoder.tower_outputs(torch.from_numpy(pixels[i:i + 8]).to(dtype))
+            scores = importance_scores(q.float(), k.float(), encoder.reducer, encoder.num_heads,
+                                       adapter.prefix_tokens, adapter.importance)
+            ordered = torch.sort(scores, dim=-1).values
+            q1, q3 = linear_quantile(ordered, 0.25), linear_quantile(ordered, 0.75)
+            upper = (q3 + encoder.reducer.iqr_factor * (q3 - q1)).unsqueeze(-1)
+            margins.append(((scores - upper).abs().min(dim=-1).values / upper[:, 0]).double().numpy())
+    return np.concatenate(margins)
+
+
+def _per_image(ref: dict, got: dict, margins: np.ndarray) -> dict:
+    """Which images moved, by how much (Jaccard of kept sets) and how near their threshold was."""
+    from prumerge.calib.int8 import agreement
+
+    moved = np.flatnonzero(ref["num_tokens"] != got["num_tokens"])
+    other = np.flatnonzero(ref["num_tokens"] == got["num_tokens"])
+    same_count_moved = [int(b) for b in other if not np.array_equal(ref["indices"][b], got["indices"][b])]
+    agree = agreement(ref, got)
+    return {"images_count_differs": len(moved), "images_indices_differ_same_count": len(same_count_moved),
+            "mean_jaccard": round(agree.mean_jaccard, 4), "min_jaccard": round(agree.min_jaccard, 4),
+            "threshold_margin_of_moved": [float(f"{margins[b]:.2e}") for b in moved],
+            "threshold_margin_median_all": float(f"{np.median(margins):.2e}")}
 
 
 def _raw_keys(encoder, pixels: np.ndarray, dtype) -> torch.Tensor:

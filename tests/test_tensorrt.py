@@ -106,7 +106,7 @@ TRTEXEC_OPTIONS = {
     "onnx": r"[^\s]+\.onnx", "saveEngine": r"[^\s]+", "timingCacheFile": r"[^\s]+",
     "minShapes": r"SHAPES", "optShapes": r"SHAPES", "maxShapes": r"SHAPES",
     "memPoolSize": r"(workspace|dlaSRAM|dlaLocalDRAM|dlaGlobalDRAM|tacticSharedMem):\d+(\.\d+)?[KMG]?",
-    "fp16": None, "stronglyTyped": None, "precisionConstraints": r"(none|prefer|obey)",
+    "fp16": None, "stronglyTyped": None, "noTF32": None, "precisionConstraints": r"(none|prefer|obey)",
     "layerPrecisions": r"LAYERPRECISIONS",
 }
 
@@ -146,6 +146,7 @@ def test_trtexec_command_line_follows_the_grammar():
     stages = {"node_TopK_7": "reducer", "node_Softmax_2": "vision_encoder", "node_CumSum_3": "reducer"}
     weak = parse_trtexec(trtexec_command("vision.onnx", "vision.engine", INPUTS, EngineOptions(), WEAK_FP16, stages))
     assert "fp16" in weak and weak["precisionConstraints"] == "obey" and "stronglyTyped" not in weak
+    assert "noTF32" in strong and "noTF32" in weak  # as polygraphy's build: TF32 moves selection on real weights
     assert weak["layerPrecisions"] == "node_CumSum_3*:fp32,node_TopK_7*:fp32" == ",".join(f"{p}:fp32" for p in fp32_layer_patterns(stages))
     with pytest.raises(AssertionError, match="one wildcard"):  # the old pattern, which trtexec rejects
         parse_trtexec(["trtexec", "--layerPrecisions=*Softmax*:fp32"])
@@ -174,6 +175,7 @@ def test_polygraphy_carries_the_build():
     profile = config.profiles[0]
     assert tuple(profile["pixel_values"].max) == (4, 3, 336, 336) or HAS_TRT
     assert not config.fp16 and config.precision_constraints is None
+    assert config.tf32 is False  # polygraphy clears TensorRT's default-on TF32 flag only when tf32 is False
 
 
 def test_engine_mismatch_names_both_sides():

@@ -130,6 +130,8 @@ def test_older_transformers_dinov2_layout_gives_the_same_tokens(dinov2_dir):
     from torch import nn
 
     encoder = PruMergeEncoder.from_pretrained(dinov2_dir, method="prumerge").eval()
+    if not hasattr(encoder.adapter.layers[0].attention, "q_proj"):
+        pytest.skip("this transformers already has the old layout (its own run is the check)")
     pixels = torch.from_numpy(synthetic_pixels(2, encoder.image_size))
     with torch.no_grad():
         expected = encoder(pixels)

@@ -169,7 +169,10 @@ def trtexec_command(onnx_file: str, engine_file: str, inputs: list, options: Eng
     plan = plan or {"strongly_typed": True, "fp16": False, "pin_fp32": False}
     cmd = [trtexec, f"--onnx={onnx_file}", f"--saveEngine={engine_file}", f"--minShapes={_shape_arg(profile, 0)}",
            f"--optShapes={_shape_arg(profile, 1)}", f"--maxShapes={_shape_arg(profile, 2)}",
-           f"--memPoolSize=workspace:{options.workspace_mib}M"]
+           f"--memPoolSize=workspace:{options.workspace_mib}M",
+           # trtexec allows TF32 unless told not to; polygraphy's CreateConfig clears it (the build above). TF32
+           # moved token counts on real weights (H200, bench_gpu.py), so the two builds must agree: fp32 is fp32.
+           "--noTF32"]
     if plan["strongly_typed"]:
         cmd += ["--stronglyTyped"]
     if plan["fp16"]:
@@ -228,7 +231,10 @@ def polygraphy_build(onnx_path: Path, inputs: list, options: EngineOptions, plan
     if plan["pin_fp32"]:
         network = _PinFp32(network, op_stage or {})
     cache = options.timing_cache
-    config = CreateConfig(fp16=plan["fp16"] or None, precision_constraints="obey" if plan["pin_fp32"] else None,
+    # tf32=False: CreateConfig then clears TensorRT's default-on TF32 flag (fp32 layers stay fp32; TF32 changed token
+    # counts on real weights on an H200, bench_gpu.py); said here so a polygraphy default cannot change it
+    config = CreateConfig(fp16=plan["fp16"] or None, tf32=False,
+                          precision_constraints="obey" if plan["pin_fp32"] else None,
                           profiles=[profile], memory_pool_limits=_workspace(options),
                           load_timing_cache=cache if cache and Path(cache).is_file() else None)
     return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)

@@ -14,6 +14,12 @@ from ..artifact.manifest import Manifest, inside
 from ..errors import ArtifactError, BackendUnavailableError, InputError
 from .session import VisionSessionBase
 
+# onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 by default (provider option ``use_tf32``, default 1).
+# Measured on an H200 with the real DINOv2-S and 28 photos (bench/bench_gpu.py): TF32 moves the key cosines by 2e-4
+# (the fp32 near-tie window is 2e-5) and changes token counts, so an fp32 graph would no longer match the build's
+# validation. fp32 means fp32 here; fp16 graphs are unaffected (their MatMuls are fp16 anyway).
+CUDA_OPTIONS = {"use_tf32": "0"}
+
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -75,11 +81,12 @@ def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = Non
     if wanted[0] != PROVIDERS[provider][0]:
         warnings.warn(f"{PROVIDERS[provider][0]} is not available in this onnxruntime; running on {wanted[0]}", RuntimeWarning, stacklevel=3)
     options = ort.SessionOptions()
+    providers = [(p, dict(CUDA_OPTIONS)) if p == "CUDAExecutionProvider" else p for p in wanted]
     if profile_dir is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(profile_dir) / path.stem)
     try:
-        session = ort.InferenceSession(str(path), options, providers=wanted)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
     return session, session.get_providers()[0]
