@@ -30,7 +30,7 @@ def main() -> None:
 
     from prumerge import PruMergeEncoder
     from prumerge.export.build import BuildOptions, build_artifact
-    from prumerge.export.validate import NEAR_TIE_EPSILON, validate_against
+    from prumerge.export.validate import NEAR_TIE_EPSILON, SELECTION_EPSILON, validate_against
     from prumerge.runtime import VisionSession
     from prumerge.runtime.preprocess import preprocess_batch
 
@@ -53,7 +53,50 @@ def main() -> None:
             k = k / torch.clamp(torch.linalg.vector_norm(k, dim=-1, keepdim=True), min=1e-12)
             return torch.matmul(k, k.transpose(1, 2))
 
+    class Scores(torch.nn.Module):
+        """Patch importance and the IQR threshold, as the reducer computes them (fp32 from the tower's q/k)."""
+
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, pixel_values):
+            from prumerge.reduce.attention import importance_scores
+            from prumerge.reduce.outliers import linear_quantile
+
+            enc = self.encoder
+            _, q, k = enc.tower_outputs(pixel_values)
+            scores = importance_scores(q.float(), k.float(), enc.reducer, enc.num_heads, enc.adapter.prefix_tokens,
+                                       enc.adapter.importance)
+            ordered = torch.topk(scores, scores.shape[-1], dim=-1, largest=False, sorted=True).values
+            q1, q3 = linear_quantile(ordered, 0.25), linear_quantile(ordered, 0.75)
+            return scores, q3 + enc.reducer.iqr_factor * (q3 - q1)
+
     worst = {}
+    score_error = {}
+    for precision in ("fp32", "fp16"):
+        model = Scores(encoder if precision == "fp32" else copy.deepcopy(encoder).half()).eval()
+        feed = pixels if precision == "fp32" else pixels.astype(np.float16)
+        path = work / f"scores-{precision}.onnx"
+        torch.onnx.export(model, (torch.from_numpy(feed[:2]),), str(path), dynamo=True, opset_version=18,
+                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", max=64)}})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        score_error[precision] = 0.0
+        for start in range(0, len(feed), 8):
+            batch = feed[start:start + 8]
+            with torch.no_grad():
+                ref_scores, ref_thr = (t.double().numpy() for t in model(torch.from_numpy(batch)))
+            got_scores, got_thr = session.run(None, {session.get_inputs()[0].name: batch})
+            # each score's own relative error, over the patches that can matter for selection (>= half the threshold),
+            # and the threshold's: the selection rule perturbs both multiplicatively
+            relevant = ref_scores >= 0.5 * ref_thr[:, None]
+            rel = np.abs(got_scores - ref_scores) / np.maximum(ref_scores, 1e-30)
+            score_error[precision] = max(score_error[precision], float(rel[relevant].max(initial=0.0)),
+                                         float((np.abs(got_thr - ref_thr) / ref_thr).max()))
+        print(f"attention scores and threshold, onnxruntime vs PyTorch ({precision}): max relative error "
+              f"{score_error[precision]:.2e}; SELECTION_EPSILON[{precision!r}] = "
+              f"{SELECTION_EPSILON[precision]:g}")
+
     for precision in ("fp32", "fp16"):
         model = KeyCosine(encoder if precision == "fp32" else copy.deepcopy(encoder).half()).eval()
         feed = pixels if precision == "fp32" else pixels.astype(np.float16)

@@ -102,7 +102,7 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
     kept sets, share of identical selections: a quality figure, like INT8's)."""
     from prumerge import PruMergeEncoder
     from prumerge.calib.int8 import agreement
-    from prumerge.export.validate import NEAR_TIE_EPSILON, TOLERANCE, compare_outputs
+    from prumerge.export.validate import NEAR_TIE_EPSILON, SELECTION_EPSILON, TOLERANCE, compare_outputs
     from prumerge.runtime.preprocess import preprocess_batch
 
     checkpoint, files = _real_inputs(real, work)
@@ -120,23 +120,28 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
                 with torch.inference_mode():
                     gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref["indices"]),
                                                  keys=_raw_keys(encoder, pixels, dtype)).numpy()
-                references[dtype] = (ref, ref_keys, gaps, _threshold_margins(encoder, pixels, dtype))
+                scores, thresholds = encoder.selection_scores(torch.from_numpy(pixels).to(dtype))
+                selection = dict(scores=scores.double().numpy(), thresholds=thresholds.double().numpy(),
+                                 plus=method == "prumerge+", min_keep=encoder.reducer.min_keep,
+                                 epsilon=SELECTION_EPSILON["fp16" if dtype == torch.float16 else "fp32"])
+                references[dtype] = (ref, ref_keys, gaps, _threshold_margins(encoder, pixels, dtype), selection)
             for name, dtype, tf32 in _precisions(device):
                 if device == "cuda":
                     _set_tf32(tf32)
                 precision = "fp16" if dtype == torch.float16 else "fp32"
-                ref, ref_keys, gaps, margins = references[dtype]
+                ref, ref_keys, gaps, margins, selection = references[dtype]
                 encoder = copy.deepcopy(base).to(device=device, dtype=dtype)
                 got, keys = _run(encoder, pixels, device, dtype)
                 if method == "prumerge":  # keys do not depend on the method: measured once
                     out[f"key cosine max |delta| {name}"] = float(
                         (keys @ keys.transpose(1, 2) - ref_keys @ ref_keys.transpose(1, 2)).abs().max())
                 result = compare_outputs(ref, got, TOLERANCE[precision], f"torch-{device}-{name}", gaps=gaps,
-                                         epsilon=NEAR_TIE_EPSILON[precision])
+                                         epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
                 row = dataclasses.asdict(result)
                 out[f"{method} {name} vs CPU {precision}"] = {key: row[key] for key in (
                     "counts_identical", "indices_identical", "tokens", "tokens_exact", "near_ties", "unexplained",
-                    "max_abs_error", "worst_explained", "worst_unexplained", "tolerance", "near_tie_epsilon", "ok")}
+                    "max_abs_error", "worst_explained", "worst_unexplained", "tolerance", "near_tie_epsilon",
+                    "selection_moved", "selection_unexplained", "selection_epsilon", "ok")}
                 if not result.indices_identical:
                     out[f"{method} {name} vs CPU {precision}"]["per_image"] = _per_image(ref, got, margins)
                 if precision == "fp16":

@@ -99,6 +99,91 @@ def test_per_token_validation_explains_only_near_ties():
     assert compare_outputs(_arrays(reference, 4), _arrays(candidate, 4), 1e-4, "cpu").unexplained == 1
 
 
+def _scores(num_patches=64, outliers=(5, 9, 30), seed=0):
+    """Attention-like scores: a flat floor with a few clear outliers; returns (scores, IQR threshold)."""
+    import torch
+
+    from prumerge.reduce.outliers import iqr_threshold
+
+    rng = np.random.default_rng(seed)
+    scores = 1.0 + 0.05 * rng.random(num_patches)
+    for rank, patch in enumerate(outliers):
+        scores[patch] = 3.0 - 0.5 * rank
+    threshold = float(iqr_threshold(torch.from_numpy(scores)[None])[0])
+    return scores, threshold
+
+
+def test_selection_rule_allows_only_what_the_reference_scores_allow():
+    from prumerge.export.validate import selection_within
+
+    scores, threshold = _scores()
+    assert all(scores[[5, 9, 30]] > threshold) and (scores > threshold).sum() == 3
+    assert selection_within(scores, threshold, [5, 9, 30], False, 1, 3e-2)  # the reference's own selection
+    assert not selection_within(scores, threshold, [5, 9], False, 1, 3e-2)  # patch 30 is 2x the threshold
+    assert not selection_within(scores, threshold, [9, 5, 30], False, 1, 3e-2)  # 2.5 vs 3.0: not a near-equal pair
+    assert not selection_within(scores, threshold, [5, 9, 31], False, 1, 3e-2)  # 31 is not a top-3 patch
+    # a patch 1% above the threshold: dropping it, or keeping a patch 1% below it, is within a 3% perturbation ...
+    near = scores.copy()
+    near[40], near[41] = threshold * 1.01, threshold * 0.99
+    assert selection_within(near, threshold, [5, 9, 30], False, 1, 3e-2)
+    assert selection_within(near, threshold, [5, 9, 30, 40, 41], False, 1, 3e-2)
+    assert selection_within(near, threshold, [5, 9, 30, 41, 40], False, 1, 3e-2)  # swapped: 2% apart
+    # ... and not with the exact rule's epsilon, nor for a patch 10% below
+    assert not selection_within(near, threshold, [5, 9, 30], False, 1, 1e-3)
+    near[41] = threshold * 0.9
+    assert not selection_within(near, threshold, [5, 9, 30, 40, 41], False, 1, 3e-2)
+
+
+def test_selection_rule_checks_prumerge_plus_samples():
+    from prumerge.export.validate import _plus_samples, selection_within
+
+    scores, threshold = _scores()
+    kept = [5, 9, 30]
+    assert selection_within(scores, threshold, kept + _plus_samples(kept, 64), True, 1, 3e-2)
+    wrong = kept + _plus_samples(kept, 64)[:-1]  # one sample missing
+    assert not selection_within(scores, threshold, wrong, True, 1, 3e-2)
+    near = scores.copy()
+    near[40] = threshold * 1.01  # a fourth outlier by 1%: its stride's samples are the candidate's
+    four = [5, 9, 30, 40]
+    assert selection_within(near, threshold, kept + _plus_samples(kept, 64), True, 1, 3e-2)
+    assert selection_within(near, threshold, four + _plus_samples(four, 64), True, 1, 3e-2)
+    assert not selection_within(near, threshold, four + _plus_samples(kept, 64), True, 1, 3e-2)
+
+
+def test_moved_selection_passes_only_with_the_rule_and_compares_common_tokens():
+    scores, threshold = _scores()
+    near = scores.copy()
+    near[40] = threshold * 1.01
+    width = 6
+    features = np.random.default_rng(1).normal(size=(64, width)).astype(np.float32)
+
+    def output(selected):
+        n = len(selected) + 1
+        tokens = np.zeros((1, 8, width), np.float32)
+        tokens[0, :n - 1] = features[selected]
+        tokens[0, n - 1] = 7.0  # the extra token: differs when the selection differs
+        indices = np.full((1, 8), -2)
+        indices[0, :n] = list(selected) + [-1]
+        return {"tokens": tokens, "num_tokens": np.array([n]), "indices": indices}
+
+    reference, moved = output([5, 9, 30, 40]), output([5, 9, 30])
+    moved["tokens"][0, 3] = 9.0  # the extra token's value moves with the selection: not compared
+    selection = dict(scores=near[None], thresholds=np.array([threshold]), plus=False, min_keep=1, epsilon=3e-2)
+    result = compare_outputs(reference, moved, 1e-4, "cpu", selection=selection)
+    assert result.ok and (result.selection_moved, result.selection_unexplained, result.tokens) == (1, 0, 3)
+    assert require(result, "x") is result
+    exact = compare_outputs(reference, moved, 1e-4, "cpu")  # fp32: no rule, a moved selection fails
+    assert not exact.ok and exact.selection_unexplained == 1
+    with pytest.raises(ValidationError, match="token counts differ"):
+        require(exact, "validation of x")
+    moved["tokens"][0, 1] += 1.0  # a common patch's token differs: still a failure under the rule
+    assert compare_outputs(reference, moved, 1e-4, "cpu", selection=selection).unexplained == 1
+    far = near.copy()
+    far[41] = threshold * 0.9  # keeping a patch 10% under the threshold is no near-tie: unexplained
+    selection_far = dict(selection, scores=far[None])
+    assert compare_outputs(reference, output([5, 9, 30, 41]), 1e-4, "cpu", selection=selection_far).selection_unexplained == 1
+
+
 def test_a_graph_that_disagrees_with_pytorch_fails_the_build(clip_dir, tmp_path, monkeypatch):
     """The build's validation gate: an exported graph whose weights differ from the reference is refused, and
     nothing is left at --out."""

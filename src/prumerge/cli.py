@@ -175,7 +175,9 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
                                 f"indices identical={validation['indices_identical']}; {validation['tokens_exact']} tokens "
                                 f"within {validation['tolerance']:g}, {validation['near_ties']} explained by near-ties, "
-                                f"{validation['unexplained']} unexplained; max |err|={validation['max_abs_error']:.2e}")
+                                f"{validation['unexplained']} unexplained; max |err|={validation['max_abs_error']:.2e}"
+                                + (f"; selection moved within the fp16 rule on {validation['selection_moved']} image(s)"
+                                   if validation.get("selection_moved") else ""))
     table.add_row("input", f"{reducer['image_size']} px, {reducer['grid']}x{reducer['grid']} patches")
     if "int8" in vision:
         a = vision["int8"]["agreement"]

@@ -157,6 +157,19 @@ class PruMergeEncoder(nn.Module):
         return reduce_tokens(hidden[:, prefix:], q, k, reducer or self.reducer, num_heads=self.num_heads, prefix=prefix,
                              importance=self.adapter.importance)
 
+    def selection_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [B, P], thresholds [B])``: the patch importance and IQR outlier threshold selection is made
+        from (fp32, as the reducer computes them). Validation of reduced-precision graphs checks a moved selection
+        against these."""
+        from .reduce.attention import importance_scores
+        from .reduce.outliers import iqr_threshold
+
+        with torch.no_grad():
+            _, q, k = self.tower_outputs(pixel_values)
+            scores = importance_scores(q.float(), k.float(), self.reducer, self.num_heads, self.adapter.prefix_tokens,
+                                       self.adapter.importance)
+        return scores, iqr_threshold(scores, self.reducer.iqr_factor)
+
     def neighbor_gaps(self, pixel_values: torch.Tensor | None, indices: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """For each output slot, the reference's similarity gap at its neighbour boundary, ``[B, C]`` float64.
 

@@ -135,15 +135,25 @@ class ValidationSection(Section):
     worst_unexplained: float = 0.0
     near_tie_epsilon: float = 0.0
     worst_explained: float = 0.0
-    ok: bool = False  # derived: counts and indices identical, no unexplained token (recomputed, never trusted)
+    # reduced precision only (fp16): images whose selection differs but is one the reference's scores allow within
+    # selection_epsilon (see prumerge.export.validate.SELECTION_EPSILON), and those it does not
+    selection_moved: int = 0
+    selection_unexplained: int = 0
+    selection_epsilon: float = 0.0
+    ok: bool = False  # derived (recomputed, never trusted): every selection identical or explained, no unexplained token
 
     def __post_init__(self) -> None:
-        self.ok = bool(self.counts_identical and self.indices_identical and self.unexplained == 0)
+        identical = self.counts_identical and self.indices_identical
+        self.ok = bool((identical or self.selection_moved) and self.selection_unexplained == 0 and self.unexplained == 0)
 
     def summary(self) -> str:
+        moved = ""
+        if self.selection_moved or self.selection_unexplained:
+            moved = (f"; selection moved on {self.selection_moved} image(s) within the fp16 rule "
+                     f"(epsilon {self.selection_epsilon:g}), on {self.selection_unexplained} beyond it")
         return (f"{self.tokens} tokens on {self.images} images: {self.tokens_exact} within {self.tolerance:g}, "
                 f"{self.near_ties} explained by near-ties (worst {self.worst_explained:.2g}), "
-                f"{self.unexplained} unexplained (worst {self.worst_unexplained:.2g})")
+                f"{self.unexplained} unexplained (worst {self.worst_unexplained:.2g}){moved}")
 
 
 @dataclasses.dataclass

@@ -30,11 +30,15 @@ def linear_quantile(sorted_scores: torch.Tensor, q: float) -> torch.Tensor:
     return a + (b - a) * t
 
 
-def iqr_outlier_count(scores: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
-    """Number of scores strictly above ``Q3 + factor * IQR`` for each row of ``[B, P]``; int64 ``[B]``."""
+def iqr_threshold(scores: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
+    """``Q3 + factor * IQR`` of each row of ``[B, P]``; ``[B]``."""
     # topk with a static K (not sort): exports as TopK whose K is a constant, as TensorRT's parser requires.
     ordered = torch.topk(scores, scores.shape[-1], dim=-1, largest=False, sorted=True).values
     q1 = linear_quantile(ordered, 0.25)
     q3 = linear_quantile(ordered, 0.75)
-    upper = q3 + factor * (q3 - q1)
-    return (scores > upper.unsqueeze(-1)).sum(dim=-1)
+    return q3 + factor * (q3 - q1)
+
+
+def iqr_outlier_count(scores: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
+    """Number of scores strictly above ``Q3 + factor * IQR`` for each row of ``[B, P]``; int64 ``[B]``."""
+    return (scores > iqr_threshold(scores, factor).unsqueeze(-1)).sum(dim=-1)
