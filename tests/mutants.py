@@ -16,6 +16,15 @@ SRC = ROOT / "src" / "prumerge"
 
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
+    "fp16 selection rule ignores the kept order": (
+        "export/validate.py", "if np.any(kept_scores * high < later_max * low):", "if False:",
+        ["tests/test_checkpoints.py::test_selection_rule_allows_only_what_the_reference_scores_allow"]),
+    "fp16 selection rule ignores the threshold": (
+        "export/validate.py", "if highest_other * low > threshold * high:", "if False:",
+        ["tests/test_checkpoints.py::test_selection_rule_allows_only_what_the_reference_scores_allow"]),
+    "merge leaves out the kept patch itself": (
+        "reduce/merge.py", "rows = rows.scatter(-1, slots.unsqueeze(-1), own.unsqueeze(-1))", "pass",
+        ["tests/test_reduce.py::test_matches_loop_reference_at_batch_one"]),
     "llm files not hashed": (
         "artifact/manifest.py", 'if sha256_file(path) != meta["sha256"]:',
         'if not name.startswith("llm/") and sha256_file(path) != meta["sha256"]:',
@@ -29,8 +38,8 @@ MUTANTS = {
         "visual = visual[::-1]\n            parts = [visual[value] if kind",
         ["tests/test_pipeline.py::test_each_image_lands_where_its_marker_is"]),
     "normalized merge drops the kept token's weight": (
-        "reduce/merge.py", "merged = (own * slot_features + neighbor_sum) / (own + weight_total)",
-        "merged = (slot_features + neighbor_sum) / (own + weight_total)",
+        "reduce/merge.py", "own = scores.gather(-1, slots) if normalized else torch.ones_like(slots, dtype=scores.dtype)",
+        "own = torch.ones_like(slots, dtype=scores.dtype)",
         ["tests/test_reduce.py::test_options_off_their_defaults_match_the_loop_reference"]),
     "sampling always takes the top token": (
         "runtime/llm.py", "return int(rng.choice(keep, p=chosen))", "return int(keep[0])",
@@ -55,8 +64,8 @@ MUTANTS = {
         "reduce/ranking.py", "    if tracing():\n", "    if True:\n",
         ["tests/test_checkpoints.py::test_exact_ties_pick_the_lowest_patch_index_in_torch_and_onnxruntime"]),
     "near-ties never checked": (
-        "export/validate.py", "tie = np.zeros(n, dtype=bool) if gaps is None else np.asarray(gaps[b, :n]) < epsilon",
-        "tie = np.ones(n, dtype=bool)",
+        "export/validate.py", "tie = np.zeros(len(rows), dtype=bool) if gaps is None else np.asarray(gaps[b])[rows] < epsilon",
+        "tie = np.ones(len(rows), dtype=bool)",
         ["tests/test_checkpoints.py::test_per_token_validation_explains_only_near_ties"]),
 }
 
