@@ -19,13 +19,28 @@ from .ranking import top_indices
 
 
 def _similarity(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Key cosine of each slot's patch to every patch, ``[B, S, P]``; a patch's own entry is -inf."""
+    """Key cosine of each slot's patch to every patch, ``[B, S, P]``; a patch's own entry is -inf.
+
+    When most patches are slots (PruMerge+'s padded capacity) one ``P x P`` Gram matrix and a row gather cost the
+    FLOPs of gathering the slots' keys first, without the ``[B, S, D]`` copy of the keys (1.8x the similarity's size
+    at ViT-L width); when few are (PruMerge: ``S << P``) the slots' keys are gathered. The scaling by inverse norms
+    and the -inf are written in place: no second ``[B, S, P]`` tensor (the graph's planner reuses buffers anyway;
+    eager PyTorch needs it said).
+    """
     batch, num_slots = slots.shape
+    num_patches = keys.shape[1]
     inv_norm = 1.0 / torch.clamp(torch.linalg.vector_norm(keys, dim=-1), min=1e-12)  # [B, P]
-    slot_keys = keys.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1]))
-    similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
-    similarity = similarity * inv_norm.gather(1, slots).unsqueeze(-1) * inv_norm.unsqueeze(1)
-    return similarity.scatter(-1, slots.unsqueeze(-1), float("-inf"))
+    if 2 * num_slots >= num_patches:
+        gram = torch.matmul(keys, keys.transpose(1, 2))  # [B, P, P]
+        gram.mul_(inv_norm.unsqueeze(-1)).mul_(inv_norm.unsqueeze(1))
+        similarity = gram.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, num_patches))
+        del gram
+    else:
+        slot_keys = keys.gather(1, slots.unsqueeze(-1).expand(batch, num_slots, keys.shape[-1]))
+        similarity = torch.matmul(slot_keys, keys.transpose(1, 2))  # [B, S, P]
+        del slot_keys
+        similarity.mul_(inv_norm.gather(1, slots).unsqueeze(-1)).mul_(inv_norm.unsqueeze(1))
+    return similarity.scatter_(-1, slots.unsqueeze(-1), float("-inf"))
 
 
 def neighbor_mask(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
@@ -36,8 +51,10 @@ def neighbor_mask(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.
     threshold = torch.topk(similarity, count, dim=-1).values[..., -1:]
     above = similarity > threshold
     tied = similarity == threshold
-    room = count - above.sum(dim=-1, keepdim=True).to(similarity.dtype)
-    return above | (tied & (torch.cumsum(tied.to(similarity.dtype), dim=-1) <= room))
+    dtype = similarity.dtype
+    del similarity  # eager: free it before the running count's two [B, S, P] floats
+    room = count - above.sum(dim=-1, keepdim=True).to(dtype)
+    return above | (tied & (torch.cumsum(tied.to(dtype), dim=-1) <= room))
 
 
 def nearest_neighbors(keys: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
@@ -85,19 +102,24 @@ def merge_weights(
     if num_neighbors > 0:
         mask = neighbor_mask(keys, slots, num_neighbors)  # [B, S, P]; a slot's own patch is never in it
         rows = torch.where(mask, scores.unsqueeze(1), zeros)
+        del mask
     else:
-        rows = zeros.expand(batch, num_slots, num_patches)
+        rows = scores.new_zeros(batch, num_slots, num_patches)
     own = scores.gather(-1, slots) if normalized else torch.ones_like(slots, dtype=scores.dtype)
-    rows = rows.scatter(-1, slots.unsqueeze(-1), own.unsqueeze(-1))
+    rows.scatter_(-1, slots.unsqueeze(-1), own.unsqueeze(-1))
     pruned = torch.where(selected, torch.zeros_like(scores), scores).unsqueeze(1)  # [B, 1, P]
     if normalized:
-        rows = rows / rows.sum(dim=-1, keepdim=True)
+        rows.div_(rows.sum(dim=-1, keepdim=True))
         total = pruned.sum(dim=-1, keepdim=True)
         pruned = pruned / torch.where(total > 0, total, torch.ones_like(total))
+    # rows by output position, written in place: slot rows below the count, the extra token's row at the count,
+    # zero after it
+    weights = torch.cat([rows, zeros], dim=1)  # [B, S + 1, P]
+    del rows
     position = torch.arange(num_slots + 1, device=scores.device).view(1, -1, 1)
     count = num_selected.view(-1, 1, 1)
-    rows = torch.cat([rows, zeros], dim=1)  # [B, S + 1, P]
-    return torch.where(position < count, rows, torch.where(position == count, pruned, zeros))
+    weights.masked_fill_(position >= count, 0.0)
+    return weights.scatter_(1, count.expand(batch, 1, num_patches), pruned)
 
 
 def merge_tokens(
