@@ -23,7 +23,7 @@ MUTANTS = {
         "export/validate.py", "if highest_other * low > threshold * high:", "if False:",
         ["tests/test_checkpoints.py::test_selection_rule_allows_only_what_the_reference_scores_allow"]),
     "merge leaves out the kept patch itself": (
-        "reduce/merge.py", "rows = rows.scatter(-1, slots.unsqueeze(-1), own.unsqueeze(-1))", "pass",
+        "reduce/merge.py", "rows.scatter_(-1, slots.unsqueeze(-1), own.unsqueeze(-1))", "pass",
         ["tests/test_reduce.py::test_matches_loop_reference_at_batch_one"]),
     "llm files not hashed": (
         "artifact/manifest.py", 'if sha256_file(path) != meta["sha256"]:',
