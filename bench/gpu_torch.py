@@ -81,17 +81,29 @@ def _set_tf32(allowed: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-def _run(encoder, pixels: np.ndarray, device: str, dtype) -> tuple[dict, torch.Tensor]:
-    """Outputs (numpy dict) and unit keys (CPU, float64) of ``encoder`` on ``pixels``, in batches of 8."""
-    parts, keys = [], []
+def _run(encoder, pixels: np.ndarray, device: str, dtype) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
+    """One tower pass per batch of 8: outputs (numpy dict), the last layer's keys (CPU, float64, prefix included)
+    and the selection scores and thresholds they came from."""
+    parts, keys, scores, thresholds = [], [], [], []
     with torch.inference_mode():
         for i in range(0, len(pixels), 8):
             x = torch.from_numpy(pixels[i:i + 8]).to(device=device, dtype=dtype)
             sink: list = []
-            parts.append(_arrays(encoder(x, keys_sink=sink)))
-            k = sink[0][:, encoder.adapter.prefix_tokens:].double()
-            keys.append((k / torch.clamp(torch.linalg.vector_norm(k, dim=-1, keepdim=True), min=1e-12)).cpu())
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, torch.cat(keys)
+            parts.append(_arrays(encoder(x, tower_sink=sink)))
+            q, k = sink[0]
+            keys.append(k.double().cpu())
+            batch_scores, batch_thresholds = encoder.selection_scores(q, k)
+            scores.append(batch_scores.double().cpu().numpy())
+            thresholds.append(batch_thresholds.double().cpu().numpy())
+    outputs = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return outputs, torch.cat(keys), np.concatenate(scores), np.concatenate(thresholds)
+
+
+def _cosines(keys: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Key cosine of every patch pair, ``[B, P, P]`` float64."""
+    k = keys[:, prefix:]
+    k = k / torch.clamp(torch.linalg.vector_norm(k, dim=-1, keepdim=True), min=1e-12)
+    return k @ k.transpose(1, 2)
 
 
 def real_weights_parity(real: Path | None, work: Path, device: str, limit: int | None = None) -> dict:
@@ -102,7 +114,7 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
     kept sets, share of identical selections: a quality figure, like INT8's)."""
     from prumerge import PruMergeEncoder
     from prumerge.calib.int8 import agreement
-    from prumerge.export.validate import NEAR_TIE_EPSILON, SELECTION_EPSILON, TOLERANCE, compare_outputs
+    from prumerge.export.validate import NEAR_TIE_EPSILON, TOLERANCE, compare_outputs, selection_rule
     from prumerge.runtime.preprocess import preprocess_batch
 
     checkpoint, files = _real_inputs(real, work)
@@ -113,28 +125,24 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
         for method in ("prumerge", "prumerge+"):
             base = PruMergeEncoder.from_pretrained(checkpoint, method=method).eval()
             pixels = preprocess_batch([str(p) for p in files], base.preprocess_config())
+            prefix = base.adapter.prefix_tokens
             references = {}
             for dtype in (torch.float32, torch.float16):
                 encoder = base if dtype == torch.float32 else copy.deepcopy(base).half()
-                ref, ref_keys = _run(encoder, pixels, "cpu", dtype)
-                with torch.inference_mode():
-                    gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref["indices"]),
-                                                 keys=_raw_keys(encoder, pixels, dtype)).numpy()
-                scores, thresholds = encoder.selection_scores(torch.from_numpy(pixels).to(dtype))
-                selection = dict(scores=scores.double().numpy(), thresholds=thresholds.double().numpy(),
-                                 plus=method == "prumerge+", min_keep=encoder.reducer.min_keep,
-                                 epsilon=SELECTION_EPSILON["fp16" if dtype == torch.float16 else "fp32"])
-                references[dtype] = (ref, ref_keys, gaps, _threshold_margins(encoder, pixels, dtype), selection)
+                ref, ref_keys, scores, thresholds = _run(encoder, pixels, "cpu", dtype)
+                gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref["indices"]), keys=ref_keys).numpy()
+                precision = "fp16" if dtype == torch.float16 else "fp32"
+                references[dtype] = (ref, _cosines(ref_keys, prefix), gaps, _threshold_margins(scores, thresholds),
+                                     selection_rule(encoder.reducer, scores, thresholds, precision))
             for name, dtype, tf32 in _precisions(device):
                 if device == "cuda":
                     _set_tf32(tf32)
                 precision = "fp16" if dtype == torch.float16 else "fp32"
-                ref, ref_keys, gaps, margins, selection = references[dtype]
+                ref, ref_cosines, gaps, margins, selection = references[dtype]
                 encoder = copy.deepcopy(base).to(device=device, dtype=dtype)
-                got, keys = _run(encoder, pixels, device, dtype)
+                got, keys, _, _ = _run(encoder, pixels, device, dtype)
                 if method == "prumerge":  # keys do not depend on the method: measured once
-                    out[f"key cosine max |delta| {name}"] = float(
-                        (keys @ keys.transpose(1, 2) - ref_keys @ ref_keys.transpose(1, 2)).abs().max())
+                    out[f"key cosine max |delta| {name}"] = float((_cosines(keys, prefix) - ref_cosines).abs().max())
                 result = compare_outputs(ref, got, TOLERANCE[precision], f"torch-{device}-{name}", gaps=gaps,
                                          epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
                 row = dataclasses.asdict(result)
@@ -157,24 +165,10 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
     return out
 
 
-def _threshold_margins(encoder, pixels: np.ndarray, dtype) -> np.ndarray:
+def _threshold_margins(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Per image: how close the nearest patch score lies to the IQR outlier threshold, relative to the threshold
     (a count can only flip between runtimes when this is within their score error)."""
-    from prumerge.reduce.attention import importance_scores
-    from prumerge.reduce.outliers import linear_quantile
-
-    adapter = encoder.adapter
-    margins = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), 8):
-            _, q, k = encoder.tower_outputs(torch.from_numpy(pixels[i:i + 8]).to(dtype))
-            scores = importance_scores(q.float(), k.float(), encoder.reducer, encoder.num_heads,
-                                       adapter.prefix_tokens, adapter.importance)
-            ordered = torch.sort(scores, dim=-1).values
-            q1, q3 = linear_quantile(ordered, 0.25), linear_quantile(ordered, 0.75)
-            upper = (q3 + encoder.reducer.iqr_factor * (q3 - q1)).unsqueeze(-1)
-            margins.append(((scores - upper).abs().min(dim=-1).values / upper[:, 0]).double().numpy())
-    return np.concatenate(margins)
+    return np.abs(scores - thresholds[:, None]).min(axis=1) / thresholds
 
 
 def _per_image(ref: dict, got: dict, margins: np.ndarray) -> dict:
@@ -189,13 +183,6 @@ def _per_image(ref: dict, got: dict, margins: np.ndarray) -> dict:
             "mean_jaccard": round(agree.mean_jaccard, 4), "min_jaccard": round(agree.min_jaccard, 4),
             "threshold_margin_of_moved": [float(f"{margins[b]:.2e}") for b in moved],
             "threshold_margin_median_all": float(f"{np.median(margins):.2e}")}
-
-
-def _raw_keys(encoder, pixels: np.ndarray, dtype) -> torch.Tensor:
-    """The last layer's keys as the reference computes its neighbour gaps from them (CPU)."""
-    with torch.inference_mode():
-        return torch.cat([encoder.tower_outputs(torch.from_numpy(pixels[i:i + 8]).to(dtype))[2]
-                          for i in range(0, len(pixels), 8)])
 
 
 def reduction_stage(tower, device: str, runs: int) -> dict:

@@ -157,17 +157,15 @@ class PruMergeEncoder(nn.Module):
         return reduce_tokens(hidden[:, prefix:], q, k, reducer or self.reducer, num_heads=self.num_heads, prefix=prefix,
                              importance=self.adapter.importance)
 
-    def selection_scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores [B, P], thresholds [B])``: the patch importance and IQR outlier threshold selection is made
-        from (fp32, as the reducer computes them). Validation of reduced-precision graphs checks a moved selection
-        against these."""
+    def selection_scores(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [B, P], thresholds [B])`` from :meth:`tower_outputs`' ``q, k``: the patch importance and IQR
+        outlier threshold selection is made from (fp32, as the reducer computes them). Validation of
+        reduced-precision graphs checks a moved selection against these."""
         from .reduce.attention import importance_scores
         from .reduce.outliers import iqr_threshold
 
-        with torch.no_grad():
-            _, q, k = self.tower_outputs(pixel_values)
-            scores = importance_scores(q.float(), k.float(), self.reducer, self.num_heads, self.adapter.prefix_tokens,
-                                       self.adapter.importance)
+        scores = importance_scores(q.float(), k.float(), self.reducer, self.num_heads, self.adapter.prefix_tokens,
+                                   self.adapter.importance)
         return scores, iqr_threshold(scores, self.reducer.iqr_factor)
 
     def neighbor_gaps(self, pixel_values: torch.Tensor | None, indices: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,13 +211,13 @@ class PruMergeEncoder(nn.Module):
         q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
-    def forward(self, pixel_values: torch.Tensor, keys_sink: list | None = None) -> ReducedTokens:
-        """``keys_sink``: a list that receives the last layer's keys (validation reuses them instead of a second
-        tower pass)."""
+    def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None) -> ReducedTokens:
+        """``tower_sink``: a list that receives the last layer's ``(q, k)`` (validation reuses them for neighbour
+        gaps and selection scores instead of a second tower pass)."""
         self.check_pixels(pixel_values)
         hidden, q, k = self.tower_outputs(pixel_values)
-        if keys_sink is not None:
-            keys_sink.append(k)
+        if tower_sink is not None:
+            tower_sink.append((q, k))
         batch, prefix = hidden.shape[0], self.adapter.prefix_tokens
         if self.reducer.method is Method.NONE:
             check_inputs(hidden[:, prefix:], q, k, prefix)

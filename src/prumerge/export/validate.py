@@ -162,20 +162,29 @@ def require(result: ValidationResult, what: str) -> ValidationResult:
     return result
 
 
+def selection_rule(reducer, scores, thresholds, precision: str) -> dict | None:
+    """The ``selection`` argument of :func:`compare_outputs` for ``precision``: the reference's ``scores [B, P]`` and
+    ``thresholds [B]`` (``PruMergeEncoder.selection_scores``) with the reducer's facts; None where selection is held
+    exact (fp32) or the rule does not apply (no reduction; a non-official order, whose kept part cannot be told
+    from PruMerge+'s samples)."""
+    if reducer.method.value == "none" or SELECTION_EPSILON[precision] <= 0 or reducer.order.value != "official":
+        return None
+    return dict(scores=np.asarray(scores, dtype=np.float64), thresholds=np.asarray(thresholds, dtype=np.float64),
+                plus=reducer.method.value == "prumerge+", min_keep=reducer.min_keep, epsilon=SELECTION_EPSILON[precision])
+
+
 def validate_against(encoder, got: dict, pixels, precision: str, provider: str) -> ValidationResult:
     """Compare runtime outputs ``got`` (numpy dict) for ``pixels`` with ``encoder`` (PyTorch), near-ties explained."""
     import torch
 
     with torch.no_grad():
-        keys: list = []
-        ref = encoder(torch.from_numpy(pixels), keys_sink=keys)  # one tower pass for the reference and its keys
-        reduced = encoder.reducer.method.value != "none"
-        gaps = encoder.neighbor_gaps(None, ref.indices, keys=keys[0]).numpy() if reduced else None
-        selection = None
-        if reduced and SELECTION_EPSILON[precision] > 0 and encoder.reducer.order.value == "official":
-            scores, thresholds = encoder.selection_scores(torch.from_numpy(pixels))
-            selection = dict(scores=scores.double().numpy(), thresholds=thresholds.double().numpy(),
-                             plus=encoder.reducer.method.value == "prumerge+", min_keep=encoder.reducer.min_keep,
-                             epsilon=SELECTION_EPSILON[precision])
+        sink: list = []
+        ref = encoder(torch.from_numpy(pixels), tower_sink=sink)  # one tower pass: reference, keys, scores
+        q, k = sink[0]
+        gaps = selection = None
+        if encoder.reducer.method.value != "none":
+            gaps = encoder.neighbor_gaps(None, ref.indices, keys=k).numpy()
+            scores, thresholds = encoder.selection_scores(q, k)
+            selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
     return compare_outputs(reference_arrays(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
