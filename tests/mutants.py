@@ -67,6 +67,88 @@ MUTANTS = {
         "export/validate.py", "tie = np.zeros(len(rows), dtype=bool) if gaps is None else np.asarray(gaps[b])[rows] < epsilon",
         "tie = np.ones(len(rows), dtype=bool)",
         ["tests/test_checkpoints.py::test_per_token_validation_explains_only_near_ties"]),
+    "answers of another artifact resumed": (
+        "evaluate/questions.py", 'if meta.get("artifact_sha256") != artifact_sha256:', "if False:",
+        ["tests/test_evaluate.py::test_an_interrupted_answer_file_resumes_from_its_whole_lines"]),
+    "question images may leave their folder": (
+        "evaluate/questions.py", "if root not in file.parents:", "if False:",
+        ["tests/test_evaluate.py::test_bad_question_files_are_one_error_naming_the_line"]),
+    "POPE's 'not' read as yes": (
+        "evaluate/scoring.py", 'return "no" if {"no", "not"} & set(first.split()) else "yes"',
+        'return "no" if {"no"} & set(first.split()) else "yes"',
+        ["tests/test_evaluate.py::test_scores_as_vqa_pope_and_multiple_choice_scorers_do"]),
+    "budget picks the slowest that keeps the accuracy": (
+        "evaluate/budget.py", 'return min(fits, key=lambda r: (r["ttft_ms"]["p50"], -r["accuracy"]))',
+        'return max(fits, key=lambda r: (r["ttft_ms"]["p50"], -r["accuracy"]))',
+        ["tests/test_evaluate.py::test_choose_by_budget"]),
+    "DINOv2 tower keys in the released layout not renamed": (
+        "towers.py", "    if tower.config.model_type not in Dinov2Tower.model_types:\n        return state\n",
+        "    return state\n",
+        ["tests/test_demovlm.py::test_llava_with_a_dinov2_tower_loads_as_transformers_runs_it"]),
+    "LoRA merged without its scale": (
+        "demovlm/lora.py", 'delta = float(state[f"{name}.scale"]) * state', "delta = state",
+        ["tests/test_demovlm.py::test_lora_merge_equals_the_adapter_forward"]),
+    "size question names an object by a shape it shares": (
+        "shapes_qa.py", "pairs = [(a, b) for a in unique_shape for b in unique_shape if a.radius > 1.6 * b.radius]",
+        "pairs = [(a, b) for a in nameable for b in nameable if a is not b and a.radius > 1.6 * b.radius and a.shape != b.shape]",
+        ["tests/test_shapes_qa.py::test_every_answer_is_right_and_unambiguous"]),
+    "--force replace leaves a window with nothing at --out": (
+        "export/staging.py", "if exchange(staging, target):", "if False:",
+        ["tests/test_bad_input.py::test_an_interrupted_replace_is_restored_never_deleted"]),
+    "an interrupted replace's old directory is deleted, not restored": (
+        "export/staging.py", 'if kind == "old" and not os.path.lexists(target)', 'if False and kind == "old"',
+        ["tests/test_bad_input.py::test_an_interrupted_replace_is_restored_never_deleted"]),
+    "the lock follows a symlink": (
+        "export/staging.py", "os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW", "os.O_RDWR | os.O_CREAT",
+        ["tests/test_bad_input.py::test_the_lock_never_writes_through_a_link"]),
+    "--out may overlap an input": (
+        "export/staging.py", "if path == target or path in target.parents or target in path.parents:", "if False:",
+        ["tests/test_bad_input.py::test_force_never_replaces_an_input_or_another_commands_output"]),
+    "--force replaces another command's output": (
+        "export/staging.py", 'return found == kind or (found == "legacy" and kind != "artifact")', "return found is not None",
+        ["tests/test_bad_input.py::test_force_never_replaces_an_input_or_another_commands_output"]),
+    "resize output unbounded": (
+        "runtime/preprocess.py", "if config.resize_shortest_edge * new_long > MAX_STEP_PIXELS:", "if False:",
+        ["tests/test_bad_input.py::test_a_tiny_png_that_would_resize_to_gigabytes_is_refused_before_any_allocation"]),
+    "EXIF orientation ignored": (
+        "runtime/preprocess.py", "        pil = _upright(pil)\n", "        pass\n",
+        ["tests/test_bad_input.py::test_exif_orientation_is_applied_as_transformers_does"]),
+    "external data not checked against the manifest": (
+        "artifact/manifest.py", "        self._check_external_data(directory)\n", "",
+        ["tests/test_bad_input.py::test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned"]),
+    "stream shows the start of a stop string": (
+        "runtime/pipeline.py", "safe = text if hit is not None else text[: len(text) - _stop_prefix(text, stop)]", "safe = text",
+        ["tests/test_pipeline.py::test_counts_timings_streaming_and_stops"]),
+    "relative mm_vision_tower read from the working directory": (
+        "export/convert.py", 'tower_source = vision_tower or _tower_location(source, config["mm_vision_tower"])',
+        'tower_source = vision_tower or config["mm_vision_tower"]',
+        ["tests/test_checkpoints.py::test_a_relative_tower_path_resolves_against_the_checkpoint_never_the_working_directory"]),
+    "0600 files kept": (
+        "export/staging.py", "                _apply_umask(staging)\n", "",
+        ["tests/test_bad_input.py::test_artifacts_are_readable_by_others_under_the_usual_umask"]),
+    "--image-size 0 taken as not given": (
+        "encoder.py", "int(image_size if image_size is not None else tower.config.image_size)",
+        "int(image_size or tower.config.image_size)",
+        ["tests/test_bad_input.py::test_sizes_and_counts_are_bounded_up_front"]),
+    "fp16 logits divided by a tiny temperature": (
+        "runtime/llm.py", "    logits = np.asarray(logits, dtype=np.float64)", "    pass",
+        ["tests/test_bad_input.py::test_tiny_temperatures_and_negative_seeds"]),
+    "opsets the exporter lacks accepted": (
+        "export/graph.py", "not 18 <= opset <= max_opset()", "not 18 <= opset",
+        ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
+    "calibration capacity of any type": (
+        "calib/budget.py", 'isinstance(m, dict) and _positive_int(m.get("capacity"))', 'isinstance(m, dict) and "capacity" in m',
+        ["tests/test_bad_input.py::test_calibration_numbers_are_checked_when_read"]),
+    "a wrong-shaped tower weight is torch's traceback": (
+        "encoder.py", '    _check_shapes(tower, state, source, "vision tower")\n', "",
+        ["tests/test_bad_input.py::test_a_vision_weight_of_the_wrong_shape_names_the_tensor"]),
+    "no network read as a missing hub file": (
+        "checkpoint.py", "except LocalEntryNotFoundError:", "except ZeroDivisionError:",
+        ["tests/test_bad_input.py::test_no_network_is_told_from_a_missing_file"]),
+    "fp32 order among near-tied kept patches held exact": (
+        "export/validate.py", 'if reducer.method.value == "none" or reducer.order.value != "official":',
+        'if reducer.method.value == "none" or reducer.order.value != "official" or SELECTION_EPSILON[precision] <= 0:',
+        ["tests/test_checkpoints.py::test_fp32_allows_only_an_order_swap_among_near_tied_kept_patches"]),
 }
 
 

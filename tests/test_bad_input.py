@@ -94,6 +94,75 @@ def test_stale_staging_of_a_killed_build_is_removed_by_the_next(tmp_path, clip_d
     assert not stale.exists() and live.exists()
 
 
+def test_an_interrupted_replace_is_restored_never_deleted(tmp_path, clip_dir, monkeypatch):
+    """--force swaps atomically (renameat2 exchange); where that is missing, a kill between the two renames leaves
+    the old artifact as .NAME.old-PID and the next command on the target puts it back."""
+    from prumerge.export import staging
+
+    out = tmp_path / "art"
+    build_artifact(str(clip_dir), out, BuildOptions(llm_precision=None, validate_images=1))
+    first = Manifest.read(out).created_utc
+    os.replace(out, tmp_path / ".art.old-999999999")  # the state a kill between the renames leaves
+    with pytest.raises(ArtifactError, match="restored from an interrupted replace"):
+        build_artifact(str(clip_dir), out, BuildOptions(llm_precision=None, validate_images=1))
+    assert Manifest.read(out).created_utc == first and not list(tmp_path.glob(".art.old-*"))
+
+    moved, rename = [], os.rename
+    monkeypatch.setattr(staging.os, "replace", lambda a, b: (moved.append(Path(a)) if Path(a) == out.resolve() else None,
+                                                           rename(a, b))[1])
+    build_artifact(str(clip_dir), out, BuildOptions(method="prumerge+", llm_precision=None, validate_images=1), force=True)
+    assert Manifest.read(out).vision.method == "prumerge+"
+    assert not moved, "on Linux the replace is one exchange, with no window in which the target is missing"
+
+
+def test_the_lock_never_writes_through_a_link(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("precious")
+    (tmp_path / ".art.lock").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        with staged_directory(tmp_path / "art"):
+            pass
+    (tmp_path / ".art.lock").unlink()
+    os.link(outside, tmp_path / ".art.lock")
+    with pytest.raises(ArtifactError, match="hard link"):
+        with staged_directory(tmp_path / "art"):
+            pass
+    assert outside.read_text() == "precious"
+
+
+def test_stale_cleanup_takes_only_its_own_targets_leftovers(tmp_path):
+    """`--out 'gl/art[1]'` must not glob `.art1.partial-*` (another target's), nor misread its PID."""
+    from prumerge.export.staging import remove_stale
+
+    other = tmp_path / ".art1.partial-999999999-xyz"
+    other.mkdir()
+    remove_stale(tmp_path / "art[1]")
+    assert other.exists()
+    mine = tmp_path / ".art[1].partial-999999999-abc"
+    mine.mkdir()
+    assert remove_stale(tmp_path / "art[1]") == [mine] and not mine.exists() and other.exists()
+
+
+def test_force_never_replaces_an_input_or_another_commands_output(tmp_path, clip_dir, artifact_factory):
+    runner = CliRunner()
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(clip_dir, checkpoint)
+    for out in (checkpoint, checkpoint / "inside", tmp_path):
+        result = runner.invoke(main, ["build", str(checkpoint), "--out", str(out), "--force", "--no-llm"])
+        assert result.exit_code == 7 and "overlaps the input" in result.output, result.output
+    assert (checkpoint / "config.json").is_file()
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact_factory("llava", "prumerge", "padded"), art)
+    other = tmp_path / "other"
+    shutil.copytree(art, other)
+    result = runner.invoke(main, ["triton", str(art), "--out", str(other), "--force"])
+    assert result.exit_code == 7 and "not a Triton repository prumerge wrote" in result.output, result.output
+    result = runner.invoke(main, ["convert", str(checkpoint), "--out", str(other), "--force"])
+    assert result.exit_code == 7 and "not a checkpoint prumerge converted" in result.output, result.output
+    assert Manifest.read(other)
+
+
 def _start_build(clip_dir, out: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*CLI, "build", str(clip_dir), "--out", str(out), "--no-llm"],
@@ -155,6 +224,53 @@ def _alive(pid: int) -> bool:
     return state.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def test_no_network_is_told_from_a_missing_file(monkeypatch):
+    """Offline, `build llava-hf/llava-1.5-7b-hf` said the hub repository had no config.json; the download failed."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from prumerge.checkpoint import Checkpoint
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(CheckpointError, match="not in the hub cache and the hub cannot be reached .*HF_HUB_OFFLINE=1"):
+        Checkpoint.open("llava-hf/llava-1.5-7b-hf").file("config.json")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="is switched off"):
+        Checkpoint.open("llava-hf/llava-1.5-7b-hf").file("config.json")
+
+    def missing(*args, **kwargs):
+        raise EntryNotFoundError("404")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    with pytest.raises(CheckpointError, match="the hub repository has no file config.json"):
+        Checkpoint.open("llava-hf/llava-1.5-7b-hf").file("config.json")
+
+
+def test_a_chat_template_that_loops_for_ever_is_stopped(tmp_path, monkeypatch):
+    from conftest import tiny_tokenizer
+
+    import prumerge.export.llm as llm
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                               "USER: {{ messages[0]['content'] }} ASSISTANT:")
+    tokenizer.save_pretrained(tmp_path / "slow")
+    monkeypatch.setattr(llm, "TEMPLATE_TIMEOUT_S", 15.0)
+    with pytest.raises(CheckpointError, match="did not render within 15 s"):
+        llm.prompt_format(tmp_path / "slow")
+    tokenizer.chat_template = "{% for i in range(90000) %}xxxxxxxxxxxxxxxxxxxx{% endfor %}USER: {{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(tmp_path / "long")
+    with pytest.raises(CheckpointError, match="renders 1800"):
+        llm.prompt_format(tmp_path / "long")
+    tokenizer.chat_template = "{% if add_generation_prompt %}USER: {{ messages[0]['content'] }} ASSISTANT:{% endif %}"
+    tokenizer.save_pretrained(tmp_path / "fine")
+    assert llm.prompt_format(tmp_path / "fine")[0] == "USER: {prompt} ASSISTANT:"
+
+
 def test_unwritable_out_is_one_clear_error(tmp_path, clip_dir):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
@@ -169,6 +285,16 @@ def test_artifacts_are_readable_by_others_under_the_usual_umask(tmp_path, clip_d
     finally:
         os.umask(old)
     assert (tmp_path / "art").stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "art").rglob("*") if p.is_file()}
+    assert set(modes.values()) <= {0o644, 0o755} and modes, modes
+    old = os.umask(0o022)
+    try:  # a writer that creates 0600 files (onnx's external data did) gets the same mode as the rest
+        with staged_directory(tmp_path / "other") as stage:
+            fd = os.open(stage / "vision.onnx.data", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "other" / "vision.onnx.data").stat().st_mode & 0o777 == 0o644
 
 
 def test_bin_only_checkpoint_fails_before_any_export(tmp_path, monkeypatch):
@@ -208,6 +334,38 @@ def test_graph_file_outside_or_unlisted_is_refused(artifact):
     _rehash(artifact, lambda d: d.__setitem__("files", {}))  # "verify passes with 0 files checked" no more
     with pytest.raises(ArtifactError, match="names files it does not hash: vision.onnx"):
         VisionSession.open(artifact)
+
+
+def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(artifact, tmp_path):
+    """A graph re-saved to read its weights from an unlisted `w.data` (then zeroed) passed verify and
+    --expect-sha256: every file a graph makes onnxruntime open must be listed and hashed."""
+    import onnx
+
+    from prumerge.artifact.manifest import describe_files
+    from prumerge.artifact.onnx_files import external_data_locations
+
+    assert external_data_locations(artifact / "vision.onnx") == set()
+    model = onnx.load(str(artifact / "vision.onnx"))
+    onnx.save(model, str(artifact / "vision.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.data", size_threshold=0)
+    assert external_data_locations(artifact / "vision.onnx") == {"w.data"}
+    data = (artifact / "w.data").read_bytes()
+    (artifact / "w.data").write_bytes(bytes(len(data)))  # zeroed weights
+    listed = describe_files(artifact)
+    _rehash(artifact, lambda d: d["files"].__setitem__("vision.onnx", listed["vision.onnx"]))
+    pinned = Manifest.read(artifact).sha256
+    with pytest.raises(ArtifactError, match="reads external data from 'w.data', which the manifest does not hash"):
+        VisionSession.open(artifact, expect_sha256=pinned)
+    result = CliRunner().invoke(main, ["verify", str(artifact), "--no-reference"])
+    assert result.exit_code != 0 and "does not hash" in result.output
+
+
+def test_a_linked_manifest_is_refused(artifact, tmp_path):
+    shutil.copy(artifact / MANIFEST_NAME, tmp_path / "elsewhere.json")
+    (artifact / MANIFEST_NAME).unlink()
+    (artifact / MANIFEST_NAME).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        Manifest.read(artifact)
 
 
 def test_a_pinned_manifest_hash_catches_a_rehashed_edit(artifact_factory, artifact):
@@ -316,6 +474,80 @@ def test_decompression_bombs_are_refused_and_calibration_skips_them(tmp_path, mo
     assert dataset.names == ["ok.png"] and sorted(s["file"] for s in dataset.skipped) == ["bigger.png", "bomb.png"]
 
 
+def test_sizes_and_counts_are_bounded_up_front(tmp_path, clip_dir, artifact_factory):
+    """`--image-size 0` is not "not given"; a size whose grid would make the reducer's P x P similarity huge, and
+    `verify --images` outside 1..256, are one line each, before any export or model run."""
+    from prumerge.encoder import PruMergeEncoder
+
+    with pytest.raises(CheckpointError, match="not a positive multiple"):
+        PruMergeEncoder.from_pretrained(clip_dir, method="none", image_size=0)
+    runner = CliRunner()
+    for size, message in (("0", "not a positive multiple"), ("10010", "at most 4096 are supported")):
+        result = runner.invoke(main, ["build", str(clip_dir), "--out", str(tmp_path / f"a{size}"), "--no-llm", "--image-size", size])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / f"a{size}").exists()
+    art = artifact_factory("llava", "prumerge", "padded")
+    for count in ("0", "-1", "20000"):
+        result = runner.invoke(main, ["verify", str(art), "--images", count])
+        assert result.exit_code == 3 and "--images must be in 1..256" in result.output, result.output
+
+
+def test_a_tiny_png_that_would_resize_to_gigabytes_is_refused_before_any_allocation(tmp_path, artifact_factory):
+    import tracemalloc
+
+    from prumerge.artifact.preprocess import PreprocessConfig
+    from prumerge.runtime.preprocess import preprocess_image
+
+    config = PreprocessConfig.from_processor_dict(None, 112)
+    for size in ((100000, 1), (20000, 2), (1, 30000)):
+        path = tmp_path / f"thin-{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 10, 10)).save(path)
+        tracemalloc.start()
+        with pytest.raises(InputError, match="aspect ratio"):
+            preprocess_image(path, config)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 50e6, f"{size}: {peak / 1e6:.0f} MB allocated before refusing"
+    wide = tmp_path / "wide.png"  # a legal aspect ratio whose resize would still be enormous
+    Image.new("RGB", (9000, 90), (0, 0, 0)).save(wide)
+    with pytest.raises(InputError, match="pixels long"):
+        preprocess_image(wide, PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 8000}, "crop_size": 112}, 112))
+    result = CliRunner().invoke(main, ["run", str(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32")),
+                                       "--image", str(tmp_path / "thin-100000x1.png"), "--prompt", "hi"])
+    assert result.exit_code == 3 and "aspect ratio" in result.output and "Traceback" not in result.output
+
+
+def test_exif_orientation_is_applied_as_transformers_does(tmp_path):
+    from transformers.image_utils import load_image as hf_load_image
+
+    from prumerge.runtime.preprocess import load_image
+
+    array = np.zeros((24, 40, 3), dtype=np.uint8)
+    array[:, :20] = (250, 0, 0)  # left half red, right half blue: a rotation moves them
+    array[:, 20:] = (0, 0, 250)
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    Image.fromarray(array).save(path, exif=exif, quality=95)
+    ours = np.asarray(load_image(path))
+    theirs = np.asarray(hf_load_image(str(path)))
+    assert ours.shape == theirs.shape == (40, 24, 3)
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), theirs)
+
+
+def test_tiny_temperatures_and_negative_seeds(tmp_path):
+    from prumerge.runtime.llm import choose_token
+
+    logits = np.array([0.5, 3.0, 2.999, -1.0], dtype=np.float16)
+    rng = np.random.default_rng(0)
+    assert all(choose_token(logits, t, 1.0, rng) == 1 for t in (1e-300, 1e-30, 1e-8))
+    pipeline, _ = _tokenizer_pipeline(tmp_path, "USER: {prompt} ASSISTANT:")
+    for seed in (-1, 2 ** 64, 1.5):
+        with pytest.raises(InputError, match="seed must be an integer"):
+            pipeline.generate(None, "hi", seed=seed)
+
+
 def test_transparent_pixels_become_white_as_in_transformers():
     from prumerge.runtime.preprocess import load_image
 
@@ -352,6 +584,68 @@ def test_malformed_calibration_files(tmp_path, content, message):
 def test_coverage_is_checked_before_the_model_pass(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--synthetic", "2", "--model", str(tmp_path / "nope"), "--coverage", "1.5"])
     assert result.exit_code == 2 and "1.5" in result.output
+
+
+@pytest.mark.parametrize("field, value", [("capacity", "abc"), ("capacity", None), ("capacity", [3]), ("capacity", 7.5),
+                                          ("capacity", 0), ("num_patches", "x")])
+def test_calibration_numbers_are_checked_when_read(tmp_path, field, value):
+    from prumerge.calib.budget import BudgetReport
+
+    data = {"format": "prumerge-calibration", "model": "m", "num_patches": 64, "coverage": 0.99, "images": [],
+            "skipped": [], "source": {}, "methods": {"prumerge": {"capacity": 12}}}
+    if field == "capacity":
+        data["methods"]["prumerge"]["capacity"] = value
+    else:
+        data[field] = value
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="malformed method entries|must be integers"):
+        BudgetReport.read(tmp_path / "c.json")
+
+
+def test_command_arguments_are_one_line_before_any_work(tmp_path, clip_dir, artifact_factory, monkeypatch):
+    """Each was a traceback, a silent default, or an error only after the whole model pass."""
+    import prumerge.calib.budget as budget
+    import prumerge.profile as profile_pkg
+
+    monkeypatch.setattr(budget, "calibrate_budget", lambda *a, **k: pytest.fail("ran the model pass before checking"))
+    monkeypatch.setattr(profile_pkg, "run", lambda *a, **k: pytest.fail("profiled before checking"))
+    (tmp_path / "existing").mkdir()
+    art = artifact_factory("llava", "prumerge", "padded")
+    llm_art = artifact_factory("llava", "prumerge", "padded", llm_precision="fp32")
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
+    cases = [
+        (["build", str(clip_dir), "--out", str(tmp_path / "o1"), "--no-llm", "--opset", "99"], "opset 99 is not available"),
+        (["calibrate", "--synthetic", "-2", "--model", str(clip_dir)], "must be >= 0"),
+        (["calibrate", "--synthetic", "2", "--model", str(clip_dir), "--out", str(tmp_path / "existing")], "is a directory"),
+        (["calibrate", "--synthetic", "2", "--model", str(clip_dir), "--methods", ","], "at least one method"),
+        (["profile", str(llm_art), "--synthetic", "1", "--json", str(tmp_path / "existing")], "is a directory"),
+        (["inspect", str(image), "--model", str(clip_dir), "--out", str(tmp_path / "existing")], "is a directory"),
+        (["triton", str(llm_art), "--out", str(tmp_path / "t1"), "--max-batch", "0"], "--max-batch must be in 1.."),
+        (["triton", str(llm_art), "--out", str(tmp_path / "t2"), "--max-queue-delay-us", "-5"], "--max-queue-delay-us must be"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code not in (0, 1) and message in result.output, (args, result.exit_code, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert "Traceback" not in result.output and len(lines) <= 3, result.output  # click's usage lines at most
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "o1").exists()
+    del art
+
+
+def test_a_vision_weight_of_the_wrong_shape_names_the_tensor(tmp_path, clip_dir):
+    from safetensors.torch import load_file, save_file
+
+    from prumerge.encoder import PruMergeEncoder
+
+    bad = tmp_path / "bad"
+    shutil.copytree(clip_dir, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in state if k.endswith("layers.2.self_attn.k_proj.weight"))
+    state[key] = state[key][:, :16].contiguous()
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \[32, 16\] but the config makes it \[32, 32\]"):
+        PruMergeEncoder.from_pretrained(bad, method="none")
 
 
 # ------------------------------------------------------------------------------------------------ profile

@@ -150,6 +150,39 @@ def test_selection_rule_checks_prumerge_plus_samples():
     assert not selection_within(near, threshold, four + _plus_samples(kept, 64), True, 1, 3e-2)
 
 
+def test_fp32_allows_only_an_order_swap_among_near_tied_kept_patches():
+    """fp32: the kept set and count stay exact; two kept patches whose scores tie within 5e-5 may swap order (the
+    real DINOv2-S at 518 px did), a swap of clearly different scores or any set change still fails."""
+    from types import SimpleNamespace
+
+    from prumerge.export.validate import selection_rule
+
+    scores, threshold = _scores()
+    tied = scores.copy()
+    tied[9] = tied[5] * (1 - 1e-5)
+    reducer = SimpleNamespace(method=SimpleNamespace(value="prumerge"), order=SimpleNamespace(value="official"), min_keep=1)
+    rule = selection_rule(reducer, tied[None], np.array([threshold]), "fp32")
+    assert rule["same_set"] and rule["epsilon"] == 5e-5
+
+    def output(selected):
+        n = len(selected) + 1
+        tokens = np.zeros((1, 8, 4), np.float32)
+        tokens[0, :n - 1] = np.asarray(selected, dtype=np.float32)[:, None]
+        indices = np.full((1, 8), -2)
+        indices[0, :n] = list(selected) + [-1]
+        return {"tokens": tokens, "num_tokens": np.array([n]), "indices": indices}
+
+    reference = output([5, 9, 30])
+    swapped = compare_outputs(reference, output([9, 5, 30]), 1e-4, "cpu", selection=rule)
+    assert swapped.ok and swapped.selection_moved == 1 and swapped.unexplained == 0
+    far = dict(rule, scores=scores[None])  # 3.0 vs 2.5: not a tie
+    assert compare_outputs(reference, output([9, 5, 30]), 1e-4, "cpu", selection=far).selection_unexplained == 1
+    near = tied.copy()
+    near[40] = threshold * (1 + 1e-5)  # a count change within 5e-5 is still refused in fp32: the set is exact
+    rule_near = dict(rule, scores=near[None])
+    assert compare_outputs(output([5, 9, 30, 40]), output([5, 9, 30]), 1e-4, "cpu", selection=rule_near).selection_unexplained == 1
+
+
 def test_moved_selection_passes_only_with_the_rule_and_compares_common_tokens():
     scores, threshold = _scores()
     near = scores.copy()
@@ -172,7 +205,7 @@ def test_moved_selection_passes_only_with_the_rule_and_compares_common_tokens():
     result = compare_outputs(reference, moved, 1e-4, "cpu", selection=selection)
     assert result.ok and (result.selection_moved, result.selection_unexplained, result.tokens) == (1, 0, 3)
     assert require(result, "x") is result
-    exact = compare_outputs(reference, moved, 1e-4, "cpu")  # fp32: no rule, a moved selection fails
+    exact = compare_outputs(reference, moved, 1e-4, "cpu")  # no rule: a moved selection fails
     assert not exact.ok and exact.selection_unexplained == 1
     with pytest.raises(ValidationError, match="token counts differ"):
         require(exact, "validation of x")
@@ -395,6 +428,32 @@ def test_conversion_refusals(lora_checkpoint, tmp_path):
     (bad / "config.json").write_text(json.dumps(config | {"mm_projector_type": "linear"}))
     with pytest.raises(CheckpointError, match="mm_projector_type 'linear'"):
         convert_llava_original(bad, tmp_path / "c", base=lora_checkpoint["base"])
+
+
+def test_a_relative_tower_path_resolves_against_the_checkpoint_never_the_working_directory(
+        merged_checkpoint, tower_dir, tmp_path, monkeypatch):
+    """`mm_vision_tower: "../clip"` loaded `evil/clip` from the working directory; it is the checkpoint's neighbour."""
+    from transformers import CLIPVisionModel
+
+    from prumerge.export.convert import convert_llava_original
+
+    root = tmp_path / "models"
+    checkpoint = root / "llava"
+    shutil.copytree(merged_checkpoint["dir"], checkpoint)
+    shutil.copytree(tower_dir, root / "clip")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"mm_vision_tower": "../clip"}))
+    evil = tmp_path / "cwd"
+    torch.manual_seed(99)
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(evil / "clip")  # another tower where ../clip would land from cwd
+    (evil / "sub").mkdir()
+    monkeypatch.chdir(evil / "sub")
+    facts = convert_llava_original(checkpoint, tmp_path / "hf")
+    assert facts["vision_tower"] == str((root / "clip").resolve())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"mm_vision_tower": "clip"}))
+    monkeypatch.chdir(evil)  # `clip` exists only in the working directory: refused, not loaded
+    with pytest.raises(CheckpointError, match="not inside the checkpoint directory"):
+        convert_llava_original(checkpoint, tmp_path / "hf2")
 
 
 def test_convert_command(lora_checkpoint, tmp_path):

@@ -58,11 +58,10 @@ def test_bad_model_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_demo_runs_offline(tmp_path):
-    """The demo's vision side here (its full run with the SmolLM2 answers, ~100 s, is the main job that .ci/run
-    executes and checks after the suite)."""
+def test_demo_needs_its_llm_and_says_what_it_is(tmp_path):
+    """The demo answers questions: without its LLM it refuses in one line, before building anything (its full run,
+    answers included, is the main job that .ci/run executes and checks after the suite)."""
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--no-llm"])
-    assert result.exit_code == 0, result.output
-    assert "RANDOM weights" in result.output
-    assert result.output.count("visual tokens for the LLM") == 4
-    assert "no LLM in this demo" in result.output
+    assert result.exit_code == 2 and "needs its LLM" in result.output and "Traceback" not in result.output
+    assert "trained here on generated shapes" in result.output
+    assert not (tmp_path / "demo").exists()

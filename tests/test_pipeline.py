@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
         decoder.step(np.zeros((5, embeds.shape[1]), np.float32), shared)
 
 
-def test_counts_timings_streaming_and_stops(llm_artifact):
+def test_counts_timings_streaming_and_stops(llm_artifact, tmp_path):
     pipeline = Pipeline.from_artifacts(llm_artifact)
     stream = pipeline.generate(images(1), "<image> describe", max_new_tokens=10, stream=True)
     pieces = list(stream)
@@ -114,9 +115,21 @@ def test_counts_timings_streaming_and_stops(llm_artifact):
     assert result.timings_ms["ttft"] <= result.timings_ms["total"]
     assert result.text, "greedy on this model produces text here (deterministic); the stop-string check needs it"
     stop = result.text[len(result.text) // 2:][:2] or result.text[:1]
-    stopped = pipeline.generate(images(1), "<image> describe", max_new_tokens=10, stop=[stop])
-    assert stop not in stopped.text and stopped.stop_reason == "stop_string"
-    assert result.text.startswith(stopped.text)
+    stopped_stream = pipeline.generate(images(1), "<image> describe", max_new_tokens=10, stop=[stop], stream=True)
+    streamed = "".join(stopped_stream)
+    stopped = stopped_stream.result
+    expected = result.text[: result.text.index(stop)]  # the answer ends right before the stop string
+    assert stopped.text == streamed == expected and stopped.stop_reason == "stop_string"
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from prumerge.cli import main
+
+    Image.fromarray(images(1)[0]).save(tmp_path / "img.png")
+    cli = CliRunner().invoke(main, ["run", str(llm_artifact), "--image", str(tmp_path / "img.png"), "--prompt",
+                                    "<image> describe", "--max-new-tokens", "10", "--stop", stop, "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.output)["text"] == expected
     a = pipeline.generate(None, "the quick", max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)
     b = pipeline.generate(None, "the quick", max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)
     assert a.token_ids == b.token_ids

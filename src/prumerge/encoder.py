@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_s
 from .errors import CheckpointError, ConfigError, InputError
 from .reduce.config import Method, ReducerConfig
 from .reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
-from .towers import FAMILIES, build_tower, tower_for
+from .towers import FAMILIES, build_tower, match_key_layout, tower_for
 
 
 class PruMergeEncoder(nn.Module):
@@ -129,7 +129,7 @@ class PruMergeEncoder(nn.Module):
                 image_size = processor_image_size(processor)
             except InputError as exc:
                 raise CheckpointError(f"{checkpoint.source}: preprocessor_config.json: {exc}") from exc
-        tower_for(tower).resize(int(image_size or tower.config.image_size))
+        tower_for(tower).resize(int(image_size if image_size is not None else tower.config.image_size))
         projector = None
         if projector_config is not None:
             projector = _load_projector(projector_config, projector_state(state), checkpoint.source)
@@ -252,13 +252,24 @@ def _load_family(model_type: str, checkpoint, revision) -> nn.Module:
 
 def _load_tower(vision_config, state: dict, source: str) -> nn.Module:
     tower = build_tower(vision_config)
+    state = match_key_layout(tower, state)
     needed = {k for k in tower.state_dict() if not k.startswith("post_layernorm.")}
     missing = sorted(needed - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{source}: vision tower weights missing from the checkpoint: {shown}")
+    _check_shapes(tower, state, source, "vision tower")
     tower.load_state_dict(state, strict=False)
     return tower
+
+
+def _check_shapes(module: nn.Module, state: dict, source: str, what: str) -> None:
+    """One line naming the tensor and both shapes (not torch's multi-line size-mismatch traceback)."""
+    for name, expected in module.state_dict().items():
+        got = state.get(name)
+        if got is not None and tuple(got.shape) != tuple(expected.shape):
+            raise CheckpointError(f"{source}: {what} tensor {name} has shape {list(got.shape)} but the config makes it "
+                                  f"{list(expected.shape)}; the weights and config.json do not match")
 
 
 def _load_projector(config, state: dict, source: str) -> nn.Module:
@@ -269,5 +280,6 @@ def _load_projector(config, state: dict, source: str) -> nn.Module:
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{source}: projector weights missing from the checkpoint: {', '.join(missing)}")
+    _check_shapes(projector, state, source, "projector")
     projector.load_state_dict({k: state[k] for k in expected})
     return projector

@@ -69,7 +69,7 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
         options = dict(manifest.reducer["options"])  # the graph's capacity stays out: inspect shows untruncated
         reducer_options = {**options, **reducer_options}
         model = manifest.source["model"]
-        image_size = image_size or manifest.reducer.get("image_size")
+        image_size = image_size if image_size is not None else manifest.reducer.get("image_size")
     encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, image_size=image_size, **reducer_options)
     config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)

@@ -20,7 +20,11 @@ import inspect
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+
+# the largest patch grid a graph is exported for: the reducer's similarity is P x P per image (4096 patches =
+# 64 MB in fp32); ViT-L/14-336 has 576, DINOv2 at its 518 px config 1369
+MAX_PATCHES = 4096
 
 
 @functools.cache
@@ -87,6 +91,9 @@ class Tower:
         config, patch = self.config, self.config.patch_size
         if image_size <= 0 or image_size % patch:
             raise CheckpointError(f"image size {image_size} is not a positive multiple of the patch size {patch}")
+        if (image_size // patch) ** 2 > MAX_PATCHES:
+            raise ConfigError(f"image size {image_size} gives {(image_size // patch) ** 2} patches of {patch} px; at most "
+                              f"{MAX_PATCHES} are supported (the reducer compares every patch with every other)")
         if image_size == config.image_size:
             return
         embeddings = self.model.embeddings
@@ -190,3 +197,27 @@ def build_tower(vision_config) -> nn.Module:
     if vision_config.model_type not in classes:
         raise CheckpointError(f"vision tower {vision_config.model_type!r} is not supported (supported: {', '.join(sorted(classes))})")
     return classes[vision_config.model_type](vision_config)
+
+
+# DINOv2's attention weights under the names its released checkpoints (and transformers' save_pretrained, which
+# writes the released layout back) use, and under the names of transformers' refactored module (5.17+)
+_DINOV2_KEY_LAYOUTS = ((".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
+                       (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj."))
+
+
+def match_key_layout(tower: nn.Module, state: dict) -> dict:
+    """``state`` with its keys in the layout ``tower``'s module uses. A LLaVA checkpoint with a DINOv2 tower saved by
+    transformers holds the released names (``attention.attention.query``) while the module may name them
+    ``attention.q_proj`` (or the reverse on older releases); AutoModel renames on load, a state dict read by hand
+    needs the same."""
+    if tower.config.model_type not in Dinov2Tower.model_types:
+        return state
+    expected = set(tower.state_dict())
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _DINOV2_KEY_LAYOUTS:
+            for a, b in ((old, new), (new, old)):
+                if a in key and key not in expected and key.replace(a, b) in expected:
+                    key = key.replace(a, b)
+        renamed[key] = value
+    return renamed

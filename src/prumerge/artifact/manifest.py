@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 from pathlib import Path, PurePosixPath
 
 from ..errors import ArtifactError
@@ -268,6 +269,8 @@ class Manifest:
         if not directory.is_dir():
             raise ArtifactError(f"artifact directory not found: {directory}")
         path = directory / MANIFEST_NAME
+        if path.is_symlink():
+            raise ArtifactError(f"{path} is a symbolic link; an artifact's manifest must be a file inside it")
         if not path.is_file():
             raise ArtifactError(f"{directory} has no {MANIFEST_NAME}; not a prumerge artifact (or an interrupted build)")
         try:
@@ -337,6 +340,21 @@ class Manifest:
                 raise ArtifactError(f"artifact file {path} has {path.stat().st_size} bytes, the build wrote {meta['bytes']}; it was modified or truncated")
             if sha256_file(path) != meta["sha256"]:
                 raise ArtifactError(f"artifact file {path} does not match its sha256 in the manifest; it was modified")
+        self._check_external_data(directory)
+
+    def _check_external_data(self, directory: Path) -> None:
+        """Every file a listed ONNX graph makes onnxruntime read (its external data) is itself listed and hashed:
+        a graph pointing at an unlisted or outside file is refused, so the pinned hash covers all that runs."""
+        from .onnx_files import external_data_locations
+
+        for name in sorted(n for n in self.files if n.endswith(".onnx")):
+            for location in sorted(external_data_locations(inside(directory, name))):
+                pure = PurePosixPath(location)
+                target = posixpath.normpath(str(PurePosixPath(name).parent / pure)) if location else ""
+                if not location or pure.is_absolute() or target.startswith("../") or target not in self.files:
+                    raise ArtifactError(f"{directory}: graph {name} reads external data from {location!r}, which the "
+                                        "manifest does not hash; refused")
+                inside(directory, target)
 
 
 def inside(directory: str | os.PathLike, name: str) -> Path:

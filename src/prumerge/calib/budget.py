@@ -70,8 +70,11 @@ class BudgetReport:
         if missing:
             raise InputError(f"calibration file {path} lacks {', '.join(missing)}; write it again with prumerge-export calibrate")
         report = cls(**{n: data[n] for n in fields if n in data})
-        if not isinstance(report.methods, dict) or not all(isinstance(m, dict) and "capacity" in m for m in report.methods.values()):
-            raise InputError(f"calibration file {path} has malformed method entries")
+        if not isinstance(report.methods, dict) or not report.methods or not all(
+                isinstance(m, dict) and _positive_int(m.get("capacity")) for m in report.methods.values()):
+            raise InputError(f"calibration file {path} has malformed method entries (each needs an integer capacity >= 1)")
+        if not _positive_int(report.num_patches) or (report.image_size is not None and not _positive_int(report.image_size)):
+            raise InputError(f"calibration file {path}: num_patches and image_size must be integers >= 1")
         return report
 
     def check_model(self, encoder) -> None:
@@ -90,6 +93,10 @@ class BudgetReport:
         if method not in self.methods:
             raise ConfigError(f"the calibration file has no counts for {method}; it has {', '.join(self.methods)}")
         return int(self.methods[method]["capacity"])
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), coverage: float = 0.999, batch: int = 8,

@@ -66,8 +66,11 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     from ..encoder import PruMergeEncoder
     from .convert import as_llava_hf
 
+    from .graph import check_opset
+
     step = progress or (lambda message: None)
     method = Method.parse(options.method)
+    check_opset(options.opset)
     if options.max_tokens is not None and method is Method.NONE:
         raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
     calibration = None
@@ -85,7 +88,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
 
         engine_options = EngineOptions.for_target(options.target or "server", **options.engine_options)
         check_batch(engine_options, options.batch_max)
-    with staged_directory(out, force=force) as stage, \
+    with staged_directory(out, force=force, inputs=(model, options.base, options.vision_tower, options.calibration)) as stage, \
             as_llava_hf(model, options.base, options.vision_tower, target=Path(out).resolve(), progress=step) as (checkpoint, converted):
         step(f"loading the vision side of {model}")
         encoder = PruMergeEncoder.from_pretrained(

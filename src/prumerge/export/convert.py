@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -52,6 +53,22 @@ def is_llava_original(path) -> bool:
     return isinstance(data, dict) and "mm_vision_tower" in data and "vision_config" not in data
 
 
+def _tower_location(source: Path, value) -> str:
+    """Where ``mm_vision_tower`` points: an absolute path; a path relative to the *checkpoint directory* (never the
+    working directory, which would load whatever happens to be there); else a hub id."""
+    if not isinstance(value, str) or not value.strip():
+        raise CheckpointError(f"{source}: mm_vision_tower must be a hub id or a path, got {value!r}")
+    if os.path.isabs(value):
+        return value
+    local = Path(source) / value
+    if value.startswith(("./", "../")) or value in (".", "..") or local.exists():
+        return str(local.resolve())
+    if Path(value).exists():
+        raise CheckpointError(f"{source}: mm_vision_tower {value!r} is not inside the checkpoint directory; a directory "
+                              "of that name in the working directory is not used: pass --vision-tower DIR")
+    return value  # a hub id
+
+
 def convert_llava_original(source, out, base=None, vision_tower=None, progress: Callable[[str], None] | None = None) -> dict:
     """Write ``source`` (original LLaVA layout, merged or LoRA) as a llava-hf checkpoint in ``out``; return facts."""
     step = progress or (lambda message: None)
@@ -73,7 +90,7 @@ def convert_llava_original(source, out, base=None, vision_tower=None, progress: 
         llm = Checkpoint.open(base)
     else:
         llm = Checkpoint.open(source)
-    tower_source = vision_tower or config["mm_vision_tower"]
+    tower_source = vision_tower or _tower_location(source, config["mm_vision_tower"])
     try:
         tower = Checkpoint.open(tower_source)
     except CheckpointError as exc:

@@ -61,6 +61,23 @@ def output_shapes(encoder: PruMergeEncoder, contract: Contract) -> dict:
     return dict(zip(OUTPUT_NAMES, shapes))
 
 
+def max_opset() -> int:
+    """The newest ONNX opset both the exporter's op library (onnxscript) and the installed onnx know."""
+    import re
+
+    import onnx
+    import onnxscript.onnx_opset as opsets
+
+    known = [int(m.group(1)) for name in dir(opsets) for m in [re.fullmatch(r"opset(\d+)", name)] if m]
+    return min(max(known), onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """One line for an opset the exporter cannot write (checked before the model is loaded)."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= max_opset():
+        raise ConfigError(f"opset {opset} is not available from the dynamo exporter; use 18..{max_opset()}")
+
+
 def export_onnx(
     encoder: PruMergeEncoder,
     path: Path,
@@ -69,8 +86,7 @@ def export_onnx(
     batch_max: int = 64,
 ) -> Path:
     """Export with ``torch.onnx.export(dynamo=True)``; the batch axis is dynamic (1..batch_max)."""
-    if opset < 18:
-        raise ConfigError(f"opset {opset} is not available from the dynamo exporter; use 18 or newer")
+    check_opset(opset)
     if batch_max < 1:
         raise ConfigError(f"batch_max must be >= 1, got {batch_max}")
     graph = VisionGraph(encoder, contract).eval()

@@ -122,20 +122,56 @@ def _die_with_parent() -> None:
         pass
 
 
+# a chat template is code from the checkpoint: it is rendered in a child process with a time and size bound (a
+# template with nested range(100000) loops hung the build for minutes)
+TEMPLATE_TIMEOUT_S = 60.0
+TEMPLATE_MAX_CHARS = 1_000_000
+_RENDER = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+out = {"template": bool(tokenizer.chat_template), "rendered": None}
+if tokenizer.chat_template:
+    try:
+        out["rendered"] = tokenizer.apply_chat_template([{"role": "user", "content": sys.argv[2]}],
+                                                        add_generation_prompt=True, tokenize=False)
+    except Exception:  # templates that need structured content: the caller falls back to LLaVA-1.5's format
+        pass
+    if isinstance(out["rendered"], str) and len(out["rendered"]) > int(sys.argv[3]):
+        out = {"template": True, "too_long": len(out["rendered"])}
+sys.stdout.write(json.dumps(out))
+"""
+
+
+def render_chat_template(hf_dir: Path) -> str | None:
+    """The checkpoint's chat template rendered for one user turn holding a sentinel (None: no usable template),
+    in a child process bounded by :data:`TEMPLATE_TIMEOUT_S` and :data:`TEMPLATE_MAX_CHARS`."""
+    try:
+        result = subprocess.run([sys.executable, "-c", _RENDER, str(hf_dir), _SENTINEL, str(TEMPLATE_MAX_CHARS)],
+                                capture_output=True, text=True, timeout=TEMPLATE_TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise CheckpointError(f"{hf_dir}: the chat template did not render within {TEMPLATE_TIMEOUT_S:g} s (a template is "
+                              "code from the checkpoint; this one loops too long); fix tokenizer_config.json's chat_template") from None
+    try:
+        data = json.loads(result.stdout)
+    except ValueError:
+        tail = (result.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        raise CheckpointError(f"{hf_dir}: cannot read the tokenizer to render its chat template ({tail[0]})") from None
+    if "too_long" in data:
+        raise CheckpointError(f"{hf_dir}: the chat template renders {data['too_long']} characters for one short turn "
+                              f"(over {TEMPLATE_MAX_CHARS}); fix tokenizer_config.json's chat_template")
+    return data.get("rendered")
+
+
 def prompt_format(hf_dir: Path) -> tuple[str, bool]:
     """(format with ``{prompt}``, whether the runtime must prepend BOS), from the checkpoint's chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     fmt = None
-    if tokenizer.chat_template:
-        try:
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
-                                                     tokenize=False)
-            if rendered.count(_SENTINEL) == 1:
-                fmt = rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
-        except Exception:  # templates that need structured content: fall back to LLaVA-1.5's format
-            fmt = None
+    rendered = render_chat_template(hf_dir) if tokenizer.chat_template else None
+    if isinstance(rendered, str) and rendered.count(_SENTINEL) == 1:
+        fmt = rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
     fmt = fmt or LLAVA15_FORMAT
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CheckpointError
+from ..errors import ArtifactError, CheckpointError, InputError
 from ..artifact.manifest import Manifest, inside
+
+
+MAX_VERIFY_IMAGES = 256  # each image runs through onnxruntime and PyTorch: a bound, not a memory error
 
 
 def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu", reference: bool = True, seed: int = 1,
@@ -17,6 +20,8 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     from ..runtime.vision import VisionSession
     from .validate import reference_arrays, require, synthetic_pixels, validate_against
 
+    if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= MAX_VERIFY_IMAGES:
+        raise InputError(f"--images must be in 1..{MAX_VERIFY_IMAGES} (synthetic images compared), got {images}")
     session = VisionSession.open(directory, provider=provider, verify=True, expect_sha256=expect_sha256)
     manifest = session.manifest
     pixels = synthetic_pixels(images, session.image_size, seed=seed)

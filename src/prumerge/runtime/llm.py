@@ -110,6 +110,7 @@ def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     """Greedy at temperature 0; otherwise nucleus sampling over ``softmax(logits / temperature)``."""
     if temperature <= 0:
         return int(np.argmax(logits))
+    logits = np.asarray(logits, dtype=np.float64)  # fp16 logits / 1e-300 would be 0/0 (NaN) in float16
     scaled = (logits - logits.max()) / temperature
     probs = np.exp(scaled)
     probs /= probs.sum()

@@ -212,6 +212,8 @@ class Pipeline:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
             raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise InputError(f"seed must be an integer in 0..2**63-1, got {seed}")
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
@@ -262,9 +264,10 @@ class _Stream:
             if hit is not None:
                 text = text[: text.index(hit)]
                 reason = "stop_string"
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                yield text[len(emitted):]
-                emitted = text
+            safe = text if hit is not None else text[: len(text) - _stop_prefix(text, stop)]
+            if len(safe) > len(emitted) and not safe.endswith("\ufffd"):
+                yield safe[len(emitted):]  # never the start of a stop string that the next tokens may complete
+                emitted = safe
             if hit is None and len(generated) >= budget:
                 reason = "max_new_tokens" if budget == max_new_tokens else "context"
             if hit is not None or len(generated) >= budget:
@@ -281,6 +284,18 @@ class _Stream:
             yield final[len(emitted):]  # flush what was held back (an incomplete multi-byte character)
         self.result = GenerationResult(final, generated, visual, int(embeds.shape[0]), len(generated), reason, timings,
                                        pipeline.method)
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins a stop string: held back from the stream until the next
+    tokens show whether the stop string follows (the answer must end before it, streamed or returned)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def chunk_layout(chunks: list, visual_counts: Sequence[int]) -> list:

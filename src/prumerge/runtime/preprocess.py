@@ -19,6 +19,10 @@ from ..artifact.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessC
 from ..errors import InputError
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+# bounds on what preprocessing allocates, checked from the sizes before any resize or pad: a 377-byte PNG of
+# 100000x1 pixels would otherwise be resized to 336 x 33.6M (the decompression-bomb check bounds only the input)
+MAX_ASPECT_RATIO = 100.0
+MAX_STEP_PIXELS = 64 * 1024 * 1024
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -44,7 +48,48 @@ def load_image(image: ImageLike) -> Image.Image:
         pil = _open(path, str(path))
     else:
         raise InputError(f"unsupported image type {type(image).__name__}: give a path, bytes, PIL image or numpy array")
+    width, height = pil.size
+    if width < 1 or height < 1:
+        raise InputError(f"the image is empty ({width}x{height})")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InputError(f"the image is {width}x{height}: aspect ratio {max(width, height) / min(width, height):.0f}:1 "
+                         f"exceeds {MAX_ASPECT_RATIO:.0f}:1")
+    if not isinstance(image, np.ndarray):
+        pil = _upright(pil)
     return to_rgb(pil)
+
+
+def _upright(pil: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation says it is seen (transformers' ``load_image`` applies ``exif_transpose``
+    too; a phone photo with orientation 6 would otherwise reach the model on its side)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = pil.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the pixels as stored, like an image without one
+        return pil
+    if orientation in (None, 1):
+        return pil
+    try:
+        return ImageOps.exif_transpose(pil)
+    except Exception as exc:
+        raise InputError(f"cannot apply the image's EXIF orientation {orientation}: {exc}") from exc
+
+
+def check_geometry(width: int, height: int, config: PreprocessConfig, name: str = "image") -> None:
+    """Refuse, before allocating anything, an image whose pad or resize would be enormous (one line)."""
+    if width < 1 or height < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InputError(f"{name} is {width}x{height}: empty, or an aspect ratio over {MAX_ASPECT_RATIO:.0f}:1")
+    if config.pad_to_square:
+        width = height = max(width, height)
+        if width * height > MAX_STEP_PIXELS:
+            raise InputError(f"{name} padded to a square would be {width}x{height} pixels (over {MAX_STEP_PIXELS} pixels)")
+    if config.resize_shortest_edge is not None:
+        short, long = min(width, height), max(width, height)
+        new_long = int(config.resize_shortest_edge * long / short)
+        if config.resize_shortest_edge * new_long > MAX_STEP_PIXELS:
+            raise InputError(f"{name} is {width}x{height}: resized to a shortest edge of {config.resize_shortest_edge} it "
+                             f"would be {new_long} pixels long (over {MAX_STEP_PIXELS} pixels)")
 
 
 def to_rgb(pil: Image.Image) -> Image.Image:
@@ -86,6 +131,7 @@ def _pad_to_square(pil: Image.Image, mean: Sequence[float]) -> Image.Image:
 def preprocess_image(image: ImageLike, config: PreprocessConfig) -> np.ndarray:
     """One image -> float32 ``[3, S, S]`` pixel values."""
     pil = load_image(image)
+    check_geometry(*pil.size, config)
     if config.pad_to_square:
         pil = _pad_to_square(pil, config.image_mean)
     if config.resize_shortest_edge is not None:

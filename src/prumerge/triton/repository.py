@@ -55,7 +55,10 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
         raise ConfigError("Triton batches fixed shapes: build the artifact with --output padded (the default)")
     if not (manifest.llm and manifest.llm.decoder):
         raise ConfigError(f"{artifact} has no LLM (built with --no-llm): the repository serves image + prompt -> text")
-    max_batch = int(options.max_batch or vision.batch_max)
+    max_batch = int(options.max_batch if options.max_batch is not None else vision.batch_max)  # 0 is not "not given"
+    if isinstance(options.max_queue_delay_us, bool) or not isinstance(options.max_queue_delay_us, int) \
+            or not 0 <= options.max_queue_delay_us <= 10_000_000:
+        raise ConfigError(f"--max-queue-delay-us must be in 0..10000000 (microseconds), got {options.max_queue_delay_us}")
     if not 1 <= max_batch <= int(vision.batch_max):
         raise ConfigError(f"--max-batch must be in 1..{vision.batch_max} (the graph's batch limit), got {max_batch}")
     if options.instances < 1:
@@ -63,7 +66,7 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
     preferred = [int(b) for b in options.preferred_batch]
     if any(not 1 <= b <= max_batch for b in preferred):
         raise ConfigError(f"--preferred-batch sizes must be in 1..{max_batch}, got {preferred}")
-    with staged_directory(out, force=force, owned=True) as stage:
+    with staged_directory(out, force=force, kind="triton", inputs=(artifact,)) as stage:
         _link_tree(artifact, stage / ARTIFACT_DIR, manifest)
         models = stage / MODELS_DIR
         written = {VISION_MODEL: _vision_model(models / VISION_MODEL, artifact, manifest, max_batch, preferred, options),

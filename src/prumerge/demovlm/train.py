@@ -1,0 +1,399 @@
+"""Train the demo VLM: LLaVA's recipe at toy scale, on 2 CPU cores.
+
+``python -m prumerge.demovlm.train --out weights_dir`` (see ``--help``). What it does, and why:
+
+* **Features cached once.** The tower is frozen, so each generated scene is encoded once by the same
+  ``PruMergeEncoder`` code the exporter traces (DINOv2-S at 224 px, penultimate layer, no CLS: 256 patches), and its
+  three token sets are kept: all 256 patches, PruMerge's reduced set and PruMerge+'s. Training then costs only the
+  language model.
+* **Reduced token sets in training.** A projector trained on full token sets alone collapses on reduced ones
+  (measured before this script existed: 21/60 full vs 4/60 reduced after 80 steps). Released PruMerge checkpoints
+  were fine-tuned on reduced tokens; here each batch draws one token set (``--mix``), so one model serves all three
+  and the evaluation measures what reduction costs a model that has seen it.
+* **Short sequences, loss on the answer only.** The prompt is exactly what ``run`` sends (the chat template built by
+  the exporter, the image before the question); logits are computed only at the answer positions.
+* **Trainable: projector + LoRA.** The projector alone (LLaVA's stage 1) learns which answer words exist, not which
+  one the image shows (see the record); a rank-8 LoRA on the attention projections is merged into the LLM at
+  assembly, so the exported decoder is an ordinary one.
+* Greedy answers are exact-matched on a held-out split (another seed) every ``--eval-every`` steps: teacher-forced
+  argmax at every answer position (the greedy answer equals the target iff each step's argmax does).
+
+The outputs (``projector.safetensors``, ``lora.safetensors``, ``training.json`` with seed, steps, CPU time and
+accuracy) are what ``prumerge.demovlm.assemble`` reads; the committed ones live in ``demovlm/weights/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import shapes_qa
+
+TOKEN_SETS = ("none", "prumerge", "prumerge+")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training or evaluation sequence: ``prefix`` ids, the image's visual tokens, then ``tail`` ids, of which
+    those at ``labels`` (indices into ``tail``) are the answer tokens the loss and the exact match are taken on."""
+
+    image: int  # index into the cached features
+    prefix: list  # prompt ids before the image
+    tail: list  # ids after it: question, answer, (further turns)
+    labels: list  # positions in ``tail`` of answer tokens
+    category: str
+
+
+@dataclasses.dataclass
+class Cache:
+    features: dict  # token set -> list of [n, D] fp16 tensors, one per image
+    samples: list  # one question each, as run sends it (evaluation)
+    conversations: list  # one per image: every question of the image in turn, then a caption turn (training)
+
+
+class PromptIds:
+    """Token ids of the prompt exactly as the runtime assembles it (``Pipeline.prompt_chunks`` on the exporter's
+    ``prompt_format``), so training sees what ``run`` and ``evaluate`` send."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+
+        from ..export.llm import prompt_format
+        from ..runtime.pipeline import Pipeline
+
+        fmt, add_bos = prompt_format(checkpoint)
+        hf = AutoTokenizer.from_pretrained(str(checkpoint))
+        spec = {"prompt_format": fmt, "add_bos": add_bos, "bos_token_id": hf.bos_token_id, "image_marker": "<image>"}
+        self.pipeline = Pipeline(None, None, Tokenizer.from_file(str(checkpoint / "tokenizer.json")), spec,
+                                 graph={"method": "train", "output_width": 0})
+        self.eos = hf.eos_token_id
+
+        # the chat template's text between an answer's end-of-turn and the next question, and after the question
+        sentinel = "\u2063S{}\u2063"
+        turns = [{"role": "user", "content": sentinel.format(0)}, {"role": "assistant", "content": sentinel.format(1)},
+                 {"role": "user", "content": sentinel.format(2)}]
+        rendered = hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        between = rendered[rendered.index(sentinel.format(1)) + len(sentinel.format(1)): rendered.index(sentinel.format(2))]
+        eos_text = hf.convert_ids_to_tokens(self.eos)
+        self.next_turn = between[len(eos_text):] if between.startswith(eos_text) else between
+        self.after_question = rendered[rendered.index(sentinel.format(2)) + len(sentinel.format(2)):]
+
+    def answer_ids(self, answer: str) -> list:
+        return self.pipeline._plain.encode(answer, add_special_tokens=False).ids + [self.eos]
+
+    def __call__(self, question: str, answer: str) -> tuple[list, list, list]:
+        """(prefix, tail, labels) of one question as ``run`` sends it, and its answer."""
+        chunks = self.pipeline.prompt_chunks(question, 1)
+        kinds = [kind for kind, _ in chunks]
+        image = kinds.index("image")
+        prefix = [i for kind, ids in chunks[:image] for i in ids]
+        suffix = [i for kind, ids in chunks[image + 1:] for i in ids]
+        answer_ids = self.answer_ids(answer)
+        return prefix, suffix + answer_ids, list(range(len(suffix), len(suffix) + len(answer_ids)))
+
+    def conversation(self, turns: list) -> tuple[list, list, list]:
+        """(prefix, tail, labels) of several (question, answer) turns about one image: the first exactly as ``run``
+        sends it, the next ones as the chat template continues a conversation. Every answer is a label, so one
+        pass over the image's tokens trains on all its questions."""
+        prefix, tail, labels = self(*turns[0])
+        encode = self.pipeline._encode
+        for question, answer in turns[1:]:
+            tail += encode([(self.next_turn, True)]) + encode([(question, False), (self.after_question, True)])
+            answer_ids = self.answer_ids(answer)
+            labels += list(range(len(tail), len(tail) + len(answer_ids)))
+            tail += answer_ids
+        return prefix, tail, labels
+
+
+def encode_scenes(encoder, count: int, seed: int, prompts: PromptIds, batch: int = 32, log=print) -> Cache:
+    """Generate ``count`` scenes from ``seed``, encode each once (the three token sets), and tokenise its questions."""
+    from ..reduce.config import Method, ReducerConfig
+    from ..runtime.preprocess import preprocess_batch
+
+    config = encoder.preprocess_config()
+    reducers = {name: ReducerConfig(method=Method.parse(name)) for name in TOKEN_SETS[1:]}
+    features = {name: [] for name in TOKEN_SETS}
+    samples, images = [], []
+    start = time.time()
+
+    def flush():
+        pixels = torch.from_numpy(preprocess_batch(images, config))
+        with torch.no_grad():
+            hidden, q, k = encoder.tower_outputs(pixels)
+            prefix = encoder.adapter.prefix_tokens
+            features["none"] += list(hidden[:, prefix:].to(torch.float16))
+            for name, reducer in reducers.items():
+                out = encoder.reduce(hidden, q, k, reducer)
+                features[name] += [out.tokens[b, : int(out.num_tokens[b])].to(torch.float16) for b in range(len(images))]
+        images.clear()
+
+    conversations = []
+    order = np.random.default_rng(seed + 7)
+    for i, scene in enumerate(shapes_qa.scenes(count, seed)):
+        images.append(scene.image)
+        for q in scene.questions:
+            samples.append(Sample(i, *prompts(q.text, q.answer), q.category))
+        turns = [(q.text, q.answer) for q in (scene.questions[j] for j in order.permutation(len(scene.questions)))]
+        turns.append((shapes_qa.CAPTION_QUESTION, shapes_qa.caption(scene.things)))
+        conversations.append(Sample(i, *prompts.conversation(turns), "conversation"))
+        if len(images) == batch:
+            flush()
+            if (i + 1) % (batch * 20) == 0:
+                log(f"encoded {i + 1}/{count} scenes ({time.time() - start:.0f} s)")
+    if images:
+        flush()
+    return Cache(features, samples, conversations)
+
+
+class Trainer:
+    def __init__(self, lm, projector, lora_rank: int, seed: int) -> None:
+        from .lora import add_lora
+
+        torch.manual_seed(seed)
+        self.lm = lm.eval()
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        self.projector = projector.train()
+        self.lora = add_lora(self.lm.model, rank=lora_rank) if lora_rank else []
+        self.embed = self.lm.get_input_embeddings()
+
+    def parameters(self) -> list:
+        return list(self.projector.parameters()) + self.lora
+
+    def batch_loss(self, cache: Cache, batch: list, token_set: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over answer tokens, per-sample exact match of every answer token's argmax)."""
+        sequences, label_pos, labels = [], [], []
+        for s in batch:
+            visual = self.projector(cache.features[token_set][s.image].float())
+            seq = torch.cat([self.embed(torch.tensor(s.prefix)), visual, self.embed(torch.tensor(s.tail))])
+            start = len(s.prefix) + visual.shape[0]
+            sequences.append(seq)
+            label_pos.append(torch.tensor([start + j - 1 for j in s.labels]))  # position j-1 predicts token j
+            labels.append(torch.tensor([s.tail[j] for j in s.labels]))
+        longest = max(len(x) for x in sequences)
+        embeds = torch.zeros(len(batch), longest, sequences[0].shape[1], dtype=sequences[0].dtype)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for b, seq in enumerate(sequences):  # right padding: positions stay 0..n-1 as at run time
+            embeds[b, : len(seq)] = seq
+            mask[b, : len(seq)] = 1
+        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        rows = torch.cat([torch.full((len(p),), b) for b, p in enumerate(label_pos)])
+        logits = self.lm.lm_head(hidden[rows, torch.cat(label_pos)])
+        target = torch.cat(labels)
+        loss = F.cross_entropy(logits.float(), target)
+        right = (logits.argmax(-1) == target).split([len(x) for x in labels])
+        return loss, torch.stack([r.all() for r in right])
+
+    @torch.no_grad()
+    def accuracy(self, cache: Cache, token_set: str, batch: int = 16) -> tuple[float, dict]:
+        self.projector.eval()
+        hits, per_category = [], {}
+        for i in range(0, len(cache.samples), batch):
+            chunk = cache.samples[i: i + batch]
+            _, right = self.batch_loss(cache, chunk, token_set)
+            for s, r in zip(chunk, right.tolist()):
+                hits.append(r)
+                per_category.setdefault(s.category, []).append(r)
+        self.projector.train()
+        return float(np.mean(hits)), {k: round(float(np.mean(v)), 3) for k, v in sorted(per_category.items())}
+
+
+def batches(cache: Cache, size: int, mix: dict, rng: random.Random):
+    """Endless (token set, conversations) batches: one token set per batch (so a batch's lengths are alike), drawn
+    with the ``mix`` probabilities; images shuffled each epoch."""
+    order = list(range(len(cache.conversations)))
+    names, weights = list(mix), list(mix.values())
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - size + 1, size):
+            yield rng.choices(names, weights)[0], [cache.conversations[j] for j in order[i: i + size]]
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@dataclasses.dataclass
+class Setup:
+    """What training and measuring share: the base checkpoint's prompt ids, encoder and LLaVA config."""
+
+    prompts: PromptIds
+    encoder: object
+    config: object
+
+
+def prepare(scratch: Path, seed: int = 0) -> Setup:
+    """Assemble the base checkpoint (fresh projector, no LoRA) in ``scratch`` and open what training needs."""
+    from transformers import AutoConfig
+
+    from ..encoder import PruMergeEncoder
+    from .assemble import build_checkpoint
+
+    checkpoint = build_checkpoint(scratch / "base", projector={}, lora={}, seed=seed)
+    return Setup(PromptIds(checkpoint), PruMergeEncoder.from_pretrained(checkpoint, method="none", project=False),
+                 AutoConfig.from_pretrained(str(checkpoint)))
+
+
+def new_trainer(setup: Setup, lora_rank: int, seed: int, projector: dict | None = None, lora: dict | None = None) -> Trainer:
+    """SmolLM2 + a projector (fresh, or ``projector``) + LoRA (fresh, or ``lora`` loaded into it)."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from .smollm2 import smollm2
+
+    lm, _ = smollm2()
+    torch.manual_seed(seed)
+    trainer = Trainer(lm, LlavaMultiModalProjector(setup.config), lora_rank, seed)
+    if projector is not None:
+        trainer.projector.load_state_dict(projector)
+    if lora:
+        modules = dict(trainer.lm.named_modules())
+        for key, value in lora.items():
+            name, _, field = key.rpartition(".")
+            if field in ("lora_A", "lora_B"):
+                getattr(modules[name], field).data.copy_(value)
+    return trainer
+
+
+def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, token_sets=TOKEN_SETS, log=print,
+            setup: Setup | None = None) -> dict:
+    """Held-out accuracy (fp32, greedy = teacher-forced argmax) of the weights in ``weights`` on the first
+    ``scenes`` scenes of ``seed``: the slice the committed weights' record is checked against."""
+    from safetensors.torch import load_file
+
+    if setup is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            setup = prepare(Path(scratch))
+    cache = encode_scenes(setup.encoder, scenes, seed, setup.prompts, log=log)
+    lora = load_file(str(weights / "lora.safetensors")) if (weights / "lora.safetensors").is_file() else {}
+    rank = next((int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_A")), 0)
+    trainer = new_trainer(setup, rank, 0, load_file(str(weights / "projector.safetensors")), lora)
+    out = {"scenes": scenes, "seed": seed, "questions": len(cache.samples)}
+    for name in token_sets:
+        out[name], out[f"{name}_by_category"] = trainer.accuracy(cache, name)
+    return out
+
+
+def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: int, lr: float, lora_rank: int,
+          mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3) -> dict:
+    cpu_start, wall_start = time.process_time(), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        setup = prepare(Path(scratch), seed)
+    train_cache = encode_scenes(setup.encoder, train_scenes, shapes_qa.TRAIN_SEED + 100 * seed, setup.prompts, log=log)
+    held_cache = encode_scenes(setup.encoder, heldout_scenes, shapes_qa.HELDOUT_SEED, setup.prompts, log=log)
+    counts = {name: float(np.mean([len(f) for f in train_cache.features[name]])) for name in TOKEN_SETS}
+    log(f"cached {len(train_cache.conversations)} training conversations ({len(train_cache.samples)} questions) / "
+        f"{len(held_cache.samples)} held-out questions; "
+        f"mean visual tokens {counts} ({time.time() - wall_start:.0f} s)")
+    trainer = new_trainer(setup, lora_rank, seed)
+    params = trainer.parameters()
+    groups = [{"params": list(trainer.projector.parameters()), "peak": lr}]
+    if trainer.lora:
+        groups.append({"params": trainer.lora, "peak": lr * lora_lr_ratio})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    history, losses = [], []
+    stream = batches(train_cache, batch, mix, rng)
+    step_start = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, group["peak"], warmup=max(1, steps // 20))
+        token_set, chunk = next(stream)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = trainer.batch_loss(train_cache, chunk, token_set)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 10 == 0:
+            log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({(time.time() - step_start) / (step + 1):.2f} s/step)")
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            row = {"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4)}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for name in TOKEN_SETS:
+                    row[name], row[f"{name}_by_category"] = trainer.accuracy(held_cache, name)
+            history.append(row)
+            log(json.dumps(row))
+            save_weights(trainer, out)
+    save_weights(trainer, out)
+    record = {
+        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
+        "mix": mix, "conversations": "every question of an image in one sequence (first turn as run sends it), then a caption turn",
+        "train_scenes": train_scenes, "train_questions": len(train_cache.samples), "train_seed": shapes_qa.TRAIN_SEED + 100 * seed,
+        "heldout_scenes": heldout_scenes, "heldout_questions": len(held_cache.samples), "heldout_seed": shapes_qa.HELDOUT_SEED,
+        "bf16_autocast": bf16, "mean_visual_tokens": counts,
+        "cpu_seconds": round(time.process_time() - cpu_start, 1), "wall_seconds": round(time.time() - wall_start, 1),
+        "torch_threads": torch.get_num_threads(), "history": history, "losses": [round(x, 4) for x in losses],
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def save_weights(trainer: Trainer, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .lora import lora_state
+
+    save_file({k: v.detach().contiguous() for k, v in trainer.projector.state_dict().items()}, str(out / "projector.safetensors"))
+    if trainer.lora:
+        save_file({k: v.contiguous() for k, v in lora_state(trainer.lm).items()}, str(out / "lora.safetensors"))
+
+
+def parse_mix(text: str) -> dict:
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in TOKEN_SETS:
+            raise SystemExit(f"--mix: unknown token set {name!r} (one of {', '.join(TOKEN_SETS)})")
+        mix[name] = float(weight or 1)
+    return mix
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--train-scenes", type=int, default=3000)
+    parser.add_argument("--heldout-scenes", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-lr-ratio", type=float, default=0.3, help="LoRA learning rate = --lr x this")
+    parser.add_argument("--mix", default="none=0.4,prumerge=0.3,prumerge+=0.3")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--measure", type=int, default=0, metavar="SCENES",
+                        help="only measure the weights in --out on the first SCENES held-out scenes (fp32) and add "
+                             "the result to its training.json as the slice the tests check")
+    args = parser.parse_args(argv)
+    if args.measure:
+        result = measure(args.out, args.measure)
+        path = args.out / "training.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record["heldout_slice"] = result
+        path.write_text(json.dumps(record, indent=1))
+        print(json.dumps(result))
+        return
+    record = train(args.out, args.steps, args.train_scenes, args.heldout_scenes, args.batch, args.lr, args.lora_rank,
+                   parse_mix(args.mix), args.eval_every, args.seed, log=lambda m: print(m, flush=True), bf16=not args.fp32,
+                   lora_lr_ratio=args.lora_lr_ratio)
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()

