@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -358,6 +359,34 @@ def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(ar
         VisionSession.open(artifact, expect_sha256=pinned)
     result = CliRunner().invoke(main, ["verify", str(artifact), "--no-reference"])
     assert result.exit_code != 0 and "does not hash" in result.output
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("llm", "num_layers", 10**9, "llm.num_layers must be an integer in 1..1024"),
+    ("llm", "context_length", 10**12, "llm.context_length must be an integer"),
+    ("llm", "prompt_format", "USER: ASSISTANT:", "prompt_format must hold exactly one {prompt} slot"),
+    ("llm", "prompt_format", "USER: {prompt} {0} ASSISTANT:", "prompt_format must hold exactly one {prompt} slot"),
+    ("llm", "eos_token_ids", ["x"], "eos_token_ids must be a list of token ids"),
+    ("vision", "batch_max", "abc", "vision.batch_max must be an integer"),
+    ("vision", "inputs", [{"name": "pixel_values", "dtype": "complex", "shape": [1, 3, 112, 112]}], "dtype must be one of"),
+    ("vision", "inputs", [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, -5, 112]}], "shape must be"),
+    ("vision", "engine", {"plan": "x"}, "engine must hold the engine's build options"),
+    ("vision", "engine", {"options": {"max_batch": "abc"}}, "engine.options.max_batch must be an integer"),
+])
+def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, tmp_path, section, field, value, message):
+    art = tmp_path / "art"
+    shutil.copytree(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"), art)
+    _rehash(art, lambda d: d[section].__setitem__(field, value))
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        Manifest.read(art)
+    result = CliRunner().invoke(main, ["inspect", str(art)])
+    assert result.exit_code == 7 and "Traceback" not in result.output
+
+
+def test_the_graph_must_be_what_the_manifest_says(artifact):
+    _rehash(artifact, lambda d: d["vision"]["inputs"][0].__setitem__("name", "images"))
+    with pytest.raises(ArtifactError, match="the vision graph takes pixel_values"):
+        VisionSession.open(artifact, verify=False)
 
 
 def test_a_linked_manifest_is_refused(artifact, tmp_path):

@@ -61,3 +61,20 @@ def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutpu
         np.concatenate([pad(p.indices, padding_index) for p in parts]),
         np.concatenate([p.truncated for p in parts]),
     )
+
+
+# the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none")
+METHODS = ("none", "prumerge", "prumerge+")
+
+
+def check_method_request(artifacts, methods) -> list:
+    """``methods`` as a list after refusing unknown names and an empty artifact list (``profile``, ``evaluate``)."""
+    from ..errors import ConfigError
+
+    methods = list(methods or [])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not artifacts:
+        raise ConfigError("give at least one artifact directory")
+    return methods

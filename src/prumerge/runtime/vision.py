@@ -58,7 +58,9 @@ class VisionSession(VisionSessionBase):
             from .tensorrt import TensorRTSession  # the artifact's own engine, not onnxruntime's TensorRT EP
 
             return TensorRTSession(directory, manifest, spec)
-        return cls(directory, manifest, spec, *_ort_session(inside(directory, spec["file"]), provider, profile_dir))
+        session, used = _ort_session(inside(directory, spec["file"]), provider, profile_dir)
+        _check_io(session, spec, directory)
+        return cls(directory, manifest, spec, session, used)
 
     # ------------------------------------------------------------------ running
     def run_batch(self, feed):
@@ -67,6 +69,27 @@ class VisionSession(VisionSessionBase):
     def end_profiling(self) -> Path:
         """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""
         return Path(self.session.end_profiling())
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(bool)": "bool",
+              "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
+
+def _check_io(session, spec, directory: Path) -> None:
+    """The graph's own inputs and outputs are what the manifest says (name, element type), before anything runs."""
+    inputs = session.get_inputs()
+    want = spec["inputs"][0]
+    if len(inputs) != 1 or inputs[0].name != want["name"] or _ORT_TYPES.get(inputs[0].type) != want["dtype"]:
+        got = ", ".join(f"{i.name} {i.type}" for i in inputs)
+        raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {want['name']} {want['dtype']}")
+    recorded = {o["name"]: o["dtype"] for o in spec["outputs"]}
+    for output in session.get_outputs():
+        if output.name in OUTPUT_NAMES and recorded.get(output.name) != _ORT_TYPES.get(output.type):
+            raise ArtifactError(f"{directory}: the vision graph's output {output.name} is {output.type}, but the manifest "
+                                f"says {recorded.get(output.name)}")
+    missing = [n for n in OUTPUT_NAMES if n not in {o.name for o in session.get_outputs()}]
+    if missing:
+        raise ArtifactError(f"{directory}: the vision graph lacks the output(s) {', '.join(missing)}")
 
 
 def _ort_session(path: Path, provider: str, profile_dir: str | Path | None = None):
