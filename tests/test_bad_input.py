@@ -154,7 +154,7 @@ def test_force_never_replaces_an_input_or_another_commands_output(tmp_path, clip
     assert (checkpoint / "config.json").is_file()
 
     art = tmp_path / "art"
-    shutil.copytree(artifact_factory("llava", "prumerge", "padded"), art)
+    shutil.copytree(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"), art)
     other = tmp_path / "other"
     shutil.copytree(art, other)
     result = runner.invoke(main, ["triton", str(art), "--out", str(other), "--force"])

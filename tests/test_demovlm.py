@@ -97,12 +97,14 @@ def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
 
 def test_prompt_ids_are_what_the_runtime_sends(setup):
     """Training's prompt = the runtime's chunks for the same question (the exporter's prompt format)."""
-    prefix, suffix, answer = setup.prompts("What color is the star?", "red")
+    prefix, tail, labels = setup.prompts("What color is the star?", "red")
     tokenizer = setup.prompts.pipeline.tokenizer
-    text = tokenizer.decode(prefix + [0] + suffix, skip_special_tokens=False)
-    assert text.startswith("<|im_start|>") and "What color is the star?<|im_end|>" in text
-    assert text.endswith("<|im_start|>assistant\n")
-    assert tokenizer.decode(answer, skip_special_tokens=False) == "red<|im_end|>"
+    prompt = setup.prompts.pipeline.prompt_chunks("What color is the star?", 1)  # the runtime's own chunks
+    assert prefix == prompt[0][1] and tail[: labels[0]] == prompt[2][1]
+    text = tokenizer.decode(prefix + [0] + tail[: labels[0]], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>") and text.endswith("What color is the star?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode([tail[j] for j in labels], skip_special_tokens=False) == "red<|im_end|>"
+    assert labels == list(range(labels[0], len(tail)))
 
 
 def test_committed_weights_still_answer_as_recorded(setup):

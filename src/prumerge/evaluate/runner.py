@@ -35,7 +35,8 @@ class Configuration:
 
     @property
     def answer_file(self) -> str:
-        return "answers-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label) + ".jsonl"
+        label = self.label.replace("+", "plus").replace("@", "-at-")
+        return "answers-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + ".jsonl"
 
 
 def configurations(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None) -> list:
