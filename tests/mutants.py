@@ -149,6 +149,25 @@ MUTANTS = {
         "export/validate.py", 'if reducer.method.value == "none" or reducer.order.value != "official":',
         'if reducer.method.value == "none" or reducer.order.value != "official" or SELECTION_EPSILON[precision] <= 0:',
         ["tests/test_checkpoints.py::test_fp32_allows_only_an_order_swap_among_near_tied_kept_patches"]),
+    "a linked manifest read": (
+        "artifact/manifest.py", "        if path.is_symlink():\n", "        if False:\n",
+        ["tests/test_bad_input.py::test_a_linked_manifest_is_refused"]),
+    "manifest numbers trusted": (
+        "artifact/manifest.py", "        section.check(where)\n", "",
+        ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
+    "graph I/O not compared with the manifest": (
+        "runtime/vision.py", "        _check_io(session, spec, directory)\n", "",
+        ["tests/test_bad_input.py::test_the_graph_must_be_what_the_manifest_says"]),
+    "verify --images unbounded": (
+        "export/verify.py", "not 1 <= images <= MAX_VERIFY_IMAGES:", "not isinstance(images, int):",
+        ["tests/test_bad_input.py::test_sizes_and_counts_are_bounded_up_front"]),
+    "calibrate --out checked after the model pass": (
+        "cli.py", '    _writable_file(out, "--out")  # checked before the model pass, not after it\n', "",
+        ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
+    "triton --max-batch 0 taken as not given": (
+        "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
+        "int(options.max_batch or vision.batch_max)",
+        ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
 }
 
 

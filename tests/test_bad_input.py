@@ -537,10 +537,10 @@ def test_a_tiny_png_that_would_resize_to_gigabytes_is_refused_before_any_allocat
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 50e6, f"{size}: {peak / 1e6:.0f} MB allocated before refusing"
-    wide = tmp_path / "wide.png"  # a legal aspect ratio whose resize would still be enormous
+    wide = tmp_path / "wide.png"  # a legal aspect ratio whose resize would be just over the bound (820 x 82000)
     Image.new("RGB", (9000, 90), (0, 0, 0)).save(wide)
     with pytest.raises(InputError, match="pixels long"):
-        preprocess_image(wide, PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 8000}, "crop_size": 112}, 112))
+        preprocess_image(wide, PreprocessConfig.from_processor_dict({"size": {"shortest_edge": 820}, "crop_size": 112}, 112))
     result = CliRunner().invoke(main, ["run", str(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32")),
                                        "--image", str(tmp_path / "thin-100000x1.png"), "--prompt", "hi"])
     assert result.exit_code == 3 and "aspect ratio" in result.output and "Traceback" not in result.output
