@@ -7,7 +7,10 @@ evaluation set from a seed used nowhere in training (``shapes_qa.EVAL_SEED``) an
 file; runs `evaluate` over every configuration and prints each command it ran. Outputs land in ``--work``
 (artifacts, answer files) and ``--docs`` (the JSON summary and the accuracy-vs-TTFT PNG).
 
+Then the README's profile table and inspect picture: the demo model on four real photos (scikit-image's).
+
 Usage: python bench/bench_answers.py [--scenes 60] [--work /tmp/prumerge-answers] [--docs docs] [--no-int8]
+       [--no-pictures]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prumerge-answers"))
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs")
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--no-pictures", action="store_true", help="skip the profile table and inspect picture")
     args = parser.parse_args()
 
     from prumerge import shapes_qa
@@ -84,6 +88,24 @@ def main() -> None:
         subprocess.run(command)
     sh("prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(pope), "--out", str(work / "answers-pope"),
        "--json", str(args.docs / "evaluate-demo-pope.json"))
+    if not args.no_pictures:
+        pictures(work, demo, plus, args.docs)
+
+
+PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")  # real photos shipped in scikit-image
+
+
+def pictures(work: Path, demo: Path, plus: Path, docs: Path) -> None:
+    """The README's profile table and inspect picture: the demo model on real photos."""
+    import importlib.util
+
+    folder = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
+    photos = [folder / name for name in PHOTOS if (folder / name).is_file()]
+    images = [arg for photo in photos for arg in ("--images", str(photo))]
+    sh("prumerge-export", "profile", str(demo), str(plus), *images, "--runs", "3",
+       "--json", str(docs / "profile-demo.json"), "--plot", str(docs / "profile-demo.png"))
+    sh("prumerge-export", "inspect", str(photos[0]), "--model", str(demo), "--method", "prumerge+",
+       "--out", str(docs / "inspect-demo.png"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def make_encoder(method: str):
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     from common import VIT_L_336, sharpen, vit_l_tower
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
     from prumerge.reduce import ReducerConfig
 
     tower = vit_l_tower()

@@ -52,7 +52,7 @@ def main() -> None:
 
     from common import VIT_L_336, sharpen, vit_l_tower
 
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
     from prumerge.reduce import ReducerConfig
 
     report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "rows": {}, "skipped": {}}

@@ -32,9 +32,10 @@ def main() -> None:
     from prumerge.calib.images import CalibrationSet
     from prumerge.calib.int8 import agreement, latency_ratio, quantize_vision, session_outputs
     from prumerge.demo import build_demo_checkpoint
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
     from prumerge.export.graph import export_onnx
-    from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
+    from prumerge.artifact.preprocess_config import PreprocessConfig
+    from prumerge.runtime.preprocess import preprocess_batch
 
     if not (args.checkpoint / "config.json").is_file():
         build_demo_checkpoint(args.checkpoint, vision={k: v for k, v in VIT_L_336.items() if k != "projection_dim"}, sharpen=6.0)

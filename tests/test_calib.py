@@ -62,7 +62,8 @@ def test_budget_counts_match_the_reducer(llava_dir, folder, tmp_path):
     import torch
 
     from prumerge import PruMergeEncoder
-    from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
+    from prumerge.artifact.preprocess_config import PreprocessConfig
+    from prumerge.runtime.preprocess import preprocess_batch
 
     images = CalibrationSet.from_folder(folder)
     report = calibrate_budget(str(llava_dir), images, coverage=0.8)
@@ -110,7 +111,7 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
 
     graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
-    from prumerge.profile.nodes import classify_nodes
+    from prumerge.artifact.node_stages import classify_nodes
 
     stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
     produced_by = {o: n for n in graph.node for o in n.output}

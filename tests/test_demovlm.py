@@ -45,7 +45,7 @@ def test_llava_with_a_dinov2_tower_loads_as_transformers_runs_it(tmp_path):
     module names it ``q_proj``: the encoder reads either, and its unreduced tokens equal LLaVA's image features."""
     from transformers import Dinov2Config, LlamaConfig, LlavaForConditionalGeneration
 
-    from prumerge.encoder import PruMergeEncoder
+    from prumerge.model.encoder import PruMergeEncoder
 
     torch.manual_seed(0)
     vision = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14,
@@ -95,12 +95,53 @@ def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_patch_labels_name_the_colour_drawn_under_each_patch():
+    """Re-derived from the pixels: a patch labelled with an object's colour is that colour (within the drawing's
+    jitter) at its centre; a background patch's centre is none of the scene's object colours."""
+    import numpy as np
+
+    from prumerge import shapes_qa
+    from prumerge.demovlm.train import ALIGN_COLORS, ALIGN_SHAPES, patch_labels
+
+    seen = set()
+    for scene in shapes_qa.scenes(12, seed=321):
+        pixels = np.asarray(scene.image).astype(int)
+        labels = patch_labels(scene.things, 256)
+        colours = [np.array(shapes_qa.COLORS[t.color]) for t in scene.things]
+        for p, (colour, shape) in enumerate(labels.tolist()):
+            y, x = divmod(p, 16)
+            centre = pixels[int((y + 0.5) * 14), int((x + 0.5) * 14)]
+            if colour == len(ALIGN_COLORS) - 1:
+                assert shape == len(ALIGN_SHAPES) - 1
+                assert all(np.abs(centre - c).max() > 25 for c in colours), (p, centre)
+            elif colour >= 0:
+                assert np.abs(centre - np.array(shapes_qa.COLORS[ALIGN_COLORS[colour]])).max() <= 25, (p, centre)
+                seen.add(ALIGN_SHAPES[shape])
+            else:
+                assert shape == -1
+    assert seen == set(shapes_qa.SHAPES)
+
+
+def test_alignment_steps_lower_the_alignment_loss_through_the_projector_only(setup):
+    import random
+
+    from prumerge.demovlm.train import align, encode_scenes, new_trainer
+
+    cache = encode_scenes(setup.encoder, 4, seed=77, prompts=setup.prompts, log=lambda m: None)
+    trainer = new_trainer(setup, lora_rank=0, seed=0)
+    before = float(trainer.align_loss(cache, [0, 1, 2, 3]))
+    frozen = trainer.embed.weight.clone()
+    align(trainer, cache, steps=30, lr=1e-3, rng=random.Random(0), log=lambda m: None, images=4)
+    assert float(trainer.align_loss(cache, [0, 1, 2, 3])) < 0.5 * before
+    assert torch.equal(trainer.embed.weight, frozen)  # the words it aligns to stay the LLM's own
+
+
 def test_prompt_ids_are_what_the_runtime_sends(setup):
     """Training's prompt = the runtime's chunks for the same question (the exporter's prompt format)."""
     prefix, tail, labels = setup.prompts("What color is the star?", "red")
     tokenizer = setup.prompts.pipeline.tokenizer
     prompt = setup.prompts.pipeline.prompt_chunks("What color is the star?", 1)  # the runtime's own chunks
-    assert prefix == prompt[0][1] and tail[: labels[0]] == prompt[2][1]
+    assert prefix == list(prompt[0].ids) and tail[: labels[0]] == list(prompt[2].ids)
     text = tokenizer.decode(prefix + [0] + tail[: labels[0]], skip_special_tokens=False)
     assert text.startswith("<|im_start|>") and text.endswith("What color is the star?<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.decode([tail[j] for j in labels], skip_special_tokens=False) == "red<|im_end|>"

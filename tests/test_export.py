@@ -204,6 +204,23 @@ def test_wrong_inputs_are_clear_errors(artifact_factory):
         session.run(3.14)
 
 
+def test_a_bare_graph_file_runs_through_the_same_session(artifact_factory):
+    """Build validation and INT8 comparison open the graph file alone: same binding, checks and batch splitting
+    as the artifact's session (outputs equal), no preprocessing config to run images with."""
+    from prumerge.artifact.manifest import Manifest, inside
+
+    directory = artifact_factory("llava", "prumerge", "padded")
+    artifact = VisionSession.open(directory)
+    bare = VisionSession.from_graph(inside(directory, Manifest.read(directory).vision["file"]), batch_max=2)
+    pixels = np.random.default_rng(0).normal(size=(5, 3, 112, 112)).astype(np.float32)
+    mine, theirs = bare.run_pixels(pixels).arrays(), artifact.run_pixels(pixels).arrays()
+    assert set(mine) == set(theirs) and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        bare.run_pixels(np.full((1, 3, 112, 112), np.nan, np.float32))
+    with pytest.raises(InputError, match="no preprocessing config"):
+        bare.run([np.zeros((8, 8, 3), np.uint8)])
+
+
 def test_existing_dir_and_failed_build_leave_nothing(tmp_path, llava_dir, monkeypatch):
     out = tmp_path / "art"
     out.mkdir()

@@ -13,7 +13,7 @@ from prumerge import PruMergeEncoder
 from prumerge.errors import ArtifactError, ConfigError, InputError
 from prumerge.export.validate import synthetic_pixels
 from prumerge.runtime import Pipeline
-from prumerge.runtime.pipeline import chunk_layout
+from prumerge.runtime.pipeline import chunk_starts, place_images
 from prumerge.runtime.preprocess import preprocess_batch
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ def test_prompt_errors(llm_artifact, artifact_factory):
         pipeline.generate(images(1), "   ")
     # no marker: the image goes before the text, as LLaVA's CLI puts it (same chunks as an explicit "<image>\n")
     assert pipeline.prompt_chunks("describe", 1) == pipeline.prompt_chunks("<image>\ndescribe", 1)
-    assert [kind for kind, _ in pipeline.prompt_chunks("describe", 1)] == ["text", "image", "text"]
+    assert [c.kind for c in pipeline.prompt_chunks("describe", 1)] == ["text", "image", "text"]
     with pytest.raises(InputError, match="but no image was given"):
         pipeline.generate(None, "<image> describe")
     with pytest.raises(InputError, match="2 <image> marker.* for 1 image"):
@@ -280,12 +280,13 @@ def test_each_image_lands_where_its_marker_is(llm_artifact):
     prompt = "<image> left, <image> right"
     embeds, counts = pipeline.build_prompt([first, second], prompt, True, Stopwatch())
     chunks = pipeline.prompt_chunks(prompt, 2)
-    assert [kind for kind, _ in chunks] == ["text", "image", "text", "image", "text"]
-    layout = chunk_layout(chunks, counts)
-    for kind, value, start, length in layout:
-        expected = pipeline.decoder.embed(value) if kind == "text" else tokens[value]
-        np.testing.assert_allclose(embeds[start: start + length], expected, atol=1e-6)
-    assert layout[-1][2] + layout[-1][3] == len(embeds) and counts == [len(t) for t in tokens]
+    assert [c.kind for c in chunks] == ["text", "image", "text", "image", "text"]
+    placed = place_images(chunks, counts)
+    for chunk, start in zip(placed, chunk_starts(placed)):
+        expected = pipeline.decoder.embed(list(chunk.ids)) if chunk.kind == "text" else tokens[chunk.image]
+        assert chunk.n_tokens == chunk.n_pos == len(expected)
+        np.testing.assert_allclose(embeds[start: start + chunk.n_tokens], expected, atol=1e-6)
+    assert chunk_starts(placed)[-1] + placed[-1].n_pos == len(embeds) and counts == [len(t) for t in tokens]
 
 
 def test_every_file_of_the_llm_is_verified(llm_artifact, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from prumerge.errors import InputError
-from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch, preprocess_image
+from prumerge.artifact.preprocess_config import PreprocessConfig
+from prumerge.runtime.preprocess import preprocess_batch, preprocess_image
 
 
 def _images():

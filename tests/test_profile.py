@@ -12,7 +12,7 @@ from PIL import Image
 from prumerge.cli import main
 from prumerge.errors import ConfigError, InputError
 from prumerge.profile import run
-from prumerge.profile.nodes import classify_nodes
+from prumerge.artifact.node_stages import classify_nodes
 from prumerge.profile.report import plot, write_json
 from prumerge.profile.runner import STAGE_ORDER
 
@@ -93,7 +93,7 @@ def test_profile_cli(artifacts, tmp_path):
 # ------------------------------------------------------------------------------------------------- inspect
 @pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
 def test_inspect_marks_exactly_what_the_reducer_kept(llava_dir, tmp_path, method):
-    from prumerge.inspect import SAMPLED, KEPT, render
+    from prumerge.heatmap import SAMPLED, KEPT, render
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8))

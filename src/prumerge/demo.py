@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .demovlm.smollm2 import SMOLLM2_GGUF, smollm2, smollm2_folder  # noqa: F401  (tests and benches use these names)
+from .demovlm.smollm2 import smollm2
 
 DESCRIPTION = (
     "random-weight test model: LLaVA-1.5 layout = config-built CLIP tower (336 px / patch 14 = 576 patches, 6 layers, width 256) "

@@ -74,7 +74,8 @@ def _background(rng, size: int):
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def _draw(draw, thing: Thing, fill) -> None:
+def draw_thing(draw, thing: Thing, fill) -> None:
+    """Draw ``thing`` with ``fill`` (the scene's drawing, and the demo VLM training's patch masks)."""
     import math
 
     x, y, r = thing.cx, thing.cy, thing.radius
@@ -122,7 +123,7 @@ def make_scene(rng, size: int = SIZE) -> Scene:
     for thing in things:
         jitter = rng.integers(-20, 21, 3)
         fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[thing.color], jitter))
-        _draw(draw, thing, fill)
+        draw_thing(draw, thing, fill)
     return Scene(canvas, things, questions_for(things, rng, size))
 
 

@@ -310,7 +310,7 @@ class Manifest:
     source: SourceSection
     reducer: ReducerSection
     vision: GraphSection
-    preprocess: dict  # PreprocessConfig.to_dict() (prumerge.artifact.preprocess owns its fields)
+    preprocess: dict  # PreprocessConfig.to_dict() (prumerge.artifact.preprocess_config owns its fields)
     llm: LLMSection | None = None
     baseline: GraphSection | None = None  # the unreduced (method none) graph, when the build exported it
     packages: dict = dataclasses.field(default_factory=dict)

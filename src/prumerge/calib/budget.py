@@ -106,7 +106,7 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
         raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
     import torch
 
-    from ..encoder import PruMergeEncoder
+    from ..model.encoder import PruMergeEncoder
     from ..reduce.config import ReducerConfig, default_capacity
     from ..runtime.preprocess import preprocess_batch
 

@@ -30,7 +30,7 @@ def float_nodes(onnx_path: Path, float_layers: int = 0) -> list:
 
     import onnx
 
-    from ..artifact.nodes import classify_nodes
+    from ..artifact.node_stages import classify_nodes
 
     stages = classify_nodes(onnx_path)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -138,32 +138,28 @@ def agreement(fp32: dict, int8: dict, extra_index: int = -1) -> Int8Agreement:
 
 
 def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
-    """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (in batches); padded to one array per output."""
-    import onnxruntime as ort
+    """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (the runtime's session, in batches of
+    ``batch``); padded to one array per output."""
+    from ..runtime.vision import VisionSession
 
-    from ..artifact.contract import OUTPUT_NAMES, PADDING_INDEX, VisionOutput, concat_outputs
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    parts = [VisionOutput.from_named(dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels[i: i + batch]}))))
-             for i in range(0, len(pixels), batch)]
-    return concat_outputs(parts, PADDING_INDEX).arrays()
+    return VisionSession.from_graph(path, batch_max=batch).run_pixels(pixels).arrays()
 
 
 def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: int = 5) -> float:
     """fp32 / int8 median batch-1 latency on onnxruntime CPU, measured alternately in one process."""
     import statistics
 
-    import onnxruntime as ort
+    from ..runtime.vision import VisionSession
 
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path)]
-    feed = {"pixel_values": pixels[:1]}
+    sessions = [VisionSession.from_graph(p, batch_max=1) for p in (fp32_path, int8_path)]
+    feed = pixels[:1]
     times = ([], [])
     for s in sessions:
-        s.run(None, feed)
+        s.run_pixels(feed)
     for _ in range(runs):
         for i, s in enumerate(sessions):
             start = time.perf_counter()
-            s.run(None, feed)
+            s.run_pixels(feed)
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 
@@ -173,7 +169,7 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
     import tempfile
 
-    from ..encoder import PruMergeEncoder
+    from ..model.encoder import PruMergeEncoder
     from ..export.graph import export_onnx
     from ..runtime.preprocess import preprocess_batch
 

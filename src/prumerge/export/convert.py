@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..checkpoint import Checkpoint, vision_state
+from ..model.checkpoint import Checkpoint, vision_state
 from ..errors import CheckpointError
 
 SHARD_BYTES = 2 << 30

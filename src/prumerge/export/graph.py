@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..encoder import PruMergeEncoder
+from ..model.encoder import PruMergeEncoder
 from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES
 from ..errors import ConfigError, ExportError
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..errors import CheckpointError, ConfigError, ExportError
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")

@@ -280,7 +280,7 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: Engi
         import polygraphy  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError("engine builds use polygraphy: pip install 'prumerge[trt]'") from exc
-    from ..artifact.nodes import classify_nodes
+    from ..artifact.node_stages import classify_nodes
 
     facts = graph_facts(onnx_path)
     plan = precision_plan(options, facts["precision"], facts["has_qdq"], trt.__version__)
@@ -308,7 +308,7 @@ def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dic
     check_batch(options, int(manifest.vision["batch_max"]))
     partial = directory / f".{ENGINE_FILE}.partial"
     try:
-        from ..artifact.nodes import expand
+        from ..artifact.node_stages import expand
 
         stages = expand(manifest.vision.node_stages) if manifest.vision.node_stages else None
         facts = build_engine(inside(directory, manifest.vision.file), partial, manifest.vision.inputs, options, stages)

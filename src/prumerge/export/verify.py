@@ -36,7 +36,7 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     except ImportError:  # a runtime-only install: hashes and the graph run are what can be checked here
         return report | {"reference": "skipped: the PyTorch comparison needs prumerge[export] (torch, transformers)"}
 
-    from ..encoder import PruMergeEncoder
+    from ..model.encoder import PruMergeEncoder
 
     from .convert import as_llava_hf
 

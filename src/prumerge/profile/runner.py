@@ -2,7 +2,7 @@
 
 Each measured run generates an answer for every image (warm-up runs first, excluded). Stage times come from the
 pipeline's own stopwatch; the vision graph's wall time is split into encoder / reducer / projector by the share
-each stage has in onnxruntime's per-node profile of the measured runs (see :mod:`prumerge.profile.nodes`).
+each stage has in onnxruntime's per-node profile of the measured runs (see :mod:`prumerge.profile.node_profile`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 from ..errors import ConfigError, InputError
 from ..artifact.contract import METHODS, check_method_request
 from ..artifact.manifest import Manifest, inside
-from ..artifact.nodes import expand
-from .nodes import STAGES, classify_nodes, node_times
+from ..artifact.node_stages import expand
+from ..artifact.node_stages import classify_nodes
+from .node_profile import STAGES, node_times
 from .stats import peak_rss_mb, summarize
 
 SCHEMA_VERSION = 1

@@ -7,8 +7,6 @@ imported on first use so that importing the config does not pull in torch.
 from .._lazy import lazy_getattr
 
 from .config import (
-    EXTRA_TOKEN_INDEX,
-    PADDING_INDEX,
     Attention,
     MergeWeights,
     Method,
@@ -36,8 +34,6 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
-    "EXTRA_TOKEN_INDEX",
-    "PADDING_INDEX",
     "Attention",
     "MergeWeights",
     "Method",

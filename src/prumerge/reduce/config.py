@@ -10,7 +10,6 @@ import dataclasses
 import enum
 import math
 
-from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX  # noqa: F401  (the contract owns the sentinels)
 from ..errors import ConfigError
 
 

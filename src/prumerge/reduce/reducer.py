@@ -14,7 +14,8 @@ import torch
 
 from ..errors import InputError
 from .attention import importance_scores
-from .config import EXTRA_TOKEN_INDEX, PADDING_INDEX, Method, ReducerConfig
+from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
+from .config import Method, ReducerConfig
 from .merge import merge_weights
 from .outliers import iqr_outlier_count
 from .ranking import tracing

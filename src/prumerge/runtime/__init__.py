@@ -5,6 +5,7 @@ A device needs only onnxruntime (or TensorRT), numpy, pillow and, for text, toke
 
 from .preprocess import PreprocessConfig, load_image, preprocess_batch, preprocess_image
 from .pipeline import GenerationResult, Pipeline
-from .vision import VisionOutput, VisionSession
+from ..artifact.contract import VisionOutput
+from .vision import VisionSession
 
 __all__ = ["GenerationResult", "Pipeline", "PreprocessConfig", "VisionOutput", "VisionSession", "load_image", "preprocess_batch", "preprocess_image"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,68 @@ from .vision import VisionSession
 
 POSITIONS = ("contiguous",)
 _SLOT = "\u2063PRUMERGE_USER\u2063"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How the answer is drawn, checked once when made (a bad value is an :class:`InputError` before any work).
+    ``temperature`` 0 is greedy; ``top_p`` keeps the smallest nucleus of that probability; ``stop`` strings end the
+    answer before them; ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):  # NaN fails this too
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise InputError(f"seed must be an integer in 0..2**63-1, got {seed}")
+        if isinstance(self.stop, str):  # one string is not a list of its characters
+            raise InputError(f"stop must be a sequence of strings, got the string {self.stop!r}")
+        stop = tuple(self.stop)
+        if not all(isinstance(x, str) for x in stop):
+            raise InputError("stop must be a sequence of strings")
+        object.__setattr__(self, "stop", stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One piece of the prompt as the decoder sees it, as llama.cpp's mtmd types them: text (its token ``ids``) or
+    an image (its index among the prompt's images). ``n_tokens``: rows it contributes to the prefill (an image's
+    is the count its vision graph reported, None until then); ``n_pos``: positions it occupies (contiguous
+    positions here, so equal to ``n_tokens``; per-patch positions would make them differ)."""
+
+    kind: str  # "text" | "image"
+    ids: tuple = ()
+    image: int | None = None
+    n_tokens: int | None = None
+    n_pos: int | None = None
+
+    @classmethod
+    def text(cls, ids) -> "Chunk":
+        return cls("text", tuple(ids), None, len(ids), len(ids))
+
+    @classmethod
+    def picture(cls, index: int, n_tokens: int | None = None) -> "Chunk":
+        return cls("image", (), index, n_tokens, n_tokens)
+
+
+def place_images(chunks: Sequence[Chunk], visual_counts: Sequence[int]) -> list:
+    """``chunks`` with each image's ``n_tokens``/``n_pos`` set to the count its vision graph reported."""
+    return [Chunk.picture(c.image, int(visual_counts[c.image])) if c.kind == "image" else c for c in chunks]
+
+
+def chunk_starts(chunks: Sequence[Chunk]) -> list:
+    """The first decoder position of each (placed) chunk: the place per-patch positions will hang from."""
+    return [int(x) for x in np.cumsum([0, *(c.n_pos for c in chunks)])[:-1]]
 
 
 @dataclasses.dataclass
@@ -84,8 +147,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompt assembly
     def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:
-        """The prompt as the decoder will see it, as llama.cpp's mtmd splits it: a list of ``("text", ids)`` and
-        ``("image", i)`` chunks, in order (no onnxruntime needed).
+        """The prompt as the decoder will see it, as llama.cpp's mtmd splits it: a list of text and image
+        :class:`Chunk` s, in order (no onnxruntime needed).
 
         User text is tokenized with special-token parsing off (as llama.cpp's ``parse_special=false`` and
         transformers' ``split_special_tokens=True``): ``<|im_end|>`` typed by a user stays text, it cannot end the
@@ -117,12 +180,12 @@ class Pipeline:
             pieces = text.split(self.marker) if not trusted or not template else [text]
             for i, piece in enumerate(pieces):
                 if i:  # a marker stood here
-                    chunks.append(("text", self._encode(run)))
-                    chunks.append(("image", image))
+                    chunks.append(Chunk.text(self._encode(run)))
+                    chunks.append(Chunk.picture(image))
                     image, run = image + 1, []
                 run.append((piece, trusted))
-        chunks.append(("text", self._encode(run)))
-        return [c for c in chunks if c[0] == "image" or c[1]]
+        chunks.append(Chunk.text(self._encode(run)))
+        return [c for c in chunks if c.kind == "image" or c.n_tokens]
 
     def _encode(self, run: list) -> list:
         """Token ids of consecutive ``(text, trusted)`` segments (or ``(id, None)``): the text is split at the
@@ -189,7 +252,7 @@ class Pipeline:
                 out = self.vision.run_pixels(pixels)
             visual = [out.image(b).astype(np.float32) for b in range(len(images))]
         with clock.timed("embed"):
-            parts = [visual[value] if kind == "image" else self.decoder.embed(value) for kind, value in chunks]
+            parts = [visual[c.image] if c.kind == "image" else self.decoder.embed(list(c.ids)) for c in chunks]
             embeds = np.concatenate(parts, axis=0)
         if embeds.shape[0] >= self.decoder.context_length:
             raise InputError(f"the prompt needs {embeds.shape[0]} positions (visual tokens included) but the model's context is {self.decoder.context_length}")
@@ -198,28 +261,23 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
     def generate(self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), stream: bool = False,
-                 seed: int | None = None, template: bool = True, positions: str = "contiguous", visual_tokens=None):
+                 seed: int | None = None, template: bool = True, positions: str = "contiguous", visual_tokens=None,
+                 sampling: SamplingParams | None = None):
         """Generate an answer. ``stream=True`` returns an iterator of text pieces whose ``result`` attribute
-        holds the :class:`GenerationResult` once exhausted; otherwise the result itself."""
+        holds the :class:`GenerationResult` once exhausted; otherwise the result itself. ``sampling`` replaces the
+        five sampling keywords (``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``)."""
         if positions not in POSITIONS:
             raise ConfigError(
                 f"positions={positions!r} is not available: this decoder (onnxruntime-genai, GroupQueryAttention with fused "
                 "rotary) derives positions from the attention mask, so visual tokens get contiguous positions"
             )
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not 0 < top_p <= 1:  # NaN fails this too
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-            raise InputError(f"seed must be an integer in 0..2**63-1, got {seed}")
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        stream_obj = _Stream(self, list(images), prompt, max_new_tokens, temperature, top_p, tuple(stop), seed, template,
-                             visual_tokens)
+        stream_obj = _Stream(self, list(images), prompt, sampling, template, visual_tokens)
         if stream:
             return stream_obj
         for _ in stream_obj:
@@ -230,22 +288,21 @@ class Pipeline:
 class _Stream:
     """Iterator over decoded text pieces; ``result`` is set when generation ends."""
 
-    def __init__(self, pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual=None):
-        self.args = (pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual)
+    def __init__(self, pipeline, images, prompt: str, sampling: SamplingParams, template: bool, visual=None):
         self.result: GenerationResult | None = None
-        self._iter = self._run()
+        self._iter = self._run(pipeline, images, prompt, sampling, template, visual)
 
     def __iter__(self) -> Iterator[str]:
         return self._iter
 
-    def _run(self):
-        pipeline, images, prompt, max_new_tokens, temperature, top_p, stop, seed, template, visual_tokens = self.args
+    def _run(self, pipeline, images, prompt: str, sampling: SamplingParams, template: bool, visual_tokens):
+        max_new_tokens, stop = sampling.max_new_tokens, sampling.stop
         clock = Stopwatch()
         start = time.perf_counter()
         embeds, visual = pipeline.build_prompt(images, prompt, template, clock, visual=visual_tokens)
         room = pipeline.decoder.context_length - embeds.shape[0]
         budget = min(max_new_tokens, room)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(sampling.seed)
         eos = set(pipeline.spec.get("eos_token_ids") or [])
         with clock.timed("prefill"):
             cache = pipeline.decoder.start(capacity=embeds.shape[0] + budget)
@@ -254,7 +311,7 @@ class _Stream:
         generated, emitted, reason, steps = [], "", "max_new_tokens", 0
         decode_start = time.perf_counter()
         while True:
-            token = choose_token(logits, temperature, top_p, rng)
+            token = choose_token(logits, sampling.temperature, sampling.top_p, rng)
             if token in eos:
                 reason = "eos"
                 break
@@ -296,18 +353,6 @@ def _stop_prefix(text: str, stop: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
-
-
-def chunk_layout(chunks: list, visual_counts: Sequence[int]) -> list:
-    """``[(kind, value, start, length)]``: where each prompt chunk sits among the decoder's positions, text chunks
-    by their token count and image chunks by the count the vision graph reported (the place per-patch positions
-    will hang from; today positions are contiguous)."""
-    layout, start = [], 0
-    for kind, value in chunks:
-        length = len(value) if kind == "text" else int(visual_counts[value])
-        layout.append((kind, value, start, length))
-        start += length
-    return layout
 
 
 def _graph_for(method: str | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..artifact.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, processor_image_size  # noqa: F401
+from ..artifact.preprocess_config import PreprocessConfig
 from ..errors import InputError
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]

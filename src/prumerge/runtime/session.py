@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact.contract import OUTPUT_NAMES, PADDING_INDEX, VisionOutput, concat_outputs
-from ..artifact.preprocess import PreprocessConfig
+from ..artifact.preprocess_config import PreprocessConfig
 from ..errors import InputError
 from .preprocess import ImageLike, preprocess_batch
 
@@ -21,20 +21,24 @@ from .preprocess import ImageLike, preprocess_batch
 class VisionSessionBase:
     provider = "?"
 
-    def __init__(self, directory: Path, manifest, graph: dict, batch_max: int | None = None) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | None, manifest, graph: dict, batch_max: int | None = None) -> None:
+        """``manifest`` None: a bare graph file (build validation, INT8 comparison), which has no preprocessing
+        config (``run_pixels`` only) and uses the contract's padding index."""
+        self.directory = Path(directory) if directory is not None else None
         self.manifest = manifest
         self.graph = graph
-        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess)
+        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess) if manifest is not None else None
         spec = graph["inputs"][0]
         self.input_name = spec["name"]
         self.input_dtype = np.dtype(spec["dtype"])
         self.image_size = int(spec["shape"][-1])
         self.batch_max = int(batch_max if batch_max is not None else graph.get("batch_max", 1))
-        self.padding_index = int(manifest.reducer.get("padding_index", PADDING_INDEX))
+        self.padding_index = int(manifest.reducer.get("padding_index", PADDING_INDEX)) if manifest is not None else PADDING_INDEX
 
     def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
         """Paths, bytes, PIL images or HWC arrays -> reduced tokens (preprocessed as the checkpoint's processor does)."""
+        if self.preprocess is None:
+            raise InputError("this session runs a bare graph file, which has no preprocessing config: pass pixels")
         return self.run_pixels(preprocess_batch(images, self.preprocess))
 
     def run_pixels(self, pixel_values: np.ndarray) -> VisionOutput:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..artifact.contract import OUTPUT_NAMES, VisionOutput, concat_outputs  # noqa: F401  (re-exported)
+from ..artifact.contract import OUTPUT_NAMES
 from ..artifact.manifest import Manifest, inside
 from ..errors import ArtifactError, BackendUnavailableError, InputError
 from .session import VisionSessionBase
@@ -30,8 +30,9 @@ PROVIDERS = {
 class VisionSession(VisionSessionBase):
     """Open with :meth:`open`; call :meth:`run` on images or :meth:`run_pixels` on preprocessed arrays."""
 
-    def __init__(self, directory: Path, manifest: Manifest, graph: dict, session, provider: str) -> None:
-        super().__init__(directory, manifest, graph)
+    def __init__(self, directory: Path | None, manifest: Manifest | None, graph: dict, session, provider: str,
+                 batch_max: int | None = None) -> None:
+        super().__init__(directory, manifest, graph, batch_max)
         self.session = session
         self.provider = provider
 
@@ -61,6 +62,22 @@ class VisionSession(VisionSessionBase):
         session, used = _ort_session(inside(directory, spec["file"]), provider, profile_dir)
         _check_io(session, spec, directory)
         return cls(directory, manifest, spec, session, used)
+
+    @classmethod
+    def from_graph(cls, path: str | Path, provider: str = "cpu", batch_max: int = 8) -> "VisionSession":
+        """A vision graph file on its own (no artifact around it): what the build validates before the artifact
+        exists and what INT8 is compared on. The same output binding, input checks and batch splitting as an
+        artifact's session; the input spec is read from the graph itself."""
+        path = Path(path)
+        session, used = _ort_session(path, provider)
+        (graph_input,) = session.get_inputs()
+        size = graph_input.shape[-1]
+        if not isinstance(size, int):
+            raise ArtifactError(f"{path}: the vision graph's image size is not fixed ({graph_input.shape})")
+        spec = {"inputs": [{"name": graph_input.name, "dtype": _ORT_TYPES.get(graph_input.type), "shape": graph_input.shape}],
+                "outputs": [{"name": o.name, "dtype": _ORT_TYPES.get(o.type)} for o in session.get_outputs()]}
+        _check_io(session, spec, path)
+        return cls(None, None, spec, session, used, batch_max=batch_max)
 
     # ------------------------------------------------------------------ running
     def run_batch(self, feed):

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from prumerge.artifact.contract import INPUT_NAME
 from prumerge.artifact.manifest import Manifest
-from prumerge.artifact.preprocess import PreprocessConfig
+from prumerge.artifact.preprocess_config import PreprocessConfig
 from prumerge.errors import PruMergeError
 from prumerge.runtime.preprocess import preprocess_batch
 from prumerge.triton.models._common import artifact_dir

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 # the largest patch grid a graph is exported for: the reducer's similarity is P x P per image (4096 patches =
 # 64 MB in fp32); ViT-L/14-336 has 576, DINOv2 at its 518 px config 1369

@@ -4,7 +4,7 @@ inside its graph.
 The tower is run layer by layer up to what is needed: LLaVA reads the penultimate layer's output, and PruMerge
 needs only the last layer's q/k, which are that same tensor through the last layer's pre-attention norm and
 ``q_proj``/``k_proj``. So for CLIP-LLaVA the last layer's attention and MLP are never computed, and no forward
-hook (global, stateful, not exportable) is needed. What differs per family lives in :mod:`prumerge.towers`.
+hook (global, stateful, not exportable) is needed. What differs per family lives in :mod:`prumerge.model.towers`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_state, vision_state
-from .errors import CheckpointError, ConfigError, InputError
-from .reduce.config import Method, ReducerConfig
-from .reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
+from ..errors import CheckpointError, ConfigError, InputError
+from ..reduce.config import Method, ReducerConfig
+from ..reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
 from .towers import FAMILIES, build_tower, match_key_layout, tower_for
 
 
@@ -79,12 +79,12 @@ class PruMergeEncoder(nn.Module):
         ``project=True`` applies the LLaVA projector when the checkpoint has one (tokens come out LLM-ready).
         ``image_size``: the square side the encoder takes; default the checkpoint's processor crop (what the model
         is used at) when it has a processor config, else the config's ``image_size``. Position embeddings are
-        interpolated to it once, here (see :meth:`prumerge.towers.Tower.resize`).
+        interpolated to it once, here (see :meth:`prumerge.model.towers.Tower.resize`).
         Extra keyword arguments are :class:`ReducerConfig` fields (``attention``, ``order``, ``capacity``, ...).
         """
         from transformers import AutoConfig
 
-        from .artifact.preprocess import processor_image_size
+        from ..artifact.preprocess_config import processor_image_size
 
         reducer = ReducerConfig(method=Method.parse(method), **reducer_options)
         checkpoint = Checkpoint.open(path_or_id, revision=revision)
@@ -144,7 +144,7 @@ class PruMergeEncoder(nn.Module):
 
     def preprocess_config(self):
         """The one place a checkpoint's preprocessing is derived: its processor config at this encoder's size."""
-        from .artifact.preprocess import PreprocessConfig
+        from ..artifact.preprocess_config import PreprocessConfig
 
         try:
             return PreprocessConfig.from_processor_dict(self.processor, self.image_size)
@@ -161,8 +161,8 @@ class PruMergeEncoder(nn.Module):
         """``(scores [B, P], thresholds [B])`` from :meth:`tower_outputs`' ``q, k``: the patch importance and IQR
         outlier threshold selection is made from (fp32, as the reducer computes them). Validation of
         reduced-precision graphs checks a moved selection against these."""
-        from .reduce.attention import importance_scores
-        from .reduce.outliers import iqr_threshold
+        from ..reduce.attention import importance_scores
+        from ..reduce.outliers import iqr_threshold
 
         scores = importance_scores(q.float(), k.float(), self.reducer, self.num_heads, self.adapter.prefix_tokens,
                                    self.adapter.importance)
@@ -176,7 +176,7 @@ class PruMergeEncoder(nn.Module):
         take the other patch: validation uses this to tell such near-ties from real disagreements. Slots that are
         not merged tokens (extra token, padding) get +inf (no boundary).
         """
-        from .reduce.merge import neighbor_gaps
+        from ..reduce.merge import neighbor_gaps
 
         if keys is None:
             with torch.no_grad():

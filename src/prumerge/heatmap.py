@@ -1,4 +1,4 @@
-"""``prumerge.inspect.render``: a picture of what PruMerge kept, sampled and merged for one image.
+"""``prumerge.heatmap.render``: a picture of what PruMerge kept, sampled and merged for one image.
 
 Left: the model's view of the image (after its preprocessing) with the patch grid and a heat map of CLS attention.
 Right: kept patches outlined in red (rank by attention printed for the first ten), PruMerge+ samples in cyan, each
@@ -55,7 +55,7 @@ def render(image, model: str | Path, method: str = "prumerge", out: str | Path |
     """Run the reducer on ``image`` with ``model`` (checkpoint dir, hub id, or artifact dir) and draw it."""
     import torch
 
-    from .encoder import PruMergeEncoder
+    from .model.encoder import PruMergeEncoder
     from .artifact.manifest import MANIFEST_NAME, Manifest
     from .reduce.config import Method
     from .reduce.explain import explain

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..artifact.nodes import STAGES, classify_nodes  # noqa: F401  (re-exported)
+from ..artifact.node_stages import STAGES
 
 def node_times(profile_json: Path, stages: dict, skip_runs: int = 0) -> dict:
     """Total kernel time (ms) per stage from an onnxruntime profile, dropping each node's first ``skip_runs``

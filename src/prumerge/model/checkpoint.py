@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
