@@ -19,7 +19,6 @@ import argparse
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
