@@ -174,6 +174,9 @@ MUTANTS = {
     "alignment labels patches whose centre is off the object": (
         "demovlm/train.py", "out[p] = label if centre[p] and share[p] >= 0.5 else -1", "out[p] = label",
         ["tests/test_demovlm.py::test_patch_labels_name_the_colour_drawn_under_each_patch"]),
+    "stale cleanup globs the target's name unescaped": (
+        "export/staging.py", 'target.parent.glob(glob.escape(prefix) + "*")', 'target.parent.glob(prefix + "*")',
+        ["tests/test_bad_input.py::test_stale_cleanup_takes_only_its_own_targets_leftovers"]),
 }
 
 

@@ -173,3 +173,19 @@ def test_training_record_states_how_it_was_made():
     files = {p.name for p in Path(assemble.WEIGHTS).iterdir()}
     assert {assemble.PROJECTOR_FILE, assemble.RECORD_FILE} <= files
     json.dumps(record)
+
+
+def test_a_stop_signal_ends_training_between_steps_not_the_process():
+    """SIGINT / SIGTERM during training set a flag the loop reads between steps (weights and record still written);
+    outside training the previous handlers are back."""
+    import os
+    import signal
+
+    from prumerge.demovlm.train import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is before

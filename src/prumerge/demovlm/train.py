@@ -375,29 +375,24 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     history, losses = [], []
     stream = batches(train_cache, batch, mix, rng)
     step_start = time.time()
-    for step in range(min(steps, stop_after or steps)):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, group["peak"], warmup=max(1, steps // 20))
-        token_set, chunk = next(stream)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = trainer.batch_loss(train_cache, chunk, token_set)
-            if align_weight:
-                loss = loss + align_weight * trainer.align_loss(train_cache, [s.image for s in chunk])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % 10 == 0:
-            log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({(time.time() - step_start) / (step + 1):.2f} s/step)")
-        if eval_every and ((step + 1) % eval_every == 0 or step + 1 in (steps, stop_after)):
-            row = {"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4)}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                for name in TOKEN_SETS:
-                    row[name], row[f"{name}_by_category"] = trainer.accuracy(held_cache, name)
-            history.append(row)
-            log(json.dumps(row))
-            save_weights(trainer, out)
+    interrupted = None
+    with StopRequest() as stop:
+        for step in range(min(steps, stop_after or steps)):
+            if stop.requested:  # SIGINT / SIGTERM: end between steps, keep what was trained, say so in the record
+                interrupted = step
+                log(f"stop requested: ending after step {step}")
+                break
+            _train_step(trainer, optimizer, params, stream, train_cache, steps, step, bf16, align_weight, losses)
+            if (step + 1) % 10 == 0:
+                log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({(time.time() - step_start) / (step + 1):.2f} s/step)")
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 in (steps, stop_after)):
+                row = {"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4)}
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    for name in TOKEN_SETS:
+                        row[name], row[f"{name}_by_category"] = trainer.accuracy(held_cache, name)
+                history.append(row)
+                log(json.dumps(row))
+                save_weights(trainer, out)
     save_weights(trainer, out)
     record = {
         "seed": seed, "steps": steps, "stop_after": stop_after, "steps_run": len(losses), "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
@@ -409,6 +404,7 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         "lora_targets": list(lora_targets or ()) or None,
         "cpu_seconds": round(time.process_time() - cpu_start, 1), "wall_seconds": round(time.time() - wall_start, 1),
         "torch_threads": torch.get_num_threads(), "history": history, "losses": [round(x, 4) for x in losses],
+        "interrupted_after": interrupted,
     }
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return record
@@ -420,7 +416,7 @@ def align(trainer: Trainer, cache: Cache, steps: int, lr: float, rng: random.Ran
     optimizer = torch.optim.AdamW(trainer.projector.parameters(), lr=lr, weight_decay=0.0)
     losses, out = [], []
     for step in range(steps):
-        loss = trainer.align_loss(cache, rng.sample(range(len(cache.patch_labels)), images))
+        loss = trainer.align_loss(cache, rng.sample(range(len(cache.patch_labels)), min(images, len(cache.patch_labels))))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -429,6 +425,45 @@ def align(trainer: Trainer, cache: Cache, steps: int, lr: float, rng: random.Ran
             out.append(round(float(np.mean(losses[-50:])), 4))
             log(f"align {step + 1}/{steps} loss {out[-1]:.3f}")
     return out
+
+
+def _train_step(trainer, optimizer, params, stream, cache, steps, step, bf16, align_weight, losses) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, steps, group["peak"], warmup=max(1, steps // 20))
+    token_set, chunk = next(stream)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = trainer.batch_loss(cache, chunk, token_set)
+        if align_weight:
+            loss = loss + align_weight * trainer.align_loss(cache, [s.image for s in chunk])
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    losses.append(float(loss.detach()))
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM set ``requested`` instead of killing the run, so training ends between two
+    steps and still saves its weights and writes its record (a run stopped for time is then recorded by itself)."""
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        self.requested, self._previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def _request(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, *_) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def save_weights(trainer: Trainer, out: Path) -> None:
