@@ -31,16 +31,17 @@ DESCRIPTION = (
 )
 
 
-def trained_record() -> dict | None:
-    """What the committed weights were trained with and measured at (``weights/training.json``), if present."""
-    path = WEIGHTS / RECORD_FILE
+def trained_record(weights: Path = WEIGHTS) -> dict | None:
+    """What the weights in ``weights`` (default: the committed ones) were trained with and measured at
+    (``training.json``), if present."""
+    path = weights / RECORD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def feature_layer() -> int:
-    """The tower layer the committed projector was trained on (its record's ``vision_feature_layer``; LLaVA's
+def feature_layer(weights: Path = WEIGHTS) -> int:
+    """The tower layer the projector in ``weights`` was trained on (its record's ``vision_feature_layer``; LLaVA's
     penultimate layer, -2, for a record that predates the field)."""
-    record = trained_record() or {}
+    record = trained_record(weights) or {}
     return int(record.get("vision_feature_layer", -2))
 
 

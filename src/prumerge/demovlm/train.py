@@ -128,6 +128,7 @@ class PromptIds:
 
 ALIGN_COLORS = (*shapes_qa.COLORS, "background")
 ALIGN_SHAPES = (*shapes_qa.SHAPES, "background")
+ALIGN_SCALE = 20.0  # cosine logits x this: a sharp softmax over the words without letting norms grow
 
 
 def patch_labels(things: list, patches: int, size: int = shapes_qa.SIZE) -> torch.Tensor:
@@ -261,9 +262,6 @@ class Trainer:
         return float(np.mean(hits)), {k: round(float(np.mean(v)), 3) for k, v in sorted(per_category.items())}
 
 
-ALIGN_SCALE = 20.0
-
-
 def batches(cache: Cache, size: int, mix: dict, rng: random.Random):
     """Endless (token set, conversations) batches: one token set per batch (so a batch's lengths are alike), drawn
     with the ``mix`` probabilities; images shuffled each epoch."""
@@ -334,8 +332,9 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
     from safetensors.torch import load_file
 
     if setup is None:
-        record = weights / "training.json"
-        layer = json.loads(record.read_text()).get("vision_feature_layer", -2) if record.is_file() else None
+        from .assemble import RECORD_FILE, feature_layer
+
+        layer = feature_layer(weights) if (weights / RECORD_FILE).is_file() else None
         with tempfile.TemporaryDirectory() as scratch:
             setup = prepare(Path(scratch), feature_layer=layer)
     cache = encode_scenes(setup.encoder, scenes, seed, setup.prompts, log=log)
