@@ -74,6 +74,8 @@ class VisionSession(VisionSessionBase):
         size = graph_input.shape[-1]
         if not isinstance(size, int):
             raise ArtifactError(f"{path}: the vision graph's image size is not fixed ({graph_input.shape})")
+        if graph_input.type not in _ORT_TYPES:
+            raise ArtifactError(f"{path}: the vision graph's input type {graph_input.type} is not one prumerge runs")
         spec = {"inputs": [{"name": graph_input.name, "dtype": _ORT_TYPES.get(graph_input.type), "shape": graph_input.shape}],
                 "outputs": [{"name": o.name, "dtype": _ORT_TYPES.get(o.type)} for o in session.get_outputs()]}
         _check_io(session, spec, path)
