@@ -27,12 +27,12 @@ def main() -> None:
 
     pipeline = Pipeline.from_artifacts(args.artifact, verify=False)
     decoder = pipeline.decoder
-    print(f"{args.artifact}: {decoder.spec['model_type']} {decoder.spec['precision']}, {decoder.layers} layers; "
+    print(f"{args.artifact}: {decoder.spec.model_type} {decoder.spec.precision}, {decoder.layers} layers; "
           f"{args.steps} greedy steps after the prompt, median of {args.repeats}")
 
     def ms_per_token(shared: bool, context: int) -> tuple[float, np.ndarray]:
         prompt = decoder.embed(list(np.arange(context) % 1000 + 100))
-        decoder.spec["kv_share_buffer"] = shared
+        decoder.spec.kv_share_buffer = shared
         times, last = [], None
         for _ in range(args.repeats):
             cache = decoder.start(capacity=context + args.steps + 1)
@@ -46,13 +46,13 @@ def main() -> None:
             last = logits
         return statistics.median(times), last
 
-    supported = bool(decoder.spec.get("kv_share_buffer"))
+    supported = bool(decoder.spec.kv_share_buffer)
     for context in (60, 620, 2000):
         concat, a = ms_per_token(False, context)
         shared, b = ms_per_token(True, context)
         print(f"context {context:5d}: concatenated cache {concat:6.2f} ms/token, shared buffer {shared:6.2f} ms/token "
               f"= {concat / shared:4.2f}x; same logits: {bool(np.array_equal(a, b))}")
-    decoder.spec["kv_share_buffer"] = supported
+    decoder.spec.kv_share_buffer = supported
 
 
 if __name__ == "__main__":

@@ -94,12 +94,14 @@ def main() -> None:
         out["reducer_share_of_encoder"] = round(t_red / t_enc, 4)
         return out
 
-    def build(name, **options):
-        from prumerge.export.build import BuildOptions, build_artifact
+    def build(name, fp16=False, **options):
+        """``options``: BuildOptions stages beside the graph (int8, engine, calibration)."""
+        from prumerge.export.build import build_artifact
+        from prumerge.export.options import BuildOptions, GraphOptions
 
         directory = work / name
         if not directory.exists():
-            build_artifact(str(checkpoint), directory, BuildOptions(llm_precision=None, batch_max=8, **options))
+            build_artifact(str(checkpoint), directory, BuildOptions(graph=GraphOptions(batch_max=8, fp16=fp16), llm=None, **options))
         return directory
 
     def ort_cuda():
@@ -118,7 +120,10 @@ def main() -> None:
             from prumerge.calib.images import CalibrationSet
 
             cal = calibrate_budget(str(checkpoint), CalibrationSet.synthetic(16), ["prumerge"], 1.0).write(work / "cal.json")
-            directory = build("int8", calibration=str(cal), int8=True, target="server", engine_options={"precision": "int8"})
+            from prumerge.export.options import Int8Options
+
+            directory = build("int8", calibration=str(cal), int8=Int8Options(),
+                              engine=EngineOptions.for_target("server", precision="int8"))
         else:
             directory = build("fp16", fp16=True)
         copy = work / f"trt-{precision}"

@@ -30,7 +30,8 @@ def main() -> None:
     from common import VIT_L_336
 
     from prumerge.calib.images import CalibrationSet
-    from prumerge.calib.int8 import agreement, latency_ratio, quantize_vision, session_outputs
+    from prumerge.calib.int8 import latency_ratio, quantize_vision, session_outputs
+    from prumerge.export.validate import agreement
     from prumerge.demo import build_demo_checkpoint
     from prumerge.model.encoder import PruMergeEncoder
     from prumerge.export.graph import export_onnx

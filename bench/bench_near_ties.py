@@ -31,7 +31,9 @@ def main() -> None:
     from realweights import photos
 
     from prumerge import PruMergeEncoder
-    from prumerge.export.build import BuildOptions, build_artifact
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions, GraphOptions
+    from prumerge.reduce.config import ReducerConfig
     from prumerge.export.validate import NEAR_TIE_EPSILON, SELECTION_EPSILON, validate_against
     from prumerge.runtime import VisionSession
     from prumerge.runtime.preprocess import preprocess_batch
@@ -104,11 +106,11 @@ def main() -> None:
 
     for method in ("prumerge", "prumerge+"):
         out = work / method
-        manifest = build_artifact(str(checkpoint), out, BuildOptions(method=method, llm_precision=None, batch_max=32))
-        print(f"{method}: default build validation: {manifest.validation['tokens_exact']} exact, "
-              f"{manifest.validation['near_ties']} near-ties, {manifest.validation['unexplained']} unexplained")
+        manifest = build_artifact(str(checkpoint), out, BuildOptions(ReducerConfig(method=method), GraphOptions(batch_max=32), llm=None))
+        print(f"{method}: default build validation: {manifest.validation.tokens_exact} exact, "
+              f"{manifest.validation.near_ties} near-ties, {manifest.validation.unexplained} unexplained")
         encoder = PruMergeEncoder.from_pretrained(checkpoint, method=method)
-        got = VisionSession.open(out).run_pixels(pixels).arrays()
+        got = VisionSession.open(out).run_pixels(pixels)
         result = validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider")
         print(f"{method} on the {len(pixels)} photos: {result.summary()}; counts identical {result.counts_identical}, "
               f"indices identical {result.indices_identical}")

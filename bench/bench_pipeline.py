@@ -70,7 +70,9 @@ def main() -> None:
     from common import VIT_L_336
 
     from prumerge.demo import build_demo_checkpoint
-    from prumerge.export.build import BuildOptions, build_artifact
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions, GraphOptions, LlmOptions
+    from prumerge.reduce.config import ReducerConfig
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -79,9 +81,9 @@ def main() -> None:
         vision = {k: v for k, v in VIT_L_336.items() if k != "projection_dim"}
         build_demo_checkpoint(checkpoint, vision=vision, sharpen=6.0)
     builds = {
-        "prumerge": BuildOptions(method="prumerge", baseline=True, llm_precision="int4"),
-        "prumerge+": BuildOptions(method="prumerge+", llm_precision="int4"),
-        "fp32-llm": BuildOptions(method="prumerge", llm_precision="fp32"),
+        "prumerge": BuildOptions(graph=GraphOptions(baseline=True), llm=LlmOptions("int4")),
+        "prumerge+": BuildOptions(ReducerConfig(method="prumerge+"), llm=LlmOptions("int4")),
+        "fp32-llm": BuildOptions(llm=LlmOptions("fp32")),
     }
     for name, options in builds.items():
         if not (work / name / "manifest.json").is_file():

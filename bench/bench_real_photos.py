@@ -29,7 +29,9 @@ def main() -> None:
 
     from prumerge import PruMergeEncoder
     from prumerge.calib.budget import BudgetReport, count_stats, histogram
-    from prumerge.export.build import BuildOptions, build_artifact
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions
+    from prumerge.reduce.config import ReducerConfig
     from prumerge.heatmap import render
     from prumerge.runtime import VisionSession
     from prumerge.export.validate import validate_against
@@ -52,10 +54,10 @@ def main() -> None:
         with torch.no_grad():
             ref = encoder(torch.from_numpy(pixels))
         counts[method] = ref.num_tokens.tolist()
-        build_artifact(str(checkpoint), work / method, BuildOptions(method=method, llm_precision=None))
+        build_artifact(str(checkpoint), work / method, BuildOptions(ReducerConfig(method=method), llm=None))
         got = VisionSession.open(work / method).run_pixels(pixels)
         per_image = np.abs(got.tokens - ref.tokens.numpy()).max(axis=(1, 2))
-        parity[method] = (validate_against(encoder, got.arrays(), pixels, "fp32", "CPUExecutionProvider"), float(np.median(per_image)))
+        parity[method] = (validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider"), float(np.median(per_image)))
     print(f"{'photo':<24} {'prumerge':>8} {'prumerge+':>9}")
     for i, path in enumerate(images):
         print(f"{path.name:<24} {counts['prumerge'][i] - 1:>8} {counts['prumerge+'][i] - 1:>9}")

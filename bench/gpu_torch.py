@@ -28,9 +28,12 @@ def _ms(fn, device: str, runs: int) -> float:
     return round(timed(lambda: (fn(), _sync(device)), runs, warmup=2) * 1e3, 3)
 
 
-def _arrays(reduced) -> dict:
-    return {"tokens": reduced.tokens.float().cpu().numpy(), "num_tokens": reduced.num_tokens.cpu().numpy(),
-            "indices": reduced.indices.cpu().numpy()}
+def _arrays(reduced):
+    """A (possibly CUDA) ReducedTokens as the token contract the comparisons take."""
+    from prumerge.artifact.contract import VisionOutput
+
+    return VisionOutput(reduced.tokens.float().cpu().numpy(), reduced.num_tokens.cpu().numpy(),
+                        reduced.indices.cpu().numpy(), reduced.truncated.cpu().numpy())
 
 
 def reducer_parity(tower, device: str, batch: int = 4) -> dict:
@@ -47,12 +50,12 @@ def reducer_parity(tower, device: str, batch: int = 4) -> dict:
             config = ReducerConfig(method=method)
             ref = _arrays(reduce_tokens(hidden[:, 1:], q, k, config))
             got = _arrays(reduce_tokens(hidden[:, 1:].to(device), q.to(device), k.to(device), config))
-            counts = bool(np.array_equal(ref["num_tokens"], got["num_tokens"]))
+            counts = bool(np.array_equal(ref.num_tokens, got.num_tokens))
             out[method] = {
-                "tokens": ref["num_tokens"].tolist(),
+                "tokens": ref.num_tokens.tolist(),
                 "counts_identical": counts,
-                "indices_identical": counts and bool(np.array_equal(ref["indices"], got["indices"])),
-                "max_abs_error": float(np.abs(ref["tokens"] - got["tokens"]).max()) if counts else None,
+                "indices_identical": counts and bool(np.array_equal(ref.indices, got.indices)),
+                "max_abs_error": float(np.abs(ref.tokens - got.tokens).max()) if counts else None,
             }
     return out
 
@@ -82,7 +85,7 @@ def _set_tf32(allowed: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-def _run(encoder, pixels: np.ndarray, device: str, dtype) -> tuple[dict, torch.Tensor, np.ndarray, np.ndarray]:
+def _run(encoder, pixels: np.ndarray, device: str, dtype) -> tuple:
     """One tower pass per batch of 8: outputs (numpy dict), the last layer's keys (CPU, float64, prefix included)
     and the selection scores and thresholds they came from."""
     parts, keys, scores, thresholds = [], [], [], []
@@ -96,7 +99,10 @@ def _run(encoder, pixels: np.ndarray, device: str, dtype) -> tuple[dict, torch.T
             batch_scores, batch_thresholds = encoder.selection_scores(q, k)
             scores.append(batch_scores.double().cpu().numpy())
             thresholds.append(batch_thresholds.double().cpu().numpy())
-    outputs = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    from prumerge.artifact.contract import VisionOutput
+
+    outputs = VisionOutput(*(np.concatenate([getattr(p, key) for p in parts])
+                             for key in ("tokens", "num_tokens", "indices", "truncated")))
     return outputs, torch.cat(keys), np.concatenate(scores), np.concatenate(thresholds)
 
 
@@ -114,7 +120,7 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
     of each (the near-tie epsilon must exceed it), and how far fp16 moves the selection from fp32 (Jaccard of the
     kept sets, share of identical selections: a quality figure, like INT8's)."""
     from prumerge import PruMergeEncoder
-    from prumerge.calib.int8 import agreement
+    from prumerge.export.validate import agreement
     from prumerge.export.validate import NEAR_TIE_EPSILON, TOLERANCE, compare_outputs, selection_rule
     from prumerge.runtime.preprocess import preprocess_batch
 
@@ -131,7 +137,7 @@ def real_weights_parity(real: Path | None, work: Path, device: str, limit: int |
             for dtype in (torch.float32, torch.float16):
                 encoder = base if dtype == torch.float32 else copy.deepcopy(base).half()
                 ref, ref_keys, scores, thresholds = _run(encoder, pixels, "cpu", dtype)
-                gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref["indices"]), keys=ref_keys).numpy()
+                gaps = encoder.neighbor_gaps(None, torch.from_numpy(ref.indices), keys=ref_keys).numpy()
                 precision = "fp16" if dtype == torch.float16 else "fp32"
                 references[dtype] = (ref, _cosines(ref_keys, prefix), gaps, _threshold_margins(scores, thresholds),
                                      selection_rule(encoder.reducer, scores, thresholds, precision))
@@ -172,13 +178,13 @@ def _threshold_margins(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray
     return np.abs(scores - thresholds[:, None]).min(axis=1) / thresholds
 
 
-def _per_image(ref: dict, got: dict, margins: np.ndarray) -> dict:
+def _per_image(ref, got, margins: np.ndarray) -> dict:
     """Which images moved, by how much (Jaccard of kept sets) and how near their threshold was."""
-    from prumerge.calib.int8 import agreement
+    from prumerge.export.validate import agreement
 
-    moved = np.flatnonzero(ref["num_tokens"] != got["num_tokens"])
-    other = np.flatnonzero(ref["num_tokens"] == got["num_tokens"])
-    same_count_moved = [int(b) for b in other if not np.array_equal(ref["indices"][b], got["indices"][b])]
+    moved = np.flatnonzero(ref.num_tokens != got.num_tokens)
+    other = np.flatnonzero(ref.num_tokens == got.num_tokens)
+    same_count_moved = [int(b) for b in other if not np.array_equal(ref.indices[b], got.indices[b])]
     agree = agreement(ref, got)
     return {"images_count_differs": len(moved), "images_indices_differ_same_count": len(same_count_moved),
             "mean_jaccard": round(agree.mean_jaccard, 4), "min_jaccard": round(agree.min_jaccard, 4),

@@ -83,17 +83,21 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
     """Builds (once per session) the artifact for (model, method, contract) and returns its directory."""
-    from prumerge.export.build import BuildOptions, build_artifact
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions, GraphOptions, LlmOptions
+    from prumerge.reduce.config import ReducerConfig
 
     cache = {}
     models = {"clip": clip_dir, "llava": llava_dir}
 
-    def make(model="llava", method="prumerge", output="padded", llm_precision=None, **options):
-        options["llm_precision"] = llm_precision
-        key = (model, method, output, tuple(sorted(options.items())))
+    def make(model="llava", method="prumerge", output="padded", llm_precision=None, max_tokens=None, **graph):
+        """``graph``: GraphOptions fields (fp16, baseline, slim, ...)."""
+        key = (model, method, output, llm_precision, max_tokens, tuple(sorted(graph.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"{model}-{method}-{output}"
-            build_artifact(str(models[model]), out, BuildOptions(method=method, output=output, **options))
+            options = BuildOptions(ReducerConfig(method=method, capacity=max_tokens), GraphOptions(contract=output, **graph),
+                                   llm=LlmOptions(llm_precision) if llm_precision else None)
+            build_artifact(str(models[model]), out, options)
             cache[key] = out
         return cache[key]
 

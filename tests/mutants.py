@@ -45,7 +45,7 @@ MUTANTS = {
         "runtime/llm.py", "return int(rng.choice(keep, p=chosen))", "return int(keep[0])",
         ["tests/test_pipeline.py::test_nucleus_sampling_draws_from_the_nucleus_in_proportion"]),
     "BOS dropped": (
-        "runtime/pipeline.py", '[(self.spec["bos_token_id"], None)] if self.spec.get("add_bos") else []', "[]",
+        "runtime/pipeline.py", '[(self.spec.bos_token_id, None)] if self.spec.add_bos else []', "[]",
         ["tests/test_bad_input.py::test_bos_is_prepended_when_the_model_wants_it"]),
     "transparent pixels black": (
         "runtime/preprocess.py", "    if pil.mode == \"RGB\":\n        return pil\n",
@@ -174,6 +174,22 @@ MUTANTS = {
     "alignment labels patches whose centre is off the object": (
         "demovlm/train.py", "out[p] = label if centre[p] and share[p] >= 0.5 else -1", "out[p] = label",
         ["tests/test_demovlm.py::test_patch_labels_name_the_colour_drawn_under_each_patch"]),
+    "INT8 build options without a calibration file accepted": (
+        "export/options.py", "if self.int8 is not None and not self.calibration:", "if False:",
+        ["tests/test_build_options.py"]),
+    "a side asked of (and aligned for) an object in the middle": (
+        "shapes_qa.py", "return None if abs(self.cx - size / 2) <= size * POSITION_MARGIN else", "return None if False else",
+        ["tests/test_shapes_qa.py::test_every_answer_is_right_and_unambiguous",
+         "tests/test_demovlm.py::test_patch_labels_name_the_colour_drawn_under_each_patch"]),
+    "verify rebuilds its reference by converting the whole original-layout checkpoint": (
+        "export/reference.py", "vision_only=True) as (checkpoint, _):", "vision_only=False) as (checkpoint, _):",
+        ["tests/test_checkpoints.py::test_build_takes_an_original_layout_lora_checkpoint_directly"]),
+    "decoder cache names not checked against the layer count": (
+        "artifact/manifest.py", "if not isinstance(names, list) or len(names) != layers or", "if not isinstance(names, list) or",
+        ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
+    "a zero normalisation std accepted from a manifest": (
+        "artifact/manifest.py", "if not all(config.image_std) or not", "if not",
+        ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
     "stale cleanup globs the target's name unescaped": (
         "export/staging.py", 'target.parent.glob(glob.escape(prefix) + "*")', 'target.parent.glob(prefix + "*")',
         ["tests/test_bad_input.py::test_stale_cleanup_takes_only_its_own_targets_leftovers"]),

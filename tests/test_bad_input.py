@@ -23,7 +23,9 @@ from PIL import Image
 
 from prumerge.cli import main
 from prumerge.errors import ArtifactError, CheckpointError, ConfigError, InputError
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions, GraphOptions, LlmOptions
+from prumerge.reduce.config import ReducerConfig
 from prumerge.artifact.manifest import MANIFEST_NAME, Manifest, _self_hash
 from prumerge.export.staging import build_lock, staged_directory
 from prumerge.runtime import VisionSession
@@ -54,7 +56,7 @@ def test_force_never_deletes_what_is_not_an_artifact(tmp_path, clip_dir, monkeyp
     project.mkdir()
     (project / "notes.txt").write_text("precious")
     with pytest.raises(ArtifactError, match="not a prumerge artifact"):
-        build_artifact(str(clip_dir), project, BuildOptions(llm_precision=None), force=True)
+        build_artifact(str(clip_dir), project, BuildOptions(llm=None), force=True)
     assert (project / "notes.txt").read_text() == "precious"
     monkeypatch.chdir(project)  # `--out . --force` from inside a project
     result = CliRunner().invoke(main, ["build", str(clip_dir), "--out", ".", "--force", "--no-llm"])
@@ -64,9 +66,9 @@ def test_force_never_deletes_what_is_not_an_artifact(tmp_path, clip_dir, monkeyp
 
 def test_force_replaces_an_artifact_and_an_empty_directory(tmp_path, clip_dir):
     (tmp_path / "empty").mkdir()
-    build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(llm_precision=None, validate_images=1), force=True)
+    build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(graph=GraphOptions(validate_images=1), llm=None), force=True)
     first = Manifest.read(tmp_path / "empty").created_utc
-    build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(method="prumerge+", llm_precision=None, validate_images=1), force=True)
+    build_artifact(str(clip_dir), tmp_path / "empty", BuildOptions(ReducerConfig(method="prumerge+"), GraphOptions(validate_images=1), llm=None), force=True)
     assert Manifest.read(tmp_path / "empty").vision.method == "prumerge+" and first
 
 
@@ -91,7 +93,7 @@ def test_stale_staging_of_a_killed_build_is_removed_by_the_next(tmp_path, clip_d
     (stale / "llm" / "shard.bin").write_bytes(b"0" * 1000)
     live = tmp_path / f".art.partial-{os.getppid()}-xyz"  # a live process's staging is left alone
     live.mkdir()
-    build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(llm_precision=None, validate_images=1))
+    build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(graph=GraphOptions(validate_images=1), llm=None))
     assert not stale.exists() and live.exists()
 
 
@@ -101,17 +103,17 @@ def test_an_interrupted_replace_is_restored_never_deleted(tmp_path, clip_dir, mo
     from prumerge.export import staging
 
     out = tmp_path / "art"
-    build_artifact(str(clip_dir), out, BuildOptions(llm_precision=None, validate_images=1))
+    build_artifact(str(clip_dir), out, BuildOptions(graph=GraphOptions(validate_images=1), llm=None))
     first = Manifest.read(out).created_utc
     os.replace(out, tmp_path / ".art.old-999999999")  # the state a kill between the renames leaves
     with pytest.raises(ArtifactError, match="restored from an interrupted replace"):
-        build_artifact(str(clip_dir), out, BuildOptions(llm_precision=None, validate_images=1))
+        build_artifact(str(clip_dir), out, BuildOptions(graph=GraphOptions(validate_images=1), llm=None))
     assert Manifest.read(out).created_utc == first and not list(tmp_path.glob(".art.old-*"))
 
     moved, rename = [], os.rename
     monkeypatch.setattr(staging.os, "replace", lambda a, b: (moved.append(Path(a)) if Path(a) == out.resolve() else None,
                                                            rename(a, b))[1])
-    build_artifact(str(clip_dir), out, BuildOptions(method="prumerge+", llm_precision=None, validate_images=1), force=True)
+    build_artifact(str(clip_dir), out, BuildOptions(ReducerConfig(method="prumerge+"), GraphOptions(validate_images=1), llm=None), force=True)
     assert Manifest.read(out).vision.method == "prumerge+"
     assert not moved, "on Linux the replace is one exchange, with no window in which the target is missing"
 
@@ -188,7 +190,7 @@ def test_sigterm_cleans_up_and_sigkill_leftovers_go_with_the_next_build(tmp_path
     proc.kill()
     proc.wait(timeout=30)
     assert list(tmp_path.glob(".art.partial-*")), "SIGKILL cannot clean up after itself"
-    build_artifact(str(clip_dir), out, BuildOptions(llm_precision=None, validate_images=1))
+    build_artifact(str(clip_dir), out, BuildOptions(graph=GraphOptions(validate_images=1), llm=None))
     assert not list(tmp_path.glob(".art.partial-*")) and Manifest.read(out)
 
 
@@ -282,7 +284,7 @@ def test_unwritable_out_is_one_clear_error(tmp_path, clip_dir):
 def test_artifacts_are_readable_by_others_under_the_usual_umask(tmp_path, clip_dir):
     old = os.umask(0o022)
     try:
-        build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(llm_precision=None, validate_images=1))
+        build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(graph=GraphOptions(validate_images=1), llm=None))
     finally:
         os.umask(old)
     assert (tmp_path / "art").stat().st_mode & 0o777 == 0o755
@@ -312,7 +314,7 @@ def test_bin_only_checkpoint_fails_before_any_export(tmp_path, monkeypatch):
     tiny_tokenizer().save_pretrained(path)
     monkeypatch.setattr(graph, "export_onnx", lambda *a, **k: pytest.fail("exported before checking the LLM weights"))
     with pytest.raises(CheckpointError, match="needs safetensors weights"):
-        build_artifact(str(path), tmp_path / "art", BuildOptions(llm_precision="int4"))
+        build_artifact(str(path), tmp_path / "art", BuildOptions(llm=LlmOptions(precision="int4")))
 
 
 # ------------------------------------------------------------------------------------------------ artifact: trust
@@ -372,6 +374,12 @@ def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(ar
     ("vision", "inputs", [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, -5, 112]}], "shape must be"),
     ("vision", "engine", {"plan": "x"}, "engine must hold the engine's build options"),
     ("vision", "engine", {"options": {"max_batch": "abc"}}, "engine.options.max_batch must be an integer"),
+    ("vision", "outputs", [{"name": "tokens", "dtype": "float32", "shape": [1], "run": "x"}], "has unknown field(s) run"),
+    ("llm", "io", {"inputs_embeds": "inputs_embeds"}, "io must name the decoder's inputs_embeds"),
+    ("llm", "num_layers", 7, "io.past_keys must list one tensor name per layer (7)"),
+    ("preprocess", "image_size", 10**9, "preprocess.image_size must be an integer in 1..16384"),
+    ("preprocess", "image_std", [0.0, 0.0, 0.0], "image_std must be non-zero"),
+    ("preprocess", "image_mean", [0.5, "x", 0.5], "image_mean must be three finite numbers"),
 ])
 def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, tmp_path, section, field, value, message):
     art = tmp_path / "art"
@@ -423,12 +431,14 @@ def _tokenizer_pipeline(tmp_path, prompt_format, add_bos=False):
     from tokenizers import Tokenizer
 
     from conftest import tiny_tokenizer
+    from prumerge.artifact.manifest import LLMSection
     from prumerge.runtime.pipeline import Pipeline
 
     fast = tiny_tokenizer()
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer = Tokenizer.from_str(fast.backend_tokenizer.to_str())
-    spec = {"prompt_format": prompt_format, "add_bos": add_bos, "bos_token_id": 1}
+    spec = LLMSection(model_type="llama", hidden_size=8, vocab_size=tokenizer.get_vocab_size(), prompt_format=prompt_format,
+                      add_bos=add_bos, bos_token_id=1)
     return Pipeline(None, None, tokenizer, spec), tokenizer
 
 
@@ -454,7 +464,7 @@ def test_bos_is_prepended_when_the_model_wants_it(tmp_path):
     chunks = pipeline.prompt_chunks("<image> hi", 1)
     assert chunks[0].kind == "text" and chunks[0].ids[0] == 1
     assert [c.kind for c in chunks] == ["text", "image", "text"]
-    pipeline.spec["add_bos"] = False
+    pipeline.spec.add_bos = False
     assert pipeline.prompt_chunks("<image> hi", 1)[0].ids[0] != 1
 
 
@@ -605,7 +615,7 @@ def test_calibration_from_another_model_is_refused(tmp_path, clip_dir):
     (other / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 84, "width": 84},
                                                                 "size": {"shortest_edge": 84}}))
     with pytest.raises(ConfigError, match=f"made with {clip_dir} \\(64 patches, 112 px\\) but this build is {other} \\(36 patches"):
-        build_artifact(str(other), tmp_path / "art", BuildOptions(llm_precision=None, calibration=str(tmp_path / "cal.json")))
+        build_artifact(str(other), tmp_path / "art", BuildOptions(llm=None, calibration=str(tmp_path / "cal.json")))
 
 
 @pytest.mark.parametrize("content, message", [("[1, 2]", "not a prumerge calibration file"),

@@ -11,10 +11,13 @@ from PIL import Image
 
 from prumerge.calib import BudgetReport, CalibrationSet, calibrate_budget, capacity_for_coverage
 from prumerge.calib.budget import count_stats, histogram
-from prumerge.calib.int8 import agreement, float_nodes
+from prumerge.artifact.contract import VisionOutput
+from prumerge.calib.int8 import float_nodes
 from prumerge.cli import main
 from prumerge.errors import ConfigError, InputError
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions, Int8Options
+from prumerge.export.validate import agreement
 from prumerge.runtime import VisionSession
 
 pytestmark = pytest.mark.slow
@@ -87,23 +90,23 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
     images = CalibrationSet.from_folder(folder)
     report = calibrate_budget(str(llava_dir), images, coverage=0.8)
     cal = report.write(tmp_path / "cal.json")
-    manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(calibration=str(cal), int8=True, llm_precision=None))
+    manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(llm=None, int8=Int8Options(), calibration=str(cal)))
     assert manifest.vision.capacity == report.capacity("prumerge")
-    assert manifest.vision["precision"] == "int8" and manifest.vision["int8"]["calibration_images"] == 7
-    agreement_ = manifest.vision["int8"]["agreement"]
+    assert manifest.vision.precision == "int8" and manifest.vision.int8["calibration_images"] == 7
+    agreement_ = manifest.vision.int8["agreement"]
     # the recorded agreement is what an independent comparison measures: PyTorch fp32 vs the INT8 graph
     import torch
 
     from prumerge import PruMergeEncoder
-    from prumerge.export.validate import reference_arrays
+    from prumerge.export.validate import reference_output
     from prumerge.runtime.preprocess import preprocess_batch
 
     encoder = PruMergeEncoder.from_pretrained(llava_dir, method="prumerge", capacity=report.capacity("prumerge"))
     pixels = preprocess_batch(images.images, encoder.preprocess_config())
     with torch.no_grad():
-        fp32 = reference_arrays(encoder(torch.from_numpy(pixels)))
+        fp32 = reference_output(encoder(torch.from_numpy(pixels)))
     int8_out = VisionSession.open(tmp_path / "int8").run_pixels(pixels)
-    independent = agreement(fp32, int8_out.arrays())
+    independent = agreement(fp32, int8_out)
     assert agreement_["mean_jaccard"] == pytest.approx(independent.mean_jaccard, abs=1e-6)
     assert agreement_["identical_selection"] == pytest.approx(independent.identical_selection, abs=1e-6)
     assert agreement_["mean_cosine"] == pytest.approx(independent.mean_cosine, abs=1e-3)
@@ -120,15 +123,15 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
             assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
     assert np.isfinite(int8_out.tokens).all() and (int8_out.num_tokens <= manifest.vision.capacity).all()
     with pytest.raises(ConfigError, match="needs --calibration"):
-        build_artifact(str(llava_dir), tmp_path / "x", BuildOptions(int8=True, llm_precision=None))
+        build_artifact(str(llava_dir), tmp_path / "x", BuildOptions(llm=None, int8=Int8Options()))
 
 
 def test_agreement_metric():
     tokens = np.random.default_rng(0).normal(size=(1, 5, 4)).astype(np.float32)
-    a = {"tokens": tokens, "num_tokens": np.array([4]), "indices": np.array([[3, 1, 2, -1, -2]])}
+    a = VisionOutput(tokens, np.array([4]), np.array([[3, 1, 2, -1, -2]]), np.zeros(1, bool))
     same = agreement(a, a)
     assert same.mean_jaccard == 1 and same.identical_selection == 1 and same.mean_cosine == pytest.approx(1)
-    b = {"tokens": tokens, "num_tokens": np.array([3]), "indices": np.array([[3, 7, -1, -2, -2]])}
+    b = VisionOutput(tokens, np.array([3]), np.array([[3, 7, -1, -2, -2]]), np.zeros(1, bool))
     other = agreement(a, b)
     assert other.mean_jaccard == pytest.approx(1 / 4) and other.mean_count_diff == 1
 

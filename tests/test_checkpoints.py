@@ -13,7 +13,9 @@ import torch
 
 from prumerge import PruMergeEncoder
 from prumerge.errors import CheckpointError, ValidationError
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions, GraphOptions, SourceOptions
+from prumerge.reduce.config import ReducerConfig
 from prumerge.export.validate import compare_outputs, require, synthetic_pixels
 from conftest import TINY_VOCAB, tiny_tokenizer, tiny_vision_config
 
@@ -68,18 +70,24 @@ def test_image_size_from_processor_matches_transformers_interpolation(family, cl
 
 def test_build_records_image_size_and_runs_at_it(clip_dir, tmp_path):
     checkpoint = _with_processor(clip_dir, tmp_path / "ckpt", 84)
-    manifest = build_artifact(str(checkpoint), tmp_path / "art", BuildOptions(method="prumerge+", llm_precision=None))
-    assert manifest.reducer["image_size"] == 84 and manifest.reducer["grid"] == 6
-    assert manifest.vision["inputs"][0]["shape"] == ["batch", 3, 84, 84]
-    assert manifest.preprocess["crop_height"] == 84
+    manifest = build_artifact(str(checkpoint), tmp_path / "art", BuildOptions(ReducerConfig(method="prumerge+"), llm=None))
+    assert manifest.reducer.image_size == 84 and manifest.reducer.grid == 6
+    assert manifest.vision.inputs[0].shape == ["batch", 3, 84, 84]
+    assert manifest.preprocess.crop_height == 84
     from prumerge.export.verify import verify_artifact
 
     assert verify_artifact(tmp_path / "art", images=2)["reference"]["ok"]
 
 
 # ------------------------------------------------------------------------------------------------ validation rule
+def _contract(tokens, num_tokens, indices):
+    from prumerge.artifact.contract import VisionOutput
+
+    return VisionOutput(tokens, np.asarray(num_tokens), np.asarray(indices), np.zeros(len(tokens), bool))
+
+
 def _arrays(tokens, count):
-    return {"tokens": tokens, "num_tokens": np.array([count]), "indices": np.arange(tokens.shape[1])[None]}
+    return _contract(tokens, [count], np.arange(tokens.shape[1])[None])
 
 
 def test_per_token_validation_explains_only_near_ties():
@@ -170,7 +178,7 @@ def test_fp32_allows_only_an_order_swap_among_near_tied_kept_patches():
         tokens[0, :n - 1] = np.asarray(selected, dtype=np.float32)[:, None]
         indices = np.full((1, 8), -2)
         indices[0, :n] = list(selected) + [-1]
-        return {"tokens": tokens, "num_tokens": np.array([n]), "indices": indices}
+        return _contract(tokens, [n], indices)
 
     reference = output([5, 9, 30])
     swapped = compare_outputs(reference, output([9, 5, 30]), 1e-4, "cpu", selection=rule)
@@ -197,10 +205,10 @@ def test_moved_selection_passes_only_with_the_rule_and_compares_common_tokens():
         tokens[0, n - 1] = 7.0  # the extra token: differs when the selection differs
         indices = np.full((1, 8), -2)
         indices[0, :n] = list(selected) + [-1]
-        return {"tokens": tokens, "num_tokens": np.array([n]), "indices": indices}
+        return _contract(tokens, [n], indices)
 
     reference, moved = output([5, 9, 30, 40]), output([5, 9, 30])
-    moved["tokens"][0, 3] = 9.0  # the extra token's value moves with the selection: not compared
+    moved.tokens[0, 3] = 9.0  # the extra token's value moves with the selection: not compared
     selection = dict(scores=near[None], thresholds=np.array([threshold]), plus=False, min_keep=1, epsilon=3e-2)
     result = compare_outputs(reference, moved, 1e-4, "cpu", selection=selection)
     assert result.ok and (result.selection_moved, result.selection_unexplained, result.tokens) == (1, 0, 3)
@@ -209,7 +217,7 @@ def test_moved_selection_passes_only_with_the_rule_and_compares_common_tokens():
     assert not exact.ok and exact.selection_unexplained == 1
     with pytest.raises(ValidationError, match="token counts differ"):
         require(exact, "validation of x")
-    moved["tokens"][0, 1] += 1.0  # a common patch's token differs: still a failure under the rule
+    moved.tokens[0, 1] += 1.0  # a common patch's token differs: still a failure under the rule
     assert compare_outputs(reference, moved, 1e-4, "cpu", selection=selection).unexplained == 1
     far = near.copy()
     far[41] = threshold * 0.9  # keeping a patch 10% under the threshold is no near-tie: unexplained
@@ -237,7 +245,7 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_build(clip_dir, tmp_path,
 
     monkeypatch.setattr(graph, "export_onnx", export_perturbed)
     with pytest.raises(ValidationError, match="validation of vision.onnx"):
-        build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(method="prumerge", llm_precision=None, validate_images=2))
+        build_artifact(str(clip_dir), tmp_path / "art", BuildOptions(graph=GraphOptions(validate_images=2), llm=None))
     assert not (tmp_path / "art").exists()
     assert not list(tmp_path.glob(".art.partial-*"))
 
@@ -366,6 +374,7 @@ def _projected_reference(tower_dir, projector_weights, pixels):
 
 @pytest.mark.parametrize("kind", ["lora", "merged"])
 def test_original_layout_converts_to_llava_hf(kind, lora_checkpoint, merged_checkpoint, tower_dir, projector_weights, tmp_path):
+    from safetensors import safe_open
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from prumerge.export.convert import convert_llava_original
@@ -396,17 +405,41 @@ def test_original_layout_converts_to_llava_hf(kind, lora_checkpoint, merged_chec
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert processor["do_pad"] is True  # image_aspect_ratio "pad", as LLaVA-1.5
 
+    # the vision side alone (what verify reads): the same tokens, no language-model weights or tokenizer written
+    source = lora_checkpoint["adapter"] if kind == "lora" else merged_checkpoint["dir"]
+    convert_llava_original(source, tmp_path / "vision", base=lora_checkpoint["base"] if kind == "lora" else None,
+                           vision_only=True)
+    written = {k for f in (tmp_path / "vision").glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}
+    assert written and all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in written)
+    assert not (tmp_path / "vision" / "tokenizer_config.json").exists()
+    with torch.no_grad():
+        alone = PruMergeEncoder.from_pretrained(tmp_path / "vision", method="none")(pixels).tokens
+    assert torch.equal(alone, tokens)
 
-def test_build_takes_an_original_layout_lora_checkpoint_directly(lora_checkpoint, tmp_path):
+
+def test_build_takes_an_original_layout_lora_checkpoint_directly(lora_checkpoint, tmp_path, monkeypatch):
+    """Built directly from the adapter; verified against a PyTorch reference rebuilt from the vision side alone
+    (verify writes no language model: a 7B one would be 13 GB written to read a 0.3B tower back)."""
+    import prumerge.export.convert as convert
     from prumerge.export.verify import verify_artifact
 
     out = tmp_path / "art"
     manifest = build_artifact(str(lora_checkpoint["adapter"]), out,
-                              BuildOptions(method="prumerge", llm_precision=None, base=str(lora_checkpoint["base"])))
-    assert manifest.source["layout"] == "llava-original" and manifest.source["model"] == str(lora_checkpoint["adapter"])
-    assert manifest.llm["image_token_id"] is not None and manifest.vision["projected"]
+                              BuildOptions(llm=None, source=SourceOptions(base=str(lora_checkpoint["base"]))))
+    assert manifest.source.layout == "llava-original" and manifest.source.model == str(lora_checkpoint["adapter"])
+    assert manifest.llm.image_token_id is not None and manifest.vision.projected
     assert not list(tmp_path.glob(".art.convert-*")), "the temporary conversion is removed"
+    monkeypatch.setattr(convert, "_write_language_model", lambda *a, **k: pytest.fail("verify wrote the language model"))
     assert verify_artifact(out, images=2)["reference"]["ok"]
+    # inspect draws with the same encoder (read from the manifest: the adapter, its base and tower)
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from prumerge.cli import main
+
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(tmp_path / "red.png")
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "red.png"), "--model", str(out), "--out", str(tmp_path / "i.png")])
+    assert shown.exit_code == 0 and "kept patches by attention" in shown.output, shown.output
 
 
 def test_conversion_refusals(lora_checkpoint, tmp_path):

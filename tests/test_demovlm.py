@@ -97,29 +97,39 @@ def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
 
 def test_patch_labels_name_the_colour_drawn_under_each_patch():
     """Re-derived from the pixels: a patch labelled with an object's colour is that colour (within the drawing's
-    jitter) at its centre; a background patch's centre is none of the scene's object colours."""
+    jitter) at its centre; a background patch's centre is none of the scene's object colours. The object under a
+    labelled patch (the one of that colour whose centre is nearest) gives its side, half and size as its position
+    and size questions would: the side only more than 12 % of the width from the middle, "big" from radius 28."""
     import numpy as np
 
     from prumerge import shapes_qa
-    from prumerge.demovlm.train import ALIGN_COLORS, ALIGN_SHAPES, patch_labels
+    from prumerge.demovlm.train import ALIGN_COLORS, ALIGN_HEIGHTS, ALIGN_SHAPES, ALIGN_SIDES, ALIGN_SIZES, patch_labels
 
-    seen = set()
+    seen, positions = set(), set()
     for scene in shapes_qa.scenes(12, seed=321):
         pixels = np.asarray(scene.image).astype(int)
         labels = patch_labels(scene.things, 256)
         colours = [np.array(shapes_qa.COLORS[t.color]) for t in scene.things]
-        for p, (colour, shape) in enumerate(labels.tolist()):
+        for p, (colour, shape, side, height, size) in enumerate(labels.tolist()):
             y, x = divmod(p, 16)
-            centre = pixels[int((y + 0.5) * 14), int((x + 0.5) * 14)]
+            cx, cy = (x + 0.5) * 14, (y + 0.5) * 14
+            centre = pixels[int(cy), int(cx)]
             if colour == len(ALIGN_COLORS) - 1:
-                assert shape == len(ALIGN_SHAPES) - 1
+                assert shape == len(ALIGN_SHAPES) - 1 and side == height == size == -1
                 assert all(np.abs(centre - c).max() > 25 for c in colours), (p, centre)
             elif colour >= 0:
                 assert np.abs(centre - np.array(shapes_qa.COLORS[ALIGN_COLORS[colour]])).max() <= 25, (p, centre)
                 seen.add(ALIGN_SHAPES[shape])
+                thing = min((t for t in scene.things if t.color == ALIGN_COLORS[colour]),
+                            key=lambda t: (t.cx - cx) ** 2 + (t.cy - cy) ** 2)
+                offset_x, offset_y = thing.cx - 112, thing.cy - 112
+                assert side == (-1 if abs(offset_x) <= 0.12 * 224 else ALIGN_SIDES.index("left" if offset_x < 0 else "right"))
+                assert height == (-1 if abs(offset_y) <= 0.12 * 224 else ALIGN_HEIGHTS.index("top" if offset_y < 0 else "bottom"))
+                assert size == ALIGN_SIZES.index("big" if thing.radius >= 28 else "small")
+                positions.update({side, height})
             else:
-                assert shape == -1
-    assert seen == set(shapes_qa.SHAPES)
+                assert shape == side == height == size == -1
+    assert seen == set(shapes_qa.SHAPES) and {-1, 0, 1} <= positions
 
 
 def test_alignment_steps_lower_the_alignment_loss_through_the_projector_only(setup):

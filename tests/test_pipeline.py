@@ -38,7 +38,7 @@ def images(n, seed=0):
 
 def reference_tokens(pipeline, hf, encoder, imgs, prompt, max_new_tokens):
     """transformers' greedy generate on the same ids and the same reduced (PyTorch) image features."""
-    text = pipeline.spec["prompt_format"].format(prompt=prompt)
+    text = pipeline.spec.prompt_format.format(prompt=prompt)
     pieces = text.split("<image>")
     embed = hf.get_input_embeddings()
     parts = []
@@ -91,7 +91,7 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
         np.testing.assert_allclose(logits, full[t], atol=1e-4)
     assert cache.length == 20
     # the shared, preallocated buffer (GroupQueryAttention writes in place) gives the same logits, bit for bit
-    assert decoder.spec["kv_share_buffer"], "the builder's GQA decoder shares past and present"
+    assert decoder.spec.kv_share_buffer, "the builder's GQA decoder shares past and present"
     shared = decoder.start(capacity=24)
     assert shared.capacity == 24
     logits, shared = decoder.step(embeds[:12], shared)
@@ -171,6 +171,7 @@ def test_prompt_errors(llm_artifact, artifact_factory):
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     from prumerge.demo import build_demo_checkpoint, smollm2
+    from prumerge.artifact.manifest import LLMSection
     from prumerge.export.llm import build_llm
     from prumerge.runtime.llm import OnnxDecoder
     from transformers import AutoConfig
@@ -183,7 +184,7 @@ def smol(tmp_path_factory):
     decoders = {}
     for precision in ("fp32", "int4", "int8"):
         stage = root / precision
-        spec = build_llm(str(checkpoint), None, config, stage, precision, "cpu")
+        spec = LLMSection.from_dict(build_llm(str(checkpoint), None, config, stage, precision, "cpu"), "llm")
         decoders[precision] = OnnxDecoder(stage, spec)
     return checkpoint, decoders, spec
 
@@ -218,7 +219,7 @@ def test_smollm2_fp32_onnx_matches_transformers(smol):
 
     checkpoint, decoders, spec = smol
     hf = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
-    eos = spec["eos_token_ids"][0]
+    eos = spec.eos_token_ids[0]
     for prompt in SMOL_PROMPTS[:3]:
         ids = _smol_ids(checkpoint, prompt)
         with torch.no_grad():
@@ -239,7 +240,7 @@ def test_smollm2_quantised_agrees_with_fp32(smol, precision, floor):
     agree = total = 0
     for prompt in SMOL_PROMPTS:
         ids = _smol_ids(checkpoint, prompt)
-        continuation = _greedy(decoders["fp32"], ids, 24, eos=spec["eos_token_ids"][0])
+        continuation = _greedy(decoders["fp32"], ids, 24, eos=spec.eos_token_ids[0])
         sequence = ids + continuation
         logits, _ = decoders[precision].step(decoders[precision].embed(sequence), decoders[precision].start(), all_logits=True)
         predicted = logits[len(ids) - 1 : -1].argmax(-1).tolist()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from prumerge import PruMergeEncoder
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions, GraphOptions
+from prumerge.reduce.config import ReducerConfig
 from prumerge.runtime import VisionSession
 from prumerge.artifact.preprocess_config import PreprocessConfig
 from prumerge.runtime.preprocess import preprocess_batch
@@ -63,12 +65,12 @@ def test_published_layout_builds_verifies_and_matches_torch_on_real_photos(dinov
     from prumerge.export.validate import validate_against
     from prumerge.export.verify import inspect_artifact, verify_artifact
 
-    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(method=method, llm_precision=None))
-    assert manifest.reducer["image_size"] == 224 and manifest.reducer["num_patches"] == 256
-    assert manifest.validation["ok"] and manifest.validation["tokens"] > 0
+    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(ReducerConfig(method=method), llm=None))
+    assert manifest.reducer.image_size == 224 and manifest.reducer.num_patches == 256
+    assert manifest.validation.ok and manifest.validation.tokens > 0
     assert verify_artifact(tmp_path / "art", images=2)["reference"]["unexplained"] == 0
     assert inspect_artifact(tmp_path / "art")["reducer"]["grid"] == 16
-    got = VisionSession.open(tmp_path / "art").run_pixels(pixels).arrays()
+    got = VisionSession.open(tmp_path / "art").run_pixels(pixels)
     encoder = PruMergeEncoder.from_pretrained(dinov2_s, method=method)
     result = validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider")
     assert result.counts_identical and result.indices_identical
@@ -81,10 +83,10 @@ def test_published_layout_builds_verifies_and_matches_torch_on_real_photos(dinov
 def test_real_weights_build_at_the_config_size_too(dinov2_s, tmp_path):
     """At its 518 px config (37x37 = 1369 patches) the real DINOv2-S was refused: same count and set, two kept
     patches whose scores tie within fp32 error swapped in order. The set stays exact; only such an order moves."""
-    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(llm_precision=None, image_size=518,
-                                                                             batch_max=2, validate_images=2))
-    assert manifest.reducer["num_patches"] == 1369 and manifest.validation["ok"]
-    assert manifest.validation["selection_unexplained"] == 0 and manifest.validation["unexplained"] == 0
+    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(graph=GraphOptions(image_size=518, batch_max=2,
+                                                                                               validate_images=2), llm=None))
+    assert manifest.reducer.num_patches == 1369 and manifest.validation.ok
+    assert manifest.validation.selection_unexplained == 0 and manifest.validation.unexplained == 0
 
 
 def test_fp16_build_of_real_weights_validates_under_the_selection_rule(dinov2_s, tmp_path):
@@ -93,11 +95,10 @@ def test_fp16_build_of_real_weights_validates_under_the_selection_rule(dinov2_s,
     moved image must be one the reference's scores allow."""
     from prumerge.export.validate import SELECTION_EPSILON
 
-    manifest = build_artifact(str(dinov2_s), tmp_path / "fp16", BuildOptions(method="prumerge", fp16=True,
-                                                                              llm_precision=None))
-    validation = manifest.vision["validation"]
-    assert validation["ok"] and validation["selection_unexplained"] == 0 and validation["unexplained"] == 0
-    assert validation["selection_epsilon"] == SELECTION_EPSILON["fp16"] > 0
+    manifest = build_artifact(str(dinov2_s), tmp_path / "fp16", BuildOptions(graph=GraphOptions(fp16=True), llm=None))
+    validation = manifest.vision.validation
+    assert validation.ok and validation.selection_unexplained == 0 and validation.unexplained == 0
+    assert validation.selection_epsilon == SELECTION_EPSILON["fp16"] > 0
 
 
 def test_inspect_draws_a_real_photo_at_the_processor_size(dinov2_s, tmp_path):

@@ -47,8 +47,9 @@ def _expected(question: str, things: list, size: int) -> str:
         return str(len(things))
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(sum(t.shape == m[1] for t in things))
-    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
-        return "yes" if any(t.color == m[1] and t.shape == m[2] for t in things) else "no"
+    if m := re.fullmatch(r"Is there (a|an) (\w+) (\w+)\?", question):
+        assert m[1] == ("an" if m[2] == "orange" else "a")  # "an orange", "a red"
+        return "yes" if any(t.color == m[2] and t.shape == m[3] for t in things) else "no"
     if m := re.fullmatch(r"Is the (\w+) (\w+) (?:on the left or on the right|at the top or at the bottom)\?", question):
         (hit,) = [t for t in things if t.color == m[1] and t.shape == m[2]]
         if "left" in question:
@@ -80,7 +81,7 @@ def test_yes_and_no_are_balanced_and_no_has_adversarial_negatives():
             if q.category == "exists":
                 answers.append(q.answer)
                 if q.answer == "no":
-                    color, shape = re.fullmatch(r"Is there a (\w+) (\w+)\?", q.text).groups()
+                    color, shape = re.fullmatch(r"Is there an? (\w+) (\w+)\?", q.text).groups()
                     adversarial += any(t.color == color or t.shape == shape for t in scene.things)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     assert adversarial == answers.count("no")

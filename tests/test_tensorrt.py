@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from prumerge.artifact.manifest import TensorSpec
 from prumerge.cli import main
 from prumerge.errors import ArtifactError, BackendUnavailableError, ConfigError
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions, GraphOptions
 from prumerge.export.tensorrt import (
     EngineOptions,
     build_engine,
@@ -26,7 +28,7 @@ from prumerge.export.tensorrt import (
 )
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-INPUTS = [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 336, 336]}]
+INPUTS = [TensorSpec("pixel_values", "float32", ["batch", 3, 336, 336])]
 
 
 def test_target_defaults_and_validation():
@@ -44,7 +46,7 @@ def test_optimization_profile():
     profile = optimization_profile(INPUTS, EngineOptions(min_batch=1, opt_batch=2, max_batch=4))
     assert profile == {"pixel_values": ((1, 3, 336, 336), (2, 3, 336, 336), (4, 3, 336, 336))}
     with pytest.raises(ConfigError, match="only a leading 'batch' axis"):
-        optimization_profile([{"name": "x", "dtype": "float32", "shape": ["batch", 3, "h", 336]}], EngineOptions())
+        optimization_profile([TensorSpec("x", "float32", ["batch", 3, "h", 336])], EngineOptions())
 
 
 STRONG = {"strongly_typed": True, "fp16": False, "pin_fp32": False}
@@ -188,15 +190,15 @@ def test_engine_mismatch_names_both_sides():
 @pytest.mark.slow
 def test_jetson_build_writes_the_script(llava_dir, tmp_path):
     out = tmp_path / "jetson"
-    manifest = build_artifact(str(llava_dir), out, BuildOptions(target="jetson-orin-nano", llm_precision=None, batch_max=2))
+    manifest = build_artifact(str(llava_dir), out, BuildOptions(graph=GraphOptions(batch_max=2), llm=None, engine=EngineOptions.for_target("jetson-orin-nano")))
     script = out / "build_engine.sh"
     text = script.read_text()
     assert script.stat().st_mode & stat.S_IXUSR and "build_engine.sh" in manifest.files
     assert "--minShapes=pixel_values:1x3x112x112" in text and "--memPoolSize=workspace:512M" in text
     assert "prumerge-export engine . --target jetson-orin-nano --precision fp16 --workspace 512" in text
-    assert manifest.vision["tensorrt_target"]["max_batch"] == 1 and manifest.vision["tensorrt"]["10.3"]["ok"]
+    assert manifest.vision.tensorrt_target["max_batch"] == 1 and manifest.vision.tensorrt["10.3"]["ok"]
     # an fp32 graph gets a weakly typed FP16 engine (TensorRT 10.x) with the reducer pinned by explicit names
-    assert manifest.vision["tensorrt_target"]["plan"] == WEAK_FP16
+    assert manifest.vision.tensorrt_target["plan"] == WEAK_FP16
     trtexec_line = next(line for line in text.splitlines() if "exec \"$TRTEXEC\"" in line)
     parse_trtexec(["trtexec", *__import__("shlex").split(trtexec_line.split('"$TRTEXEC"', 1)[1])])
     import subprocess
@@ -208,12 +210,12 @@ def test_jetson_build_writes_the_script(llava_dir, tmp_path):
     env = {**__import__("os").environ, "PATH": f"{fake}:{__import__('os').environ['PATH']}"}
     subprocess.run(["bash", str(script), "--trtexec"], check=True, env=env)  # the trtexec line really runs
     assert (out / "trtexec.args").read_text().startswith("--onnx=vision.onnx --saveEngine=vision.engine")
-    fp16 = build_artifact(str(llava_dir), tmp_path / "fp16", BuildOptions(target="jetson-orin", fp16=True, llm_precision=None,
-                                                                         batch_max=2))
-    assert fp16.vision["tensorrt_target"]["plan"] == STRONG  # the --fp16 graph carries its own precisions
+    fp16 = build_artifact(str(llava_dir), tmp_path / "fp16", BuildOptions(graph=GraphOptions(fp16=True, batch_max=2), llm=None,
+                                                                         engine=EngineOptions.for_target("jetson-orin")))
+    assert fp16.vision.tensorrt_target["plan"] == STRONG  # the --fp16 graph carries its own precisions
     with pytest.raises(ConfigError, match="exceeds the graph's exported limit"):
-        build_artifact(str(llava_dir), tmp_path / "y", BuildOptions(target="server", batch_max=2, llm_precision=None,
-                                                                    engine_options={"max_batch": 8}))
+        build_artifact(str(llava_dir), tmp_path / "y", BuildOptions(graph=GraphOptions(batch_max=2), llm=None,
+                                                                    engine=EngineOptions.for_target("server", max_batch=8)))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -317,7 +319,7 @@ def test_engine_contracts_and_precisions(artifact_factory, tmp_path, output, fp1
     path.write_text(_json.dumps(data))
     with pytest.raises(ArtifactError, match="cannot run here: .*some other GPU"):
         VisionSession.open(directory, provider="tensorrt")
-    assert Manifest.read(directory).vision.engine["gpu"] == "some other GPU"
+    assert Manifest.read(directory).vision.engine.gpu == "some other GPU"
 
 
 def test_gpu_check_runs_and_says_why_it_skips():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prumerge import PruMergeEncoder
-from prumerge.export.build import BuildOptions, build_artifact
+from prumerge.export.build import build_artifact
+from prumerge.export.options import BuildOptions
 from prumerge.export.validate import synthetic_pixels
 from prumerge.reduce import ReducerConfig, reduce_tokens
 from prumerge.runtime import VisionSession
@@ -112,8 +113,8 @@ def test_siglip_received_attention(siglip_dir, method):
 @pytest.mark.parametrize("family", ["dinov2", "siglip"])
 def test_families_export_and_run(family, dinov2_dir, siglip_dir, tmp_path):
     source = {"dinov2": dinov2_dir, "siglip": siglip_dir}[family]
-    manifest = build_artifact(str(source), tmp_path / family, BuildOptions(method="prumerge+", llm_precision=None))
-    assert manifest.validation["indices_identical"] and manifest.source["model_type"].startswith(family)
+    manifest = build_artifact(str(source), tmp_path / family, BuildOptions(ReducerConfig(method="prumerge+"), llm=None))
+    assert manifest.validation.indices_identical and manifest.source.model_type.startswith(family)
     encoder = PruMergeEncoder.from_pretrained(source, method="prumerge+")
     pixels = synthetic_pixels(20, 112, seed=9)
     got = VisionSession.open(tmp_path / family).run_pixels(pixels)

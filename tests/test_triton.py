@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prumerge.artifact.manifest import Manifest
+from prumerge.artifact.manifest import EngineFacts, Manifest
 from prumerge.errors import ConfigError
 from prumerge.runtime import Pipeline, VisionSession
 from prumerge.samples import synthetic_images
@@ -60,7 +60,7 @@ def test_every_config_parses_with_tritons_parser(repository, artifact):
     assert gpu.backend == "onnxruntime" and gpu.max_batch_size == 8 and gpu.instance_group[0].kind == 1  # KIND_GPU
     assert gpu.dynamic_batching.max_queue_delay_microseconds == 200_000
     outputs = {o.name: o for o in gpu.output}
-    assert list(outputs["tokens"].dims) == manifest.vision.outputs[0]["shape"][1:] and list(outputs["num_tokens"].reshape.shape) == []
+    assert list(outputs["tokens"].dims) == manifest.vision.outputs[0].shape[1:] and list(outputs["num_tokens"].reshape.shape) == []
     assert list(gpu.input[0].dims) == [3, 112, 112] and (models / "prumerge_vision" / "1" / "model.onnx").is_file()
     cpu = _parse((models / "prumerge_vision" / "configs" / "cpu.pbtxt").read_text())
     assert cpu.backend == "python" and cpu.instance_group[0].kind == 2  # KIND_CPU
@@ -68,7 +68,7 @@ def test_every_config_parses_with_tritons_parser(repository, artifact):
         config = _parse((models / name / "config.pbtxt").read_text())
         assert config.backend == "python" and config.model_transaction_policy.decoupled
     # an artifact with an engine is served by TensorRT natively; the accelerator option for onnxruntime
-    manifest.vision.engine = {"file": "vision.engine", "options": {"max_batch": 4}}
+    manifest.vision.engine = EngineFacts("vision.engine", {"max_batch": 4})
     text, kind = vision_config_gpu(manifest, 8, [2, 4], TritonOptions())
     plan = _parse(text)
     assert kind == "tensorrt_plan" and plan.platform == "tensorrt_plan" and plan.max_batch_size == 4
@@ -85,6 +85,18 @@ def test_repository_refusals(artifact_factory, artifact, tmp_path):
         write_repository(artifact_factory("llava", "prumerge", "padded"), tmp_path / "b")
     with pytest.raises(ConfigError, match="--max-batch must be in 1..16"):
         write_repository(artifact, tmp_path / "c", TritonOptions(max_batch=64))
+    for bad in (dict(llm_instances=0), dict(max_inflight=0), dict(instances=True)):
+        with pytest.raises(ConfigError, match="must be in 1.."):
+            write_repository(artifact, tmp_path / "d", TritonOptions(**bad))
+    assert not (tmp_path / "d").exists()
+
+
+def test_llm_instances_and_inflight_bound_reach_the_configs(artifact, tmp_path):
+    write_repository(artifact, tmp_path / "r", TritonOptions(llm_instances=3, max_inflight=5))
+    llm = _parse((tmp_path / "r" / "models" / "prumerge_llm" / "configs" / "cpu.pbtxt").read_text())
+    entry = _parse((tmp_path / "r" / "models" / "prumerge" / "configs" / "cpu.pbtxt").read_text())
+    assert llm.instance_group[0].count == 3 and entry.instance_group[0].count == 1  # one entry instance: it is async
+    assert entry.parameters["max_inflight"].string_value == "5"
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +193,27 @@ def test_streamed_answer_equals_run(server, artifact):
     assert "".join(pieces) == expected.text and final["token_ids"] == expected.token_ids
     assert final["visual_tokens"] == expected.visual_tokens and final["stop_reason"] == expected.stop_reason
     assert {"preprocess", "vision", "ttft", "server_total"} <= set(final["timings_ms"])
+
+
+def test_concurrent_users_meet_in_the_vision_batcher_and_get_their_solo_answers(server, artifact):
+    """Eight users at once on the entry model: the async entry model sends their images to ``prumerge_vision``
+    together, so the dynamic batcher runs them in fewer executions than requests (the sequential entry model ran
+    8 in 8), and every streamed answer is token for token the greedy answer of that image alone."""
+    images = synthetic_images(8, seed=11)
+    prompt = "<image> describe"
+    pipeline = Pipeline.from_artifacts(artifact)
+    solo = [pipeline.generate(image, prompt, max_new_tokens=6) for image in images]
+    before = server.stats("prumerge_vision")["model_stats"][0]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda image: _stream(server, [_png(image)], prompt, max_new_tokens=6), images))
+    after = server.stats("prumerge_vision")["model_stats"][0]
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == 8 and executions < 8, (inferences, executions)
+    for (pieces, final), expected in zip(answers, solo):
+        assert isinstance(final, dict), final
+        assert "".join(pieces) == expected.text and final["token_ids"] == expected.token_ids
+        assert final["visual_tokens"] == expected.visual_tokens
 
 
 def test_a_corrupt_image_fails_its_request_only(server):

@@ -144,24 +144,37 @@ def build_options(func):
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
 
 
-def _options_from(kwargs) -> "object":
-    from .export.build import BuildOptions
+def _options_from(kwargs, base: str | None = None, vision_tower: str | None = None):
+    """The one place the command line's flags become the build's typed stages (``export.options``)."""
+    from .export.options import BuildOptions, GraphOptions, Int8Options, LlmOptions, SourceOptions
+    from .reduce.config import ReducerConfig
 
     reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep")}
-    if kwargs["method"] == "none":
+    method = kwargs.pop("method")
+    if method == "none":
         reducer = {}
-    llm = None if kwargs.pop("no_llm") else (kwargs.pop("llm_precision") or "auto")
-    engine = {k: v for k, v in _engine_overrides(kwargs).items() if v is not None}
+    no_llm, llm_precision, llm_provider = kwargs.pop("no_llm"), kwargs.pop("llm_precision"), kwargs.pop("llm_provider")
+    overrides = _engine_overrides(kwargs)
+    target, build_engine = kwargs.pop("target"), kwargs.pop("engine")
+    engine = None
+    if target or build_engine:
+        from .export.tensorrt import EngineOptions
+
+        engine = EngineOptions.for_target(target or "server", build_here=build_engine, **overrides)
     calibration = kwargs.pop("calibration")
-    return BuildOptions(method=kwargs.pop("method"), output=kwargs.pop("output"), max_tokens=kwargs.pop("max_tokens"),
-                        opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"), batch_max=kwargs.pop("batch_max"),
-                        revision=kwargs.pop("revision", None), project=not kwargs.pop("no_project", False),
-                        reducer_options=reducer, llm_precision=llm, llm_provider=kwargs.pop("llm_provider"),
-                        baseline=kwargs.pop("baseline"), target=kwargs.pop("target"), engine=kwargs.pop("engine"),
-                        engine_options=engine, calibration=str(calibration) if calibration else None,
-                        int8=engine.get("precision") == "int8", calibration_method=kwargs.pop("calibration_method"),
-                        slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
-                        int8_float_layers=kwargs.pop("int8_float_layers"))
+    int8_method, float_layers = kwargs.pop("calibration_method"), kwargs.pop("int8_float_layers")
+    return BuildOptions(
+        reducer=ReducerConfig(method=method, capacity=kwargs.pop("max_tokens"), **reducer),
+        graph=GraphOptions(contract=kwargs.pop("output"), opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"),
+                           batch_max=kwargs.pop("batch_max"), project=not kwargs.pop("no_project", False),
+                           slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
+                           baseline=kwargs.pop("baseline")),
+        source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower),
+        llm=None if no_llm else LlmOptions(precision=llm_precision or "auto", provider=llm_provider),
+        engine=engine,
+        int8=Int8Options(method=int8_method, float_layers=float_layers) if overrides.get("precision") == "int8" else None,
+        calibration=str(calibration) if calibration else None,
+    )
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -179,32 +192,8 @@ def _print_manifest_summary(manifest, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"artifact {out}", show_header=False)
-    vision, reducer, validation = manifest.vision, manifest.reducer, manifest.validation
-    table.add_row("source", str(manifest.source.get("model")))
-    table.add_row("method", f"{vision.method}  (capacity {vision.capacity} of {reducer.num_patches} patches + extra)")
-    table.add_row("graph", f"{vision['file']}  {vision['contract']} contract, opset {vision['opset']}, {vision['precision']}")
-    table.add_row("outputs", "; ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in vision["outputs"]))
-    table.add_row("validation", f"{validation['images']} images: counts identical={validation['counts_identical']}, "
-                                f"indices identical={validation['indices_identical']}; {validation['tokens_exact']} tokens "
-                                f"within {validation['tolerance']:g}, {validation['near_ties']} explained by near-ties, "
-                                f"{validation['unexplained']} unexplained; max |err|={validation['max_abs_error']:.2e}"
-                                + (f"; selection moved within the fp16 rule on {validation['selection_moved']} image(s)"
-                                   if validation.get("selection_moved") else ""))
-    table.add_row("input", f"{reducer['image_size']} px, {reducer['grid']}x{reducer['grid']} patches")
-    if "int8" in vision:
-        a = vision["int8"]["agreement"]
-        table.add_row("INT8", f"{vision['int8']['calibration_method']} on {vision['int8']['calibration_images']} images: "
-                              f"mean Jaccard {a['mean_jaccard']:.3f} vs fp32, mean cosine {a['mean_cosine']:.4f}")
-    table.add_row("TensorRT", "; ".join(
-        f"{version}: " + ("ok" if r["ok"] else "NOT compatible (" + ", ".join(r["unsupported"] + r["violations"])[:120] + ")")
-        for version, r in vision["tensorrt"].items()))
-    llm = manifest.llm or {}
-    table.add_row("LLM", f"{llm.get('model_type')} {llm.get('precision')} decoder ({llm.get('builder')}), hidden {llm.get('hidden_size')}"
-                  if llm.get("decoder") else "none in this artifact")
-    if manifest.baseline:
-        table.add_row("baseline", f"{manifest.baseline['file']} (method none, {manifest.baseline['capacity']} tokens)")
-    table.add_row("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in manifest.files.items()))
-    table.add_row("manifest sha256", f"{manifest.sha256}  (publish it; users pin it with --expect-sha256)")
+    for label, text in manifest.summary_rows():
+        table.add_row(label, text)
     Console().print(table)
 
 
@@ -219,8 +208,7 @@ def _print_manifest_summary(manifest, out: Path) -> None:
 def build(model, out, force, base, vision_tower, **kwargs):
     """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint: llava-hf, CLIP, DINOv2, SigLIP,
     or original LLaVA layout, merged or LoRA) to an artifact directory."""
-    options = _options_from(kwargs)
-    options.base, options.vision_tower = base, vision_tower
+    options = _options_from(kwargs, base, vision_tower)
     _print_manifest_summary(_build(model, out, options, force), out)
 
 
@@ -245,19 +233,26 @@ def convert(source, out, base, vision_tower, force):
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="directory for the Triton repository")
-@click.option("--instances", type=int, default=1, show_default=True, help="model instances per device")
+@click.option("--instances", type=int, default=1, show_default=True, help="vision model instances per device")
+@click.option("--llm-instances", type=int, default=1, show_default=True,
+              help="language-model instances: answers decoded at the same time")
+@click.option("--max-inflight", type=int, default=16, show_default=True,
+              help="requests the entry model works on at once (more wait for a slot)")
 @click.option("--max-batch", type=int, default=None, help="vision model max_batch_size (default: the graph's batch limit)")
 @click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="dynamic batcher wait")
 @click.option("--preferred-batch", type=int, multiple=True, help="preferred batch size (repeatable)")
 @click.option("--ort-tensorrt", is_flag=True, help="GPU config: onnxruntime backend with the TensorRT accelerator")
 @click.option("--force", is_flag=True, help="replace a repository prumerge wrote before")
-def triton(artifact, out, instances, max_batch, max_queue_delay_us, preferred_batch, ort_tensorrt, force):
+def triton(artifact, out, instances, llm_instances, max_inflight, max_batch, max_queue_delay_us, preferred_batch, ort_tensorrt,
+           force):
     """Write a Triton Inference Server model repository for ARTIFACT (vision model with dynamic batching, streaming
     LLM, BLS entry model; GPU configs plus configs/cpu.pbtxt for --model-config-name=cpu)."""
     from .triton.repository import TritonOptions, write_repository
 
-    facts = write_repository(artifact, out, TritonOptions(instances, max_batch, max_queue_delay_us, tuple(preferred_batch),
-                                                          ort_tensorrt), force=force)
+    options = TritonOptions(instances=instances, llm_instances=llm_instances, max_inflight=max_inflight, max_batch=max_batch,
+                            max_queue_delay_us=max_queue_delay_us, preferred_batch=tuple(preferred_batch),
+                            ort_tensorrt=ort_tensorrt)
+    facts = write_repository(artifact, out, options, force=force)
     click.echo(json.dumps(facts, indent=2))
     click.echo(f"serve it: tritonserver --model-repository {facts['model_repository']}  (CPU: add --model-config-name=cpu)",
                err=True)
@@ -375,7 +370,15 @@ def inspect(target, as_json, model, method, out, image_size):
 
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _writable_file(out, "--out")
-    result = render(target, model, method=method, out=out, image_size=image_size)
+    encoder = None
+    if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():  # an artifact: the encoder it was built from
+        from .artifact.manifest import Manifest
+        from .export.reference import artifact_encoder
+
+        if image_size is not None:
+            raise click.BadParameter("an artifact has its own input size", param_hint="--image-size")
+        encoder = artifact_encoder(Manifest.read(model), method=method, project=False, capacity=False)
+    result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder)
     click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} tokens "
                f"of {result.num_patches} patches ({result.outliers} IQR outliers); "
                f"{len(result.pruned_only_in_extra)} patches only in the extra token")
@@ -553,23 +556,27 @@ def evaluate(artifacts, questions, images, methods, out, limit, max_new_tokens, 
 def demo(out, force, scenes, max_new_tokens, **kwargs):
     """Build the demo VLM (real DINOv2-S + trained projector/LoRA + real SmolLM2) and ask it about generated images
     it never trained on, with and without PruMerge, beside the right answers."""
+    import dataclasses
+
     from .demo import demo_scenes
     from .demovlm.assemble import DESCRIPTION, build_checkpoint
     from .evaluate.scoring import score
     from .export.staging import staged_directory
+    from .reduce.config import Method
     from .runtime.pipeline import Pipeline
     from .runtime.vision import VisionSession
 
     click.secho(DESCRIPTION, fg="yellow", err=True)
     options = _options_from(kwargs)
-    if options.llm_precision is None:
+    if options.llm is None:
         raise click.BadParameter("the demo answers questions: it needs its LLM", param_hint="--no-llm")
     out = Path(out)
     checkpoint = out.parent / f"{out.name}-checkpoint"
     if force or not (checkpoint / "config.json").is_file():
         with staged_directory(checkpoint, force=True, kind="checkpoint") as stage:
             build_checkpoint(stage)
-    options.baseline = options.baseline or options.method != "none"
+    if options.method is not Method.NONE:  # the demo answers with and without PruMerge
+        options = dataclasses.replace(options, graph=dataclasses.replace(options.graph, baseline=True))
     manifest = _build(str(checkpoint), out, options, force)
     _print_manifest_summary(manifest, out)
     shown = demo_scenes(scenes)
@@ -577,7 +584,7 @@ def demo(out, force, scenes, max_new_tokens, **kwargs):
     for b, n in enumerate(result.num_tokens):
         kept = result.indices[b, : n - 1]
         click.echo(f"image {b} ({', '.join(t.name for t in shown[b].things)}): {int(n)} visual tokens for the LLM "
-                   f"(of {manifest.reducer['num_patches']} patches); first kept patches {kept[:8].tolist()}"
+                   f"(of {manifest.reducer.num_patches} patches); first kept patches {kept[:8].tolist()}"
                    f"{' (truncated)' if result.truncated[b] else ''}")
     pipelines = [Pipeline.from_artifacts(out, method=m) for m in ([None, "none"] if manifest.baseline else [None])]
     right = {p.method: 0 for p in pipelines}

@@ -50,27 +50,21 @@ def _palette(n: int) -> list:
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618) % 1.0, 0.75, 1.0)) for i in range(max(n, 1))]
 
 
-def render(image, model: str | Path, method: str = "prumerge", out: str | Path | None = None, image_size: int | None = None,
-           **reducer_options) -> InspectResult:
-    """Run the reducer on ``image`` with ``model`` (checkpoint dir, hub id, or artifact dir) and draw it."""
+def render(image, model: str | Path | None = None, method: str = "prumerge", out: str | Path | None = None,
+           image_size: int | None = None, encoder=None, **reducer_options) -> InspectResult:
+    """Run the reducer on ``image`` with ``model`` (checkpoint dir or hub id) or a ready ``encoder`` (an
+    artifact's: ``prumerge.export.reference.artifact_encoder``) and draw it."""
     import torch
 
     from .model.encoder import PruMergeEncoder
-    from .artifact.manifest import MANIFEST_NAME, Manifest
     from .reduce.config import Method
     from .reduce.explain import explain
     from .runtime.preprocess import preprocess_image
 
     if Method.parse(method) is Method.NONE:
         raise ConfigError("inspect shows a reduction: choose method prumerge or prumerge+")
-    model_path = Path(model)
-    if model_path.is_dir() and (model_path / MANIFEST_NAME).is_file():
-        manifest = Manifest.read(model_path)
-        options = dict(manifest.reducer["options"])  # the graph's capacity stays out: inspect shows untruncated
-        reducer_options = {**options, **reducer_options}
-        model = manifest.source["model"]
-        image_size = image_size if image_size is not None else manifest.reducer.get("image_size")
-    encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, image_size=image_size, **reducer_options)
+    if encoder is None:
+        encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, image_size=image_size, **reducer_options)
     config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
     with torch.no_grad():

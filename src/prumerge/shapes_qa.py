@@ -25,6 +25,8 @@ COLORS = {  # name -> base RGB; each drawing jitters it a little
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 CATEGORIES = ("color", "shape", "count", "exists", "position", "size")
+SMALL_RADII, LARGE_RADII = (12.0, 20.0), (28.0, 40.0)  # two clearly different sizes: "big" is the second range
+POSITION_MARGIN = 0.12  # an object is on a side only when its centre is this share of the image away from the middle
 # disjoint streams: training; held-out (watched during training); evaluation (used nowhere in training)
 TRAIN_SEED, HELDOUT_SEED, EVAL_SEED = 1, 2, 4
 
@@ -40,6 +42,23 @@ class Thing:
     @property
     def name(self) -> str:
         return f"{self.color} {self.shape}"
+
+    @property
+    def big(self) -> bool:
+        return self.radius >= LARGE_RADII[0]
+
+    def side(self, size: int = SIZE) -> str | None:
+        """"left" or "right" where the object is clearly on that side, else None."""
+        return None if abs(self.cx - size / 2) <= size * POSITION_MARGIN else "left" if self.cx < size / 2 else "right"
+
+    def height(self, size: int = SIZE) -> str | None:
+        """"top" or "bottom" where the object is clearly in that half, else None."""
+        return None if abs(self.cy - size / 2) <= size * POSITION_MARGIN else "top" if self.cy < size / 2 else "bottom"
+
+
+def article(word: str) -> str:
+    """"an orange", "a red": the article a question or caption puts before ``word``."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +115,12 @@ def draw_thing(draw, thing: Thing, fill) -> None:
 
 
 def _place(rng, count: int, size: int) -> list:
-    """Non-overlapping (cx, cy, radius) for ``count`` objects, radii small (12-20 px) or large (28-40 px)."""
+    """Non-overlapping (cx, cy, radius) for ``count`` objects, radii small or large (``SMALL_RADII``, ``LARGE_RADII``)."""
     placed = []
     for _ in range(200):
         if len(placed) == count:
             break
-        radius = float(rng.uniform(12, 20) if rng.random() < 0.5 else rng.uniform(28, 40))
+        radius = float(rng.uniform(*SMALL_RADII) if rng.random() < 0.5 else rng.uniform(*LARGE_RADII))
         cx, cy = (float(v) for v in rng.uniform(radius + 4, size - radius - 4, 2))
         if all((cx - x) ** 2 + (cy - y) ** 2 > (radius + r + 8) ** 2 for x, y, r in placed):
             placed.append((cx, cy, radius))
@@ -153,15 +172,15 @@ def questions_for(things: list, rng, size: int = SIZE) -> list:
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c in colors or s in shapes)]
         color, shape = absent[rng.integers(len(absent))]
         answer = "no"
-    out.append(Question(f"Is there a {color} {shape}?", answer, "exists"))
+    out.append(Question(f"Is there {article(color)} {color} {shape}?", answer, "exists"))
     names = [t.name for t in things]
     nameable = [t for t in things if names.count(t.name) == 1]
     if nameable:
         t = nameable[rng.integers(len(nameable))]
-        if rng.random() < 0.5 and abs(t.cx - size / 2) > size * 0.12:
-            out.append(Question(f"Is the {t.name} on the left or on the right?", "left" if t.cx < size / 2 else "right", "position"))
-        elif abs(t.cy - size / 2) > size * 0.12:
-            out.append(Question(f"Is the {t.name} at the top or at the bottom?", "top" if t.cy < size / 2 else "bottom", "position"))
+        if rng.random() < 0.5 and t.side(size):
+            out.append(Question(f"Is the {t.name} on the left or on the right?", t.side(size), "position"))
+        elif t.height(size):
+            out.append(Question(f"Is the {t.name} at the top or at the bottom?", t.height(size), "position"))
     pairs = [(a, b) for a in unique_shape for b in unique_shape if a.radius > 1.6 * b.radius]  # named by shape alone
     if pairs:
         a, b = pairs[rng.integers(len(pairs))]
@@ -176,7 +195,7 @@ CAPTION_QUESTION = "What is in the picture?"
 def caption(things: list) -> str:
     """Every object, left to right: "a red circle, a blue star and a green square" (the demo VLM's training also
     asks for this, so every object of an image gets a label, not only the one a question names)."""
-    names = [f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.shape}" for t in sorted(things, key=lambda t: t.cx)]
+    names = [f"{article(t.color)} {t.color} {t.shape}" for t in sorted(things, key=lambda t: t.cx)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 

@@ -32,10 +32,6 @@ class VisionOutput:
     def per_image(self) -> list[np.ndarray]:
         return [self.image(b) for b in range(len(self.num_tokens))]
 
-    def arrays(self) -> dict:
-        """``tokens / num_tokens / indices`` as a dict, the form the comparison helpers take."""
-        return {"tokens": self.tokens, "num_tokens": self.num_tokens, "indices": self.indices}
-
     @classmethod
     def from_named(cls, outputs: dict) -> "VisionOutput":
         """From ``{output name: array}`` as a session returns it (bound by name)."""

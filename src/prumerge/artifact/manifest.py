@@ -16,52 +16,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import posixpath
 from pathlib import Path, PurePosixPath
 
 from ..errors import ArtifactError
+from .preprocess_config import PreprocessConfig
 
 FORMAT = "prumerge-artifact"
-FORMAT_VERSION = 2  # 2: typed sections, one owner per fact (a graph's method and capacity live in its graph section)
+FORMAT_VERSION = 3  # 2: typed sections, one owner per fact; 3: the decoder's cache names written out per layer
 MANIFEST_NAME = "manifest.json"
 
 
 class Section:
-    """A typed manifest section: fields are attributes, and it reads (and is written) by key as the JSON has it.
+    """A typed manifest section: its fields are attributes (read as ``graph.file``, never by string key), parsed
+    and range-checked once when the manifest is read.
 
     Unknown keys are refused when read: a fact the reader does not know is a fact it would silently drop.
     """
-
-    def __getitem__(self, key: str):
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __setitem__(self, key: str, value) -> None:
-        if key not in self._names():
-            raise KeyError(f"{type(self).__name__} has no field {key!r}")
-        setattr(self, key, value)
-
-    def __contains__(self, key) -> bool:
-        return key in self._names() and getattr(self, key) is not None
-
-    def get(self, key: str, default=None):
-        value = getattr(self, key, None) if key in self._names() else None
-        return default if value is None else value
-
-    def keys(self):
-        return [n for n in self._names() if getattr(self, n) is not None]
-
-    def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
-
-    def pop(self, key: str, *default):
-        value = self.get(key)
-        if value is None and default:
-            return default[0]
-        setattr(self, key, None)
-        return value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,18 +84,138 @@ def _choice(value, where: str, allowed, optional: bool = False) -> None:
 _DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "int8")
 
 
-def _tensor_specs(specs, where: str) -> None:
-    if not isinstance(specs, list) or not specs:
-        raise ArtifactError(f"manifest field {where} must be a non-empty list of tensor specs")
-    for i, spec in enumerate(specs):
-        at = f"{where}[{i}]"
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output as built: name, element type, shape (sizes, or axis names such as ``batch``)."""
+
+    name: str
+    dtype: str
+    shape: list
+
+    @classmethod
+    def parse(cls, spec, where: str) -> "TensorSpec":
+        if isinstance(spec, cls):
+            return spec
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise ArtifactError(f"manifest field {at} must be an object with a name")
-        _choice(spec.get("dtype"), f"{at}.dtype", _DTYPES)
+            raise ArtifactError(f"manifest field {where} must be an object with a name")
+        _choice(spec.get("dtype"), f"{where}.dtype", _DTYPES)
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all((isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20)
                                                   or (isinstance(d, str) and d) for d in shape):
-            raise ArtifactError(f"manifest field {at}.shape must be a list of sizes (0..{1 << 20}) or axis names")
+            raise ArtifactError(f"manifest field {where}.shape must be a list of sizes (0..{1 << 20}) or axis names")
+        unknown = sorted(set(spec) - {"name", "dtype", "shape"})
+        if unknown:
+            raise ArtifactError(f"manifest field {where} has unknown field(s) {', '.join(unknown)}")
+        return cls(spec["name"], spec["dtype"], list(shape))
+
+
+def _tensor_specs(specs, where: str) -> list:
+    if not isinstance(specs, list) or not specs:
+        raise ArtifactError(f"manifest field {where} must be a non-empty list of tensor specs")
+    return [TensorSpec.parse(spec, f"{where}[{i}]") for i, spec in enumerate(specs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderIO:
+    """The decoder's input and output names, one name per layer for the cache (written out by the build from the
+    builder's per-layer templates, so the runtime formats nothing it reads from a manifest)."""
+
+    inputs_embeds: str
+    attention_mask: str
+    logits: str
+    past_keys: list
+    past_values: list
+    present_keys: list
+    present_values: list
+
+    @classmethod
+    def from_templates(cls, io: dict, layers: int) -> "DecoderIO":
+        """From onnxruntime-genai's ``genai_config.json`` names (``past_key_values.%d.key``...): build side only."""
+        names = {kind: [io[f"{kind}_names"] % i for i in range(layers)]
+                 for kind in ("past_key", "past_value", "present_key", "present_value")}
+        return cls(io["inputs_embeds"], io["attention_mask"], io["logits"], names["past_key"], names["past_value"],
+                   names["present_key"], names["present_value"])
+
+    @classmethod
+    def parse(cls, data, where: str, layers: int) -> "DecoderIO":
+        if isinstance(data, cls):
+            return data
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or sorted(data) != sorted(fields):
+            raise ArtifactError(f"manifest field {where} must name the decoder's {', '.join(fields)}")
+        for name in fields[:3]:
+            if not isinstance(data[name], str) or not data[name]:
+                raise ArtifactError(f"manifest field {where}.{name} must be a tensor name")
+        for name in fields[3:]:
+            names = data[name]
+            if not isinstance(names, list) or len(names) != layers or not all(isinstance(n, str) and n for n in names):
+                raise ArtifactError(f"manifest field {where}.{name} must list one tensor name per layer ({layers})")
+        return cls(**data)
+
+    def cache_names(self) -> list:
+        """``[(past input, present output)]``: keys of every layer, then values."""
+        return list(zip(self.past_keys, self.present_keys)) + list(zip(self.past_values, self.present_values))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineFacts:
+    """A TensorRT engine built for this graph: its file, the options it was built with, and what it is tied to (the
+    runtime compares ``tensorrt_version``, ``gpu`` and ``compute_capability`` with the machine it runs on)."""
+
+    file: str
+    options: dict  # EngineOptions.to_dict(): target, precision, workspace, batch profile
+    tensorrt_version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    plan: dict | None = None
+    graph_precision: str | None = None
+    fp32_layers: int = 0
+    profile: dict | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.options["max_batch"])
+
+    def device(self) -> dict:
+        """What the engine is tied to, in ``artifact.engine.device_facts``'s form."""
+        return {"tensorrt_version": self.tensorrt_version, "gpu": self.gpu, "compute_capability": self.compute_capability}
+
+    @classmethod
+    def parse(cls, data, where: str) -> "EngineFacts":
+        if isinstance(data, cls):
+            return data
+        options = data.get("options") if isinstance(data, dict) else None
+        if not isinstance(options, dict):
+            raise ArtifactError(f"manifest field {where} must hold the engine's build options")
+        _integer(options.get("max_batch"), f"{where}.options.max_batch", 1, 4096)
+        if not isinstance(data.get("file"), str) or not data["file"]:
+            raise ArtifactError(f"manifest field {where}.file must name the engine file")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ArtifactError(f"manifest field {where} has unknown field(s) {', '.join(unknown)}")
+        _integer(data.get("fp32_layers", 0), f"{where}.fp32_layers", 0, 1 << 20)
+        return cls(**data)
+
+
+def _preprocess(data) -> PreprocessConfig:
+    """The preprocessing config, parsed once and range-checked (its sizes become resize and crop allocations)."""
+    if isinstance(data, PreprocessConfig):
+        return data
+    try:
+        config = PreprocessConfig.from_dict(data)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ArtifactError(f"manifest section preprocess is malformed: {exc}") from exc
+    _integer(config.image_size, "preprocess.image_size", 1, 16384)
+    for name in ("resize_shortest_edge", "crop_height", "crop_width"):
+        _integer(getattr(config, name), f"preprocess.{name}", 1, 16384, optional=True)
+    _integer(config.resample, "preprocess.resample", 0, 5)
+    for name in ("image_mean", "image_std"):
+        values = getattr(config, name)
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ArtifactError(f"manifest field preprocess.{name} must be three finite numbers")
+    if not all(config.image_std) or not (isinstance(config.rescale_factor, (int, float)) and math.isfinite(config.rescale_factor)):
+        raise ArtifactError("manifest field preprocess.image_std must be non-zero and rescale_factor finite")
+    return config
 
 
 @dataclasses.dataclass
@@ -184,6 +277,13 @@ class ValidationSection(Section):
         identical = self.counts_identical and self.indices_identical
         self.ok = bool((identical or self.selection_moved) and self.selection_unexplained == 0 and self.unexplained == 0)
 
+    def line(self) -> str:
+        """One line for ``build``'s table: identical counts / indices, tokens within tolerance, worst error."""
+        return (f"{self.images} images: counts identical={self.counts_identical}, indices identical={self.indices_identical}; "
+                f"{self.tokens_exact} tokens within {self.tolerance:g}, {self.near_ties} explained by near-ties, "
+                f"{self.unexplained} unexplained; max |err|={self.max_abs_error:.2e}"
+                + (f"; selection moved within the fp16 rule on {self.selection_moved} image(s)" if self.selection_moved else ""))
+
     def summary(self) -> str:
         moved = ""
         if self.selection_moved or self.selection_unexplained:
@@ -208,13 +308,13 @@ class GraphSection(Section):
     capacity: int
     projected: bool
     output_width: int
-    inputs: list
-    outputs: list
+    inputs: list  # [TensorSpec]
+    outputs: list  # [TensorSpec]
     tensorrt: dict
     simplified: dict | None = None
     node_stages: dict | None = None
     int8: dict | None = None
-    engine: dict | None = None
+    engine: EngineFacts | None = None
     tensorrt_target: dict | None = None
     validation: ValidationSection | None = None  # this graph against PyTorch at build time
 
@@ -232,16 +332,13 @@ class GraphSection(Section):
         _integer(self.batch_max, f"{where}.batch_max", 1, 4096)
         _integer(self.capacity, f"{where}.capacity", 1, 1 << 16)
         _integer(self.output_width, f"{where}.output_width", 1, 1 << 16)
-        _tensor_specs(self.inputs, f"{where}.inputs")
-        _tensor_specs(self.outputs, f"{where}.outputs")
-        shape = self.inputs[0]["shape"]
+        self.inputs = _tensor_specs(self.inputs, f"{where}.inputs")
+        self.outputs = _tensor_specs(self.outputs, f"{where}.outputs")
+        shape = self.inputs[0].shape
         if len(shape) != 4 or not all(isinstance(d, int) and 1 <= d for d in shape[1:]):
             raise ArtifactError(f"manifest field {where}.inputs[0].shape must be [batch, 3, size, size], got {shape}")
         if self.engine is not None:
-            options = self.engine.get("options") if isinstance(self.engine, dict) else None
-            if not isinstance(options, dict):
-                raise ArtifactError(f"manifest field {where}.engine must hold the engine's build options")
-            _integer(options.get("max_batch"), f"{where}.engine.options.max_batch", 1, 4096)
+            self.engine = EngineFacts.parse(self.engine, f"{where}.engine")
 
 
 @dataclasses.dataclass
@@ -263,7 +360,7 @@ class LLMSection(Section):
     num_kv_heads: int | None = None
     head_size: int | None = None
     context_length: int | None = None
-    io: dict | None = None
+    io: DecoderIO | None = None
     has_position_ids: bool | None = None
     kv_dtype: str | None = None
     embeds_dtype: str | None = None
@@ -297,8 +394,14 @@ class LLMSection(Section):
             if not ok:
                 raise ArtifactError(f"manifest field {where}.prompt_format must hold exactly one {{prompt}} slot and no "
                                     "other format field")
-        if self.decoder is not None and not isinstance(self.io, dict):
-            raise ArtifactError(f"manifest field {where}.io must name the decoder's inputs and outputs")
+        if self.decoder is not None:
+            for name in ("directory", "embeddings", "tokenizer"):
+                if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                    raise ArtifactError(f"manifest field {where}.{name} must be a path in the artifact")
+            for name in ("num_layers", "num_kv_heads", "head_size", "context_length", "kv_dtype", "embeds_dtype"):
+                if getattr(self, name) is None:
+                    raise ArtifactError(f"manifest field {where}.{name} is required with a decoder")
+            self.io = DecoderIO.parse(self.io, f"{where}.io", self.num_layers)
 
 
 _SECTIONS = {"source": SourceSection, "reducer": ReducerSection, "vision": GraphSection, "baseline": GraphSection,
@@ -310,7 +413,7 @@ class Manifest:
     source: SourceSection
     reducer: ReducerSection
     vision: GraphSection
-    preprocess: dict  # PreprocessConfig.to_dict() (prumerge.artifact.preprocess_config owns its fields)
+    preprocess: PreprocessConfig  # prumerge.artifact.preprocess_config owns its fields
     llm: LLMSection | None = None
     baseline: GraphSection | None = None  # the unreduced (method none) graph, when the build exported it
     packages: dict = dataclasses.field(default_factory=dict)
@@ -322,6 +425,7 @@ class Manifest:
     def __post_init__(self) -> None:
         for name, section in _SECTIONS.items():
             setattr(self, name, section.from_dict(getattr(self, name), name))
+        self.preprocess = _preprocess(self.preprocess)
 
     @property
     def validation(self) -> ValidationSection | None:
@@ -332,6 +436,32 @@ class Manifest:
     def method(self) -> str:
         """The method of the artifact's main vision graph."""
         return self.vision.method
+
+    def summary_rows(self) -> list:
+        """``[(label, text)]``: what ``build`` and ``inspect`` print about this artifact."""
+        vision, reducer, validation = self.vision, self.reducer, self.validation
+        rows = [("source", str(self.source.model)),
+                ("method", f"{vision.method}  (capacity {vision.capacity} of {reducer.num_patches} patches + extra)"),
+                ("graph", f"{vision.file}  {vision.contract} contract, opset {vision.opset}, {vision.precision}"),
+                ("outputs", "; ".join(f"{o.name} {o.shape} {o.dtype}" for o in vision.outputs))]
+        if validation is not None:
+            rows.append(("validation", validation.line()))
+        rows.append(("input", f"{reducer.image_size} px, {reducer.grid}x{reducer.grid} patches"))
+        if vision.int8:
+            a = vision.int8["agreement"]
+            rows.append(("INT8", f"{vision.int8['calibration_method']} on {vision.int8['calibration_images']} images: "
+                                 f"mean Jaccard {a['mean_jaccard']:.3f} vs fp32, mean cosine {a['mean_cosine']:.4f}"))
+        rows.append(("TensorRT", "; ".join(
+            f"{version}: " + ("ok" if r["ok"] else "NOT compatible (" + ", ".join(r["unsupported"] + r["violations"])[:120] + ")")
+            for version, r in vision.tensorrt.items())))
+        llm = self.llm
+        rows.append(("LLM", f"{llm.model_type} {llm.precision} decoder ({llm.builder}), hidden {llm.hidden_size}"
+                     if llm is not None and llm.decoder else "none in this artifact"))
+        if self.baseline:
+            rows.append(("baseline", f"{self.baseline.file} (method none, {self.baseline.capacity} tokens)"))
+        rows.append(("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in self.files.items())))
+        rows.append(("manifest sha256", f"{self.sha256}  (publish it; users pin it with --expect-sha256)"))
+        return rows
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
@@ -393,13 +523,13 @@ class Manifest:
         names = []
         for graph in (self.vision, self.baseline):
             if graph:
-                names.append(graph["file"])
-                names += [n for n in self.files if n.startswith(graph["file"] + ".") and n.endswith(".data")]
-                if graph.get("engine"):
-                    names.append(graph["engine"]["file"])
-        if self.llm and self.llm.get("decoder"):
-            base = self.llm["directory"]
-            names += [f"{base}/{self.llm[k]}" for k in ("decoder", "embeddings", "tokenizer")]
+                names.append(graph.file)
+                names += [n for n in self.files if n.startswith(graph.file + ".") and n.endswith(".data")]
+                if graph.engine:
+                    names.append(graph.engine.file)
+        if self.llm and self.llm.decoder:
+            base = self.llm.directory
+            names += [f"{base}/{name}" for name in (self.llm.decoder, self.llm.embeddings, self.llm.tokenizer)]
             names += [n for n in self.files if n.startswith(base + "/")]
         return sorted(set(names))
 

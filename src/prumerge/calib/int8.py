@@ -9,14 +9,14 @@ arithmetic as in fp32 on whatever features the quantised encoder produces.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact.contract import INPUT_NAME
+from ..artifact.contract import INPUT_NAME, VisionOutput
 from ..errors import ConfigError, ExportError
+from ..export.validate import SelectionAgreement, agreement  # noqa: F401  (the one comparator)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
@@ -101,48 +101,12 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-@dataclasses.dataclass
-class Int8Agreement:
-    """INT8 vs FP32 on the same images."""
-
-    images: int
-    mean_jaccard: float  # of kept patch-index sets
-    min_jaccard: float
-    mean_count_diff: float  # |num_tokens int8 - fp32|
-    identical_selection: float  # share of images with identical kept indices
-    mean_cosine: float  # of tokens kept by both (and the extra token), mean over images
-    latency_ratio: float | None = None  # fp32 ms / int8 ms on this machine (onnxruntime CPU)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def agreement(fp32: dict, int8: dict, extra_index: int = -1) -> Int8Agreement:
-    """Compare two outputs of the token contract (numpy dicts with tokens / num_tokens / indices)."""
-    jaccards, diffs, same, cosines = [], [], [], []
-    for b in range(len(fp32["num_tokens"])):
-        n_ref, n_int = int(fp32["num_tokens"][b]), int(int8["num_tokens"][b])
-        ref_idx = list(fp32["indices"][b, : n_ref - 1])
-        int_idx = list(int8["indices"][b, : n_int - 1])
-        a, c = set(ref_idx), set(int_idx)
-        jaccards.append(len(a & c) / len(a | c) if a | c else 1.0)
-        diffs.append(abs(n_ref - n_int))
-        same.append(ref_idx == int_idx)
-        pairs = [(ref_idx.index(p), int_idx.index(p)) for p in a & c] + [(n_ref - 1, n_int - 1)]  # + extra token
-        x = fp32["tokens"][b][[i for i, _ in pairs]].astype(np.float64)
-        y = int8["tokens"][b][[j for _, j in pairs]].astype(np.float64)
-        denom = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))))
-    return Int8Agreement(len(jaccards), float(np.mean(jaccards)), float(np.min(jaccards)), float(np.mean(diffs)),
-                         float(np.mean(same)), float(np.mean(cosines)))
-
-
-def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> dict:
+def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> VisionOutput:
     """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (the runtime's session, in batches of
-    ``batch``); padded to one array per output."""
+    ``batch``)."""
     from ..runtime.vision import VisionSession
 
-    return VisionSession.from_graph(path, batch_max=batch).run_pixels(pixels).arrays()
+    return VisionSession.from_graph(path, batch_max=batch).run_pixels(pixels)
 
 
 def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: int = 5) -> float:
@@ -165,7 +129,7 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
 
 
 def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
-                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0) -> Int8Agreement:
+                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0) -> SelectionAgreement:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
     import tempfile
 

@@ -12,7 +12,8 @@
   ``vision_feature_layer``; PruMerge's selection still reads the last layer's attention, as the paper's.
 * **Word-aligned visual tokens** (``--align-steps``, ``--align-weight``). The generator knows what lies under every
   patch, so the projector is first trained (cheaply: no language model) to make each patch's token point towards the
-  LLM's own embedding of its colour word and its shape word ("background" elsewhere; cosine logits over those words).
+  LLM's own embedding of its object's colour, shape, side, half and size words ("background" elsewhere; cosine
+  logits over each group's words).
   The language model then starts from visual tokens that already read as "red ... star" and only has to learn to
   answer about them; the same loss stays on, weighted, during the full training.
 * **Reduced token sets in training.** A projector trained on full token sets alone collapses on reduced ones
@@ -67,7 +68,7 @@ class Sample:
 @dataclasses.dataclass
 class Cache:
     features: dict  # token set -> list of [n, D] fp16 tensors, one per image
-    patch_labels: list  # per image: [P, 2] long (colour index, shape index) of each patch; background = last, -1 = edge
+    patch_labels: list  # per image: [P, len(ALIGN_WORDS)] long, a word index per group for each patch (-1: none)
     samples: list  # one question each, as run sends it (evaluation)
     conversations: list  # one per image: every question of the image in turn, then a caption turn (training)
 
@@ -80,14 +81,15 @@ class PromptIds:
         from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
+        from ..artifact.manifest import LLMSection
         from ..export.llm import prompt_format
         from ..runtime.pipeline import Pipeline
 
         fmt, add_bos = prompt_format(checkpoint)
         hf = AutoTokenizer.from_pretrained(str(checkpoint))
-        spec = {"prompt_format": fmt, "add_bos": add_bos, "bos_token_id": hf.bos_token_id, "image_marker": "<image>"}
-        self.pipeline = Pipeline(None, None, Tokenizer.from_file(str(checkpoint / "tokenizer.json")), spec,
-                                 graph={"method": "train", "output_width": 0})
+        spec = LLMSection(model_type="llama", hidden_size=1, vocab_size=len(hf), prompt_format=fmt, add_bos=add_bos,
+                          bos_token_id=hf.bos_token_id, image_marker="<image>")  # the prompt side of a manifest's LLM
+        self.pipeline = Pipeline(None, None, Tokenizer.from_file(str(checkpoint / "tokenizer.json")), spec)
         self.eos = hf.eos_token_id
 
         # the chat template's text between an answer's end-of-turn and the next question, and after the question
@@ -128,18 +130,29 @@ class PromptIds:
 
 ALIGN_COLORS = (*shapes_qa.COLORS, "background")
 ALIGN_SHAPES = (*shapes_qa.SHAPES, "background")
+ALIGN_SIDES = ("left", "right")
+ALIGN_HEIGHTS = ("top", "bottom")
+ALIGN_SIZES = ("big", "small")
+# one column of patch_labels per word group; the last two words of colour and shape name the background
+ALIGN_WORDS = (ALIGN_COLORS, ALIGN_SHAPES, ALIGN_SIDES, ALIGN_HEIGHTS, ALIGN_SIZES)
 ALIGN_SCALE = 20.0  # cosine logits x this: a sharp softmax over the words without letting norms grow
 
 
 def patch_labels(things: list, patches: int, size: int = shapes_qa.SIZE) -> torch.Tensor:
-    """``[patches, 2]``: (colour, shape) index of the object a patch shows, from the generator's own drawing of each
-    object's mask: an object's where its centre pixel is inside the object and the object covers at least half of
-    the patch; background where no object touches the patch; -1 (left out) on edges."""
+    """``[patches, len(ALIGN_WORDS)]``: per word group, the index of the word a patch's token should read, from the
+    generator's own drawing of each object's mask. An object's patch (its centre pixel inside the object, the
+    object covering at least half of the patch) reads the object's colour, shape, side (left/right), half
+    (top/bottom) and size (big/small); side and half only where the object is clearly there (as its position
+    questions are asked), else -1. A patch no object touches reads "background" for colour and shape (-1 for the
+    rest); edge patches are left out (-1) in every group.
+
+    Why position and size words: a patch token says what is under it, but not where it is (only its place in the
+    sequence does) nor how big its object is; questions about both were at chance before these words."""
     from PIL import Image, ImageDraw
 
     grid = int(round(patches ** 0.5))
     cell = size // grid
-    out = torch.empty(patches, 2, dtype=torch.long)
+    out = torch.full((patches, len(ALIGN_WORDS)), -1, dtype=torch.long)
     out[:, 0], out[:, 1] = len(ALIGN_COLORS) - 1, len(ALIGN_SHAPES) - 1
     for t in things:
         mask = Image.new("L", (size, size))
@@ -147,7 +160,10 @@ def patch_labels(things: list, patches: int, size: int = shapes_qa.SIZE) -> torc
         cover = np.asarray(mask)[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell) > 0
         share = cover.mean(axis=(1, 3)).reshape(-1)
         centre = cover[:, cell // 2, :, cell // 2].reshape(-1)
-        label = torch.tensor([ALIGN_COLORS.index(t.color), ALIGN_SHAPES.index(t.shape)])
+        side, height = t.side(size), t.height(size)
+        label = torch.tensor([ALIGN_COLORS.index(t.color), ALIGN_SHAPES.index(t.shape),
+                              ALIGN_SIDES.index(side) if side else -1, ALIGN_HEIGHTS.index(height) if height else -1,
+                              ALIGN_SIZES.index("big" if t.big else "small")])
         for p in np.flatnonzero(share > 0):
             out[p] = label if centre[p] and share[p] >= 0.5 else -1
     return out
@@ -206,20 +222,23 @@ class Trainer:
         self.lora = add_lora(self.lm.model, rank=lora_rank, targets=lora_targets or TARGETS) if lora_rank else []
         self.embed = self.lm.get_input_embeddings()
         if prompts is not None:  # the first token of each word as the model answers it
-            self.align_words = [torch.tensor([prompts.answer_ids(w)[0] for w in words]) for words in (ALIGN_COLORS, ALIGN_SHAPES)]
+            self.align_words = [torch.tensor([prompts.answer_ids(w)[0] for w in words]) for words in ALIGN_WORDS]
 
     def align_loss(self, cache: Cache, images: list) -> torch.Tensor:
-        """Cross-entropy of each labelled patch's visual token over its colour words and over its shape words, with
-        logits ``ALIGN_SCALE * cos(token, word embedding)`` (cosine, so the loss cannot be met by growing norms)."""
+        """Cross-entropy of each labelled patch's visual token over each word group it has a label in (colour, shape,
+        side, half, size), with logits ``ALIGN_SCALE * cos(token, word embedding)`` (cosine, so the loss cannot be
+        met by growing norms); the mean over the groups these images have labels in (a scene of small objects
+        in the middle has no side, half or big label)."""
         tokens = self.projector(torch.cat([cache.features["none"][i].float() for i in images]))
         labels = torch.cat([cache.patch_labels[i] for i in images])
         tokens = F.normalize(tokens.float(), dim=-1)
-        loss = tokens.new_zeros(())
+        losses = []
         for column, words in enumerate(self.align_words):
             keep = labels[:, column] >= 0
-            targets = F.normalize(self.embed.weight[words].float(), dim=-1)
-            loss = loss + F.cross_entropy(ALIGN_SCALE * tokens[keep] @ targets.t(), labels[keep, column])
-        return loss / len(self.align_words)
+            if keep.any():
+                targets = F.normalize(self.embed.weight[words].float(), dim=-1)
+                losses.append(F.cross_entropy(ALIGN_SCALE * tokens[keep] @ targets.t(), labels[keep, column]))
+        return torch.stack(losses).mean()
 
     def parameters(self) -> list:
         return list(self.projector.parameters()) + self.lora

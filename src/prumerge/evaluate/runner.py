@@ -46,13 +46,13 @@ def configurations(artifacts: Sequence[str | Path], methods: Sequence[str] | Non
     for directory in artifacts:
         directory = Path(directory)
         manifest = Manifest.read(directory)
-        if not (manifest.llm or {}).get("decoder"):
+        if manifest.llm is None or not manifest.llm.decoder:
             raise ConfigError(f"{directory} has no LLM (built with --no-llm): evaluate answers questions")
-        decoder = _file_hash(manifest, manifest.llm["directory"], manifest.llm["decoder"])
+        decoder = _file_hash(manifest, manifest.llm.directory, manifest.llm.decoder)
         for section, graph in (("vision", manifest.vision), ("baseline", manifest.baseline)):
             if graph is None or (methods and graph.method not in methods):
                 continue
-            key = (manifest.files.get(graph["file"], {}).get("sha256"), decoder)
+            key = (manifest.files.get(graph.file, {}).get("sha256"), decoder)
             if key in seen:
                 continue
             seen.add(key)
@@ -80,11 +80,11 @@ def _file_hash(manifest: Manifest, directory: str, name: str) -> str | None:
 
 
 def _build_facts(manifest: Manifest, graph) -> dict:
-    int8 = graph.get("int8") or {}
-    return {"source": manifest.source.get("model"), "revision": manifest.source.get("revision"), "method": graph.method,
+    int8 = graph.int8 or {}
+    return {"source": manifest.source.model, "revision": manifest.source.revision, "method": graph.method,
             "capacity": graph.capacity, "precision": graph.precision, "int8_float_layers": int8.get("float_layers"),
-            "llm_precision": manifest.llm.get("precision"), "image_size": manifest.reducer.get("image_size"),
-            "output": graph.contract, "reducer_options": dict(manifest.reducer.get("options") or {})}
+            "llm_precision": manifest.llm.precision, "image_size": manifest.reducer.image_size,
+            "output": graph.contract, "reducer_options": dict(manifest.reducer.options or {})}
 
 
 def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out: Path, provider: str = "cpu",

@@ -6,7 +6,7 @@ Submodules import torch/onnx on use; importing ``prumerge.export`` itself is che
 from .._lazy import lazy_getattr
 
 _LAZY = {
-    "BuildOptions": ".build",
+    "BuildOptions": ".options",
     "build_artifact": ".build",
     "verify_artifact": ".verify",
     "inspect_artifact": ".verify",

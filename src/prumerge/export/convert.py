@@ -69,8 +69,13 @@ def _tower_location(source: Path, value) -> str:
     return value  # a hub id
 
 
-def convert_llava_original(source, out, base=None, vision_tower=None, progress: Callable[[str], None] | None = None) -> dict:
-    """Write ``source`` (original LLaVA layout, merged or LoRA) as a llava-hf checkpoint in ``out``; return facts."""
+def convert_llava_original(source, out, base=None, vision_tower=None, progress: Callable[[str], None] | None = None,
+                           vision_only: bool = False) -> dict:
+    """Write ``source`` (original LLaVA layout, merged or LoRA) as a llava-hf checkpoint in ``out``; return facts.
+
+    ``vision_only``: the vision tower and projector alone (config and processor as for the whole model, no language
+    model weights, no tokenizer, no LoRA merge): what ``verify`` rebuilds its PyTorch reference from, without
+    writing a 7B language model to disk to read its vision side back."""
     step = progress or (lambda message: None)
     source = Path(source)
     if not is_llava_original(source):
@@ -101,31 +106,17 @@ def convert_llava_original(source, out, base=None, vision_tower=None, progress: 
     step(f"reading the vision tower {tower_source}")
     vision_config = _vision_config(tower)
     extra = _non_lora_trainables(source) if lora else {}
-    deltas = _lora_deltas(source) if lora else {}
-    step("writing the llava-hf checkpoint" + (f" (LoRA merged into {base})" if lora else ""))
-    tokenizer_dir = source if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file() else None
-    if tokenizer_dir is None and llm.root is not None:
-        tokenizer_dir = llm.root
-    image_token_id, vocab = _write_tokenizer(llm if tokenizer_dir is None else Checkpoint.open(tokenizer_dir), out)
-    writer = _ShardWriter(out)
     text_config = _text_config(llm)
-    padded_vocab = _padded(max(vocab, text_config["vocab_size"]))
+    writer = _ShardWriter(out)
     merged, projector = set(), {}
-    for key, tensor in _tensors(llm, extra):
-        if key.startswith("model.mm_projector."):
-            projector[key] = tensor
-            continue
-        if key.startswith(("model.vision_tower.", "model.vision_resampler.")):
-            continue
-        if key in deltas:
-            tensor = (tensor.float() + deltas[key]).to(tensor.dtype)
-            merged.add(key)
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            tensor = _pad_rows(tensor, padded_vocab)
-        writer.add(_hf_key(key), tensor)
-    missing = sorted(set(deltas) - merged)
-    if missing:
-        raise CheckpointError(f"{source}: LoRA targets not found in the base weights: {', '.join(missing[:5])}")
+    if vision_only:
+        step("reading the projector (vision side only: no language model is written)")
+        is_projector = lambda key: key.startswith("model.mm_projector.")  # noqa: E731
+        projector = {k: v for k, v in extra.items() if is_projector(k)} if lora else llm.read_tensors(is_projector)
+        image_token_id, padded_vocab = None, text_config["vocab_size"]
+    else:
+        image_token_id, padded_vocab = _write_language_model(source, llm, extra, lora, base, text_config, writer,
+                                                             merged, projector, step)
     for index, name in ((0, "linear_1"), (2, "linear_2")):
         for part in ("weight", "bias"):
             key = f"model.mm_projector.{index}.{part}"
@@ -161,11 +152,42 @@ def convert_llava_original(source, out, base=None, vision_tower=None, progress: 
             "vision_tower": str(tower_source), "lora_targets": len(merged), "image_token_id": image_token_id}
 
 
+def _write_language_model(source: Path, llm: Checkpoint, extra: dict, lora: bool, base, text_config: dict, writer,
+                          merged: set, projector: dict, step) -> tuple[int, int]:
+    """The tokenizer (with ``<image>``) and every language-model tensor (LoRA merged), into ``writer``; the projector's
+    tensors met on the way go into ``projector``. Returns (image token id, padded vocabulary)."""
+    deltas = _lora_deltas(source) if lora else {}
+    step("writing the llava-hf checkpoint" + (f" (LoRA merged into {base})" if lora else ""))
+    tokenizer_dir = source if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file() else None
+    if tokenizer_dir is None and llm.root is not None:
+        tokenizer_dir = llm.root
+    image_token_id, vocab = _write_tokenizer(llm if tokenizer_dir is None else Checkpoint.open(tokenizer_dir), writer.out)
+    padded_vocab = _padded(max(vocab, text_config["vocab_size"]))
+    for key, tensor in _tensors(llm, extra):
+        if key.startswith("model.mm_projector."):
+            projector[key] = tensor
+            continue
+        if key.startswith(("model.vision_tower.", "model.vision_resampler.")):
+            continue
+        if key in deltas:
+            tensor = (tensor.float() + deltas[key]).to(tensor.dtype)
+            merged.add(key)
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensor = _pad_rows(tensor, padded_vocab)
+        writer.add(_hf_key(key), tensor)
+    missing = sorted(set(deltas) - merged)
+    if missing:
+        raise CheckpointError(f"{source}: LoRA targets not found in the base weights: {', '.join(missing[:5])}")
+    return image_token_id, padded_vocab
+
+
 @contextmanager
-def as_llava_hf(model: str, base=None, vision_tower=None, target=None, progress=None) -> Iterator[tuple[str, dict]]:
+def as_llava_hf(model: str, base=None, vision_tower=None, target=None, progress=None,
+                vision_only: bool = False) -> Iterator[tuple[str, dict]]:
     """``(checkpoint to load, source facts)``: ``model`` itself when it is not in the original layout, else a
     llava-hf conversion in a temporary directory (beside the build's ``target`` when given, named so that a
-    later build removes it if this process is killed; removed afterwards)."""
+    later build removes it if this process is killed; removed afterwards). ``vision_only``: see
+    :func:`convert_llava_original`."""
     from .staging import scratch_directory
 
     if not is_llava_original(model):
@@ -175,7 +197,8 @@ def as_llava_hf(model: str, base=None, vision_tower=None, target=None, progress=
         return
     directory = scratch_directory(Path(target), "convert") if target else Path(tempfile.mkdtemp(prefix="prumerge-convert-"))
     try:
-        facts = convert_llava_original(model, directory, base=base, vision_tower=vision_tower, progress=progress)
+        facts = convert_llava_original(model, directory, base=base, vision_tower=vision_tower, progress=progress,
+                                       vision_only=vision_only)
         yield str(directory), facts
     finally:
         shutil.rmtree(directory, ignore_errors=True)

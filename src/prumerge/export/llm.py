@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..artifact.manifest import DecoderIO
 from ..model.checkpoint import Checkpoint
 from ..errors import CheckpointError, ConfigError, ExportError
 
@@ -220,7 +221,8 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
         "num_kv_heads": genai["decoder"]["num_key_value_heads"],
         "head_size": genai["decoder"]["head_size"],
         "context_length": genai["context_length"],
-        "io": genai["decoder"]["inputs"] | genai["decoder"]["outputs"],
+        "io": DecoderIO.from_templates(genai["decoder"]["inputs"] | genai["decoder"]["outputs"],
+                                       genai["decoder"]["num_hidden_layers"]),
         "has_position_ids": "position_ids" in inputs,
         "kv_dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inputs["past_key_values.0.key"].type.tensor_type.elem_type)).name,
         "embeds_dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inputs["inputs_embeds"].type.tensor_type.elem_type)).name,

@@ -47,6 +47,7 @@ class EngineOptions:
     opt_batch: int = 1
     max_batch: int = 8
     timing_cache: str | None = None
+    build_here: bool = False  # build: also build vision.engine now (needs TensorRT and the target GPU), not a fact
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -72,19 +73,20 @@ class EngineOptions:
         return cls(target=target, **{**defaults[target], **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What the manifest records: the engine's settings (not whether this build made it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "build_here"}
 
 
 def optimization_profile(inputs: list, options: EngineOptions) -> dict:
     """``{input name: (min, opt, max) shapes}`` for the batch axis; refuses unknown or extra dynamic axes."""
     profile = {}
     for spec in inputs:
-        shape = spec["shape"]
+        shape = spec.shape
         dynamic = [i for i, d in enumerate(shape) if isinstance(d, str)]
         if dynamic != [0] or shape[0] != "batch":
-            raise ConfigError(f"input {spec['name']} has dynamic axes {dynamic}; only a leading 'batch' axis is supported")
+            raise ConfigError(f"input {spec.name} has dynamic axes {dynamic}; only a leading 'batch' axis is supported")
         rest = tuple(int(d) for d in shape[1:])
-        profile[spec["name"]] = tuple((b, *rest) for b in (options.min_batch, options.opt_batch, options.max_batch))
+        profile[spec.name] = tuple((b, *rest) for b in (options.min_batch, options.opt_batch, options.max_batch))
     return profile
 
 
@@ -300,12 +302,12 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: list, options: Engi
 
 def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dict:
     """Build ``vision.engine`` for an existing artifact on this machine and record it in the manifest."""
-    from ..artifact.manifest import Manifest, describe_files, inside
+    from ..artifact.manifest import EngineFacts, Manifest, describe_files, inside
 
     directory = Path(directory)
     manifest = Manifest.read(directory)
     manifest.verify_files(directory)
-    check_batch(options, int(manifest.vision["batch_max"]))
+    check_batch(options, manifest.vision.batch_max)
     partial = directory / f".{ENGINE_FILE}.partial"
     try:
         from ..artifact.node_stages import expand
@@ -316,7 +318,7 @@ def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dic
     finally:
         partial.unlink(missing_ok=True)
     facts["file"] = ENGINE_FILE
-    manifest.vision["engine"] = facts
+    manifest.vision.engine = EngineFacts.parse(facts, "vision.engine")
     manifest.files = describe_files(directory)
     manifest.write(directory)
     return facts

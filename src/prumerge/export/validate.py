@@ -1,14 +1,20 @@
-"""Compare an exported vision graph on onnxruntime with the PyTorch encoder it came from.
+"""The one comparator of two runs of the token contract (``VisionOutput``): an exported graph against the PyTorch
+encoder it came from (build validation, ``verify``), and a quantised graph against its float one (INT8 agreement).
 
-Token counts and indices must be identical (selection is discrete: any difference is a bug, not noise); features
-must agree within a tolerance that depends on precision.
+Validation: token counts and indices must be identical (selection is discrete: any difference is a bug, not
+noise); features must agree within a tolerance that depends on precision. Agreement: how much of the selection a
+quantised graph keeps (kept-set Jaccard, identical selections, cosine of the tokens both kept), reported, not
+required.
 """
 
 from __future__ import annotations
 
 
+import dataclasses
+
 import numpy as np
 
+from ..artifact.contract import VisionOutput
 from ..artifact.manifest import ValidationSection
 from ..errors import ValidationError
 
@@ -53,10 +59,10 @@ def synthetic_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
-def reference_arrays(reduced) -> dict:
-    """A PyTorch :class:`ReducedTokens` as the numpy dict the comparisons take (tokens in fp32)."""
-    return {"tokens": reduced.tokens.float().numpy(), "num_tokens": reduced.num_tokens.numpy(),
-            "indices": reduced.indices.numpy()}
+def reference_output(reduced) -> VisionOutput:
+    """A PyTorch :class:`ReducedTokens` as the token contract every comparison takes (tokens in fp32)."""
+    return VisionOutput(reduced.tokens.float().numpy(), reduced.num_tokens.numpy().astype(np.int64),
+                        reduced.indices.numpy().astype(np.int64), reduced.truncated.numpy().astype(bool))
 
 
 def _plus_samples(kept, num_patches: int) -> list:
@@ -100,9 +106,9 @@ def selection_within(scores, threshold: float, selected, plus: bool, min_keep: i
     return False
 
 
-def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider: str, gaps=None,
+def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance: float, provider: str, gaps=None,
                     epsilon: float = 0.0, selection=None) -> ValidationResult:
-    """Both dicts hold numpy ``tokens, num_tokens, indices``; candidate may be trimmed (dynamic contract).
+    """``candidate`` against ``reference`` token by token; candidate may be trimmed (dynamic contract).
 
     ``gaps [B, C]``: the reference's neighbour-boundary similarity gap per slot (``PruMergeEncoder.neighbor_gaps``);
     without it no token over tolerance is explained. ``selection``: ``dict(scores [B, P], thresholds [B], plus,
@@ -111,15 +117,15 @@ def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider
     (a kept patch's merged token does not depend on which others were kept; the extra token does, so it is not
     compared there). Without it any selection difference fails.
     """
-    counts = bool(np.array_equal(reference["num_tokens"], candidate["num_tokens"]))
-    width = candidate["tokens"].shape[1]
-    indices = counts and bool(np.array_equal(reference["indices"][:, :width], candidate["indices"]))
+    counts = bool(np.array_equal(reference.num_tokens, candidate.num_tokens))
+    width = candidate.tokens.shape[1]
+    indices = counts and bool(np.array_equal(reference.indices[:, :width], candidate.indices))
     found = dict(tokens=0, tokens_exact=0, near_ties=0, unexplained=0, worst_unexplained=0.0, worst_explained=0.0,
                  selection_moved=0, selection_unexplained=0)
     max_error = 0.0
-    for b in range(len(reference["num_tokens"])):
-        n_ref, n_got = int(reference["num_tokens"][b]), int(candidate["num_tokens"][b])
-        ref_idx, got_idx = reference["indices"][b, :n_ref], candidate["indices"][b, :n_got]
+    for b in range(len(reference.num_tokens)):
+        n_ref, n_got = int(reference.num_tokens[b]), int(candidate.num_tokens[b])
+        ref_idx, got_idx = reference.indices[b, :n_ref], candidate.indices[b, :n_got]
         if n_ref == n_got and np.array_equal(ref_idx, got_idx):
             rows, got_rows = np.arange(n_ref), np.arange(n_ref)
         elif selection is not None and selection["epsilon"] > 0 and (
@@ -133,7 +139,7 @@ def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider
         else:
             found["selection_unexplained"] += 1
             continue
-        diff = np.abs(reference["tokens"][b, rows].astype(np.float64) - candidate["tokens"][b, got_rows].astype(np.float64))
+        diff = np.abs(reference.tokens[b, rows].astype(np.float64) - candidate.tokens[b, got_rows].astype(np.float64))
         per_token = diff.reshape(len(rows), -1).max(axis=1, initial=0.0)
         max_error = max(max_error, float(per_token.max(initial=0.0)))
         over = per_token > tolerance
@@ -146,7 +152,7 @@ def compare_outputs(reference: dict, candidate: dict, tolerance: float, provider
         found["worst_unexplained"] = max(found["worst_unexplained"], float(per_token[over & ~tie].max(initial=0.0)))
     if found["selection_unexplained"]:
         max_error = float("inf")
-    return ValidationResult(images=len(reference["num_tokens"]), counts_identical=counts, indices_identical=indices,
+    return ValidationResult(images=len(reference.num_tokens), counts_identical=counts, indices_identical=indices,
                             max_abs_error=max_error, tolerance=tolerance, provider=provider, near_tie_epsilon=epsilon,
                             selection_epsilon=0.0 if selection is None else float(selection["epsilon"]), **found)
 
@@ -180,8 +186,8 @@ def selection_rule(reducer, scores, thresholds, precision: str) -> dict | None:
                 epsilon=ORDER_EPSILON_FP32 if same_set else SELECTION_EPSILON[precision])
 
 
-def validate_against(encoder, got: dict, pixels, precision: str, provider: str) -> ValidationResult:
-    """Compare runtime outputs ``got`` (numpy dict) for ``pixels`` with ``encoder`` (PyTorch), near-ties explained."""
+def validate_against(encoder, got: VisionOutput, pixels, precision: str, provider: str) -> ValidationResult:
+    """Compare runtime outputs ``got`` for ``pixels`` with ``encoder`` (PyTorch), near-ties explained."""
     import torch
 
     with torch.no_grad():
@@ -193,5 +199,41 @@ def validate_against(encoder, got: dict, pixels, precision: str, provider: str) 
             gaps = encoder.neighbor_gaps(None, ref.indices, keys=k).numpy()
             scores, thresholds = encoder.selection_scores(q, k)
             selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
-    return compare_outputs(reference_arrays(ref), got, TOLERANCE[precision], provider, gaps=gaps,
+    return compare_outputs(reference_output(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
+
+
+@dataclasses.dataclass
+class SelectionAgreement:
+    """How much of one run's selection another keeps, on the same images (INT8 against fp32)."""
+
+    images: int
+    mean_jaccard: float  # of kept patch-index sets
+    min_jaccard: float
+    mean_count_diff: float  # |num_tokens candidate - reference|
+    identical_selection: float  # share of images with identical kept indices
+    mean_cosine: float  # of tokens kept by both (and the extra token), mean over images
+    latency_ratio: float | None = None  # reference ms / candidate ms on this machine (onnxruntime CPU)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def agreement(reference: VisionOutput, candidate: VisionOutput) -> SelectionAgreement:
+    """How much of ``reference``'s selection ``candidate`` keeps (the extra token is each image's last)."""
+    jaccards, diffs, same, cosines = [], [], [], []
+    for b in range(len(reference.num_tokens)):
+        n_ref, n_got = int(reference.num_tokens[b]), int(candidate.num_tokens[b])
+        ref_idx = list(reference.indices[b, : n_ref - 1])
+        got_idx = list(candidate.indices[b, : n_got - 1])
+        a, c = set(ref_idx), set(got_idx)
+        jaccards.append(len(a & c) / len(a | c) if a | c else 1.0)
+        diffs.append(abs(n_ref - n_got))
+        same.append(ref_idx == got_idx)
+        pairs = [(ref_idx.index(p), got_idx.index(p)) for p in a & c] + [(n_ref - 1, n_got - 1)]  # + extra token
+        x = reference.tokens[b][[i for i, _ in pairs]].astype(np.float64)
+        y = candidate.tokens[b][[j for _, j in pairs]].astype(np.float64)
+        denom = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))))
+    return SelectionAgreement(len(jaccards), float(np.mean(jaccards)), float(np.min(jaccards)), float(np.mean(diffs)),
+                              float(np.mean(same)), float(np.mean(cosines)))

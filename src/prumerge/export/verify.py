@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CheckpointError, InputError
+from ..errors import ArtifactError, InputError
 from ..artifact.manifest import Manifest, inside
 
 
@@ -18,7 +18,7 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
     from ..runtime.vision import VisionSession
-    from .validate import reference_arrays, require, synthetic_pixels, validate_against
+    from .validate import agreement, reference_output, require, synthetic_pixels, validate_against
 
     if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= MAX_VERIFY_IMAGES:
         raise InputError(f"--images must be in 1..{MAX_VERIFY_IMAGES} (synthetic images compared), got {images}")
@@ -36,37 +36,22 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     except ImportError:  # a runtime-only install: hashes and the graph run are what can be checked here
         return report | {"reference": "skipped: the PyTorch comparison needs prumerge[export] (torch, transformers)"}
 
-    from ..model.encoder import PruMergeEncoder
+    from .reference import artifact_encoder
 
-    from .convert import as_llava_hf
-
-    source = manifest.source.get("model")
-    original = manifest.source.get("layout") == "llava-original"
-    options = dict(manifest.reducer.options)
-    if manifest.vision.method != "none":  # the graph owns its capacity (set by --max-tokens or a calibration)
-        options["capacity"] = manifest.vision.capacity
     try:
-        with as_llava_hf(source, manifest.source.get("base") if original else None,
-                         manifest.source.get("vision_tower") if original else None) as (checkpoint, _):
-            encoder = PruMergeEncoder.from_pretrained(
-                checkpoint, method=manifest.vision.method, project=manifest.vision.projected,
-                revision=manifest.source.get("revision"), image_size=session.image_size,
-                **options,
-            )
-    except CheckpointError as exc:
-        raise ArtifactError(f"cannot rebuild the PyTorch reference from {source!r} ({exc}); use --no-reference to check hashes and the graph only") from exc
-    if manifest.vision["precision"] == "fp16":
+        encoder = artifact_encoder(manifest)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; use --no-reference to check hashes and the graph only") from exc
+    if manifest.vision.precision == "fp16":
         encoder = encoder.half()
-    if manifest.vision["precision"] == "int8":  # selection may move with quantised features: report agreement
-        from ..calib.int8 import agreement
-
+    if manifest.vision.precision == "int8":  # selection may move with quantised features: report agreement
         with torch.no_grad():
             ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
-        result = agreement(reference_arrays(ref), got.arrays())
+        result = agreement(reference_output(ref), got)
         if not np.isfinite(got.tokens).all():
             raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")
         return report | {"reference_int8_agreement": result.to_dict()}
-    result = validate_against(encoder, got.arrays(), pixels.astype(session.input_dtype), manifest.vision["precision"], session.provider)
+    result = validate_against(encoder, got, pixels.astype(session.input_dtype), manifest.vision.precision, session.provider)
     require(result, f"verify {directory}")
     return report | {"reference": result.to_dict()}
 
@@ -100,7 +85,7 @@ def inspect_artifact(directory: str | Path) -> dict:
         "reducer": manifest.reducer.to_dict(),
         "vision": {k: v for k, v in vision.items() if k not in ("tensorrt", "node_stages", "validation")},
         "tensorrt": vision.get("tensorrt"),
-        "preprocess": manifest.preprocess,
+        "preprocess": manifest.preprocess.to_dict(),
         "llm": manifest.llm.to_dict() if manifest.llm else None,
         "validation": vision.get("validation"),
         "files": manifest.files,

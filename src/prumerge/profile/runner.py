@@ -160,6 +160,6 @@ def _counts(values) -> dict:
 def _node_stages(directory: Path, graph: dict) -> dict:
     """The build's record of which node is which stage; read from the graph itself for artifacts built before it
     was recorded (needs onnx)."""
-    if graph.get("node_stages"):
-        return expand(graph["node_stages"])
-    return classify_nodes(inside(directory, graph["file"]))
+    if graph.node_stages:
+        return expand(graph.node_stages)
+    return classify_nodes(inside(directory, graph.file))

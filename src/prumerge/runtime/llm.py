@@ -16,7 +16,7 @@ from ..errors import ArtifactError, BackendUnavailableError, InputError
 
 
 class OnnxDecoder:
-    def __init__(self, directory: Path, spec: dict, provider: str = "cpu") -> None:
+    def __init__(self, directory: Path, spec, provider: str = "cpu") -> None:
         import onnxruntime as ort
 
         from .vision import PROVIDERS
@@ -24,25 +24,24 @@ class OnnxDecoder:
         self.spec = spec
         from ..artifact.manifest import inside
 
-        base = inside(directory, spec["directory"])
+        base = inside(directory, spec.directory)
         wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()
                   and p != "TensorrtExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(inside(base, spec["decoder"])), providers=wanted)
+            self.session = ort.InferenceSession(str(inside(base, spec.decoder)), providers=wanted)
         except Exception as exc:
-            raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec['decoder']}: {exc}") from exc
+            raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec.decoder}: {exc}") from exc
         try:
-            self.embeddings = np.load(inside(base, spec["embeddings"]), mmap_mode="r", allow_pickle=False)
+            self.embeddings = np.load(inside(base, spec.embeddings), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read the embedding table {base / spec['embeddings']}: {exc}") from exc
-        self.io = spec["io"]
-        self.layers = int(spec["num_layers"])
-        self.kv_shape = (int(spec["num_kv_heads"]), int(spec["head_size"]))
-        self.kv_dtype = np.dtype(spec["kv_dtype"])
-        self.embeds_dtype = np.dtype(spec["embeds_dtype"])
-        self.context_length = int(spec["context_length"])
-        self._names = [(self.io["past_key_names"] % i, self.io["present_key_names"] % i) for i in range(self.layers)]
-        self._names += [(self.io["past_value_names"] % i, self.io["present_value_names"] % i) for i in range(self.layers)]
+            raise ArtifactError(f"cannot read the embedding table {base / spec.embeddings}: {exc}") from exc
+        self.io = spec.io
+        self.layers = spec.num_layers
+        self.kv_shape = (spec.num_kv_heads, spec.head_size)
+        self.kv_dtype = np.dtype(spec.kv_dtype)
+        self.embeds_dtype = np.dtype(spec.embeds_dtype)
+        self.context_length = spec.context_length
+        self._names = self.io.cache_names()
 
     def embed(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64)
@@ -57,7 +56,7 @@ class OnnxDecoder:
         models, so a step's cost does not grow with copying the cache. Otherwise the cache grows by concatenation."""
         import onnxruntime as ort
 
-        if capacity and self.spec.get("kv_share_buffer"):
+        if capacity and self.spec.kv_share_buffer:
             length = min(int(capacity), self.context_length)
             shape = (1, self.kv_shape[0], length, self.kv_shape[1])
             return KVCache({past: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
@@ -74,8 +73,8 @@ class OnnxDecoder:
             raise InputError(f"the sequence needs {total} positions but the model's context is {self.context_length}")
         if cache.capacity is not None and total > cache.capacity:
             raise InputError(f"the sequence needs {total} positions but the cache was allocated for {cache.capacity}")
-        binding.bind_cpu_input(self.io["inputs_embeds"], np.ascontiguousarray(embeds[None].astype(self.embeds_dtype)))
-        binding.bind_cpu_input(self.io["attention_mask"], np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input(self.io.inputs_embeds, np.ascontiguousarray(embeds[None].astype(self.embeds_dtype)))
+        binding.bind_cpu_input(self.io.attention_mask, np.ones((1, total), dtype=np.int64))
         bound = []
         for past, present in self._names:
             binding.bind_ortvalue_input(past, cache.values[past])
@@ -84,11 +83,11 @@ class OnnxDecoder:
             else:
                 binding.bind_output(present, "cpu")
             bound.append(present)
-        binding.bind_output(self.io["logits"], "cpu")
-        bound.append(self.io["logits"])
+        binding.bind_output(self.io.logits, "cpu")
+        bound.append(self.io.logits)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
-        logits = outputs[self.io["logits"]].numpy()[0]
+        logits = outputs[self.io.logits].numpy()[0]
         logits = (logits if all_logits else logits[-1]).astype(np.float32)
         if cache.capacity is not None:
             return logits, KVCache(cache.values, total, capacity=cache.capacity)

@@ -106,16 +106,17 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, vision: VisionSession | None, decoder: OnnxDecoder, tokenizer, spec: dict, graph=None) -> None:
-        """``graph``: the vision graph's manifest section (default: the session's; given when there is none)."""
+    def __init__(self, vision: VisionSession | None, decoder: OnnxDecoder, tokenizer, spec, graph=None) -> None:
+        """``spec``: the manifest's ``LLMSection`` (prompt format, special tokens, decoder); ``graph``: the vision
+        graph's section (default: the session's; given when there is none)."""
         self.vision = vision
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.spec = spec
-        self.marker = spec.get("image_marker", "<image>")
+        self.marker = spec.image_marker or "<image>"
         graph = graph if graph is not None else (vision.graph if vision is not None else None)
-        self.method = graph.get("method", "?") if graph is not None else "?"
-        self.output_width = int(graph["output_width"]) if graph is not None else None
+        self.method = graph.method if graph is not None else "?"
+        self.output_width = graph.output_width if graph is not None else None
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
@@ -137,12 +138,12 @@ class Pipeline:
                 manifest.verify_files(directory, expect_sha256=expect_sha256)
             graph = manifest.vision
         spec = manifest.llm
-        if not spec or not spec.get("decoder"):
+        if not spec or not spec.decoder:
             raise ArtifactError(f"{directory} has no LLM (built with --no-llm or from a vision-only checkpoint)")
-        if int(spec["hidden_size"]) != int(graph["output_width"]):
-            raise ArtifactError(f"the LLM takes {spec['hidden_size']}-wide embeddings but the vision graph gives {graph['output_width']}")
+        if spec.hidden_size != graph.output_width:
+            raise ArtifactError(f"the LLM takes {spec.hidden_size}-wide embeddings but the vision graph gives {graph.output_width}")
         Tokenizer = ensure_tokenizers()
-        tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec["directory"]), spec["tokenizer"])))
+        tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec.directory), spec.tokenizer)))
         return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec, graph)
 
     # ------------------------------------------------------------------ prompt assembly
@@ -170,11 +171,11 @@ class Pipeline:
                 raise InputError(f"the prompt has {markers} {self.marker} marker(s) but no image was given")
             raise InputError(f"the prompt has {markers} {self.marker} marker(s) for {num_images} image(s); they must match")
         if template:
-            before, after = self.spec["prompt_format"].format(prompt=_SLOT).split(_SLOT)
+            before, after = self.spec.prompt_format.format(prompt=_SLOT).split(_SLOT)
             segments = [(before, True), (prompt, False), (after, True)]
         else:
             segments = [(prompt, True)]
-        chunks, run = [], [(self.spec["bos_token_id"], None)] if self.spec.get("add_bos") else []
+        chunks, run = [], [(self.spec.bos_token_id, None)] if self.spec.add_bos else []
         image = 0
         for text, trusted in segments:
             pieces = text.split(self.marker) if not trusted or not template else [text]
@@ -295,6 +296,10 @@ class _Stream:
     def __iter__(self) -> Iterator[str]:
         return self._iter
 
+    def close(self) -> None:
+        """Stop generating (a cancelled request): no further decode step runs; ``result`` stays None."""
+        self._iter.close()
+
     def _run(self, pipeline, images, prompt: str, sampling: SamplingParams, template: bool, visual_tokens):
         max_new_tokens, stop = sampling.max_new_tokens, sampling.stop
         clock = Stopwatch()
@@ -303,7 +308,7 @@ class _Stream:
         room = pipeline.decoder.context_length - embeds.shape[0]
         budget = min(max_new_tokens, room)
         rng = np.random.default_rng(sampling.seed)
-        eos = set(pipeline.spec.get("eos_token_ids") or [])
+        eos = set(pipeline.spec.eos_token_ids or [])
         with clock.timed("prefill"):
             cache = pipeline.decoder.start(capacity=embeds.shape[0] + budget)
             logits, cache = pipeline.decoder.step(embeds, cache)

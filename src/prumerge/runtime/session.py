@@ -8,32 +8,43 @@ and returns ``{output name: array}``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact.contract import OUTPUT_NAMES, PADDING_INDEX, VisionOutput, concat_outputs
-from ..artifact.preprocess_config import PreprocessConfig
 from ..errors import InputError
 from .preprocess import ImageLike, preprocess_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    """What a session needs of a graph: its input and output specs (``TensorSpec``) and its batch limit. An
+    artifact's ``GraphSection`` has these fields; a bare graph file gives them from the graph itself."""
+
+    inputs: list
+    outputs: list
+    batch_max: int = 1
 
 
 class VisionSessionBase:
     provider = "?"
 
-    def __init__(self, directory: Path | None, manifest, graph: dict, batch_max: int | None = None) -> None:
-        """``manifest`` None: a bare graph file (build validation, INT8 comparison), which has no preprocessing
-        config (``run_pixels`` only) and uses the contract's padding index."""
+    def __init__(self, directory: Path | None, manifest, graph, batch_max: int | None = None) -> None:
+        """``graph``: the artifact's ``GraphSection``, or a bare graph file's :class:`GraphIO`. ``manifest`` None: a
+        bare graph file (build validation, INT8 comparison), which has no preprocessing config (``run_pixels``
+        only) and uses the contract's padding index."""
         self.directory = Path(directory) if directory is not None else None
         self.manifest = manifest
         self.graph = graph
-        self.preprocess = PreprocessConfig.from_dict(manifest.preprocess) if manifest is not None else None
-        spec = graph["inputs"][0]
-        self.input_name = spec["name"]
-        self.input_dtype = np.dtype(spec["dtype"])
-        self.image_size = int(spec["shape"][-1])
-        self.batch_max = int(batch_max if batch_max is not None else graph.get("batch_max", 1))
-        self.padding_index = int(manifest.reducer.get("padding_index", PADDING_INDEX)) if manifest is not None else PADDING_INDEX
+        self.preprocess = manifest.preprocess if manifest is not None else None
+        spec = graph.inputs[0]
+        self.input_name = spec.name
+        self.input_dtype = np.dtype(spec.dtype)
+        self.image_size = int(spec.shape[-1])
+        self.batch_max = int(batch_max if batch_max is not None else graph.batch_max)
+        self.padding_index = manifest.reducer.padding_index if manifest is not None else PADDING_INDEX
 
     def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
         """Paths, bytes, PIL images or HWC arrays -> reduced tokens (preprocessed as the checkpoint's processor does)."""

@@ -22,7 +22,7 @@ from .session import VisionSessionBase
 class TensorRTSession(VisionSessionBase):
     """The artifact's engine on TensorRT. :meth:`close` (or ``with``) releases the GPU memory and stream."""
 
-    def __init__(self, directory: Path, manifest, graph: dict) -> None:
+    def __init__(self, directory: Path, manifest, graph) -> None:
         try:
             import tensorrt  # noqa: F401
         except ImportError as exc:
@@ -31,14 +31,14 @@ class TensorRTSession(VisionSessionBase):
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError as exc:
             raise BackendUnavailableError("the TensorRT session runs through polygraphy: pip install 'prumerge[trt]'") from exc
-        engine_facts = graph.get("engine")
+        engine_facts = graph.engine
         if not engine_facts:
             raise ArtifactError(f"{directory} has no TensorRT engine; build one on this device: prumerge-export engine {directory}")
-        path = inside(directory, engine_facts["file"])
-        problem = engine_mismatch(engine_facts, device_facts())
+        path = inside(directory, engine_facts.file)
+        problem = engine_mismatch(engine_facts.device(), device_facts())
         if problem:
             raise ArtifactError(f"{path} cannot run here: {problem}")
-        super().__init__(directory, manifest, graph, batch_max=int(engine_facts["options"]["max_batch"]))
+        super().__init__(directory, manifest, graph, batch_max=engine_facts.max_batch)
         self.provider = "TensorRT"
         self.runner = TrtRunner(EngineFromBytes(path.read_bytes()))
         try:

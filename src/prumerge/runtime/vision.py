@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 
 from ..artifact.contract import OUTPUT_NAMES
-from ..artifact.manifest import Manifest, inside
+from ..artifact.manifest import Manifest, TensorSpec, inside
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from .session import VisionSessionBase
+from .session import GraphIO, VisionSessionBase
 
 # onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 by default (provider option ``use_tf32``, default 1).
 # Measured on an H200 with the real DINOv2-S and 28 photos (bench/bench_gpu.py): TF32 moves the key cosines by 2e-4
@@ -53,13 +53,13 @@ class VisionSession(VisionSessionBase):
             if graph == "baseline":
                 raise ArtifactError(f"{directory} has no baseline (method none) graph; rebuild with --baseline")
             raise InputError(f"unknown graph {graph!r}; choose vision or baseline")
-        if spec.get("format") != "onnx":
-            raise ArtifactError(f"{directory}: vision graph format {spec.get('format')!r} needs another session")
-        if provider == "tensorrt" and spec.get("engine"):
+        if spec.format != "onnx":
+            raise ArtifactError(f"{directory}: vision graph format {spec.format!r} needs another session")
+        if provider == "tensorrt" and spec.engine:
             from .tensorrt import TensorRTSession  # the artifact's own engine, not onnxruntime's TensorRT EP
 
             return TensorRTSession(directory, manifest, spec)
-        session, used = _ort_session(inside(directory, spec["file"]), provider, profile_dir)
+        session, used = _ort_session(inside(directory, spec.file), provider, profile_dir)
         _check_io(session, spec, directory)
         return cls(directory, manifest, spec, session, used)
 
@@ -76,8 +76,8 @@ class VisionSession(VisionSessionBase):
             raise ArtifactError(f"{path}: the vision graph's image size is not fixed ({graph_input.shape})")
         if graph_input.type not in _ORT_TYPES:
             raise ArtifactError(f"{path}: the vision graph's input type {graph_input.type} is not one prumerge runs")
-        spec = {"inputs": [{"name": graph_input.name, "dtype": _ORT_TYPES.get(graph_input.type), "shape": graph_input.shape}],
-                "outputs": [{"name": o.name, "dtype": _ORT_TYPES.get(o.type)} for o in session.get_outputs()]}
+        spec = GraphIO([TensorSpec(graph_input.name, _ORT_TYPES[graph_input.type], list(graph_input.shape))],
+                       [TensorSpec(o.name, _ORT_TYPES.get(o.type), list(o.shape)) for o in session.get_outputs()])
         _check_io(session, spec, path)
         return cls(None, None, spec, session, used, batch_max=batch_max)
 
@@ -97,11 +97,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 def _check_io(session, spec, directory: Path) -> None:
     """The graph's own inputs and outputs are what the manifest says (name, element type), before anything runs."""
     inputs = session.get_inputs()
-    want = spec["inputs"][0]
-    if len(inputs) != 1 or inputs[0].name != want["name"] or _ORT_TYPES.get(inputs[0].type) != want["dtype"]:
+    want = spec.inputs[0]
+    if len(inputs) != 1 or inputs[0].name != want.name or _ORT_TYPES.get(inputs[0].type) != want.dtype:
         got = ", ".join(f"{i.name} {i.type}" for i in inputs)
-        raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {want['name']} {want['dtype']}")
-    recorded = {o["name"]: o["dtype"] for o in spec["outputs"]}
+        raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {want.name} {want.dtype}")
+    recorded = {o.name: o.dtype for o in spec.outputs}
     for output in session.get_outputs():
         if output.name in OUTPUT_NAMES and recorded.get(output.name) != _ORT_TYPES.get(output.type):
             raise ArtifactError(f"{directory}: the vision graph's output {output.name} is {output.type}, but the manifest "

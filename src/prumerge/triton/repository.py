@@ -36,7 +36,9 @@ _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
 
 @dataclasses.dataclass
 class TritonOptions:
-    instances: int = 1  # model instances per device (instance_group count)
+    instances: int = 1  # vision model instances per device (instance_group count)
+    llm_instances: int = 1  # language-model instances: each decodes one request at a time, so N overlap N answers
+    max_inflight: int = 16  # requests the entry model works on at once (more wait for a slot)
     max_batch: int | None = None  # the vision model's max_batch_size (default: the artifact's batch limit)
     max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
     preferred_batch: tuple = ()
@@ -61,8 +63,10 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
         raise ConfigError(f"--max-queue-delay-us must be in 0..10000000 (microseconds), got {options.max_queue_delay_us}")
     if not 1 <= max_batch <= int(vision.batch_max):
         raise ConfigError(f"--max-batch must be in 1..{vision.batch_max} (the graph's batch limit), got {max_batch}")
-    if options.instances < 1:
-        raise ConfigError(f"--instances must be >= 1, got {options.instances}")
+    for name, value, high in (("--instances", options.instances, 64), ("--llm-instances", options.llm_instances, 64),
+                              ("--max-inflight", options.max_inflight, 4096)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ConfigError(f"{name} must be in 1..{high}, got {value}")
     preferred = [int(b) for b in options.preferred_batch]
     if any(not 1 <= b <= max_batch for b in preferred):
         raise ConfigError(f"--preferred-batch sizes must be in 1..{max_batch}, got {preferred}")
@@ -86,13 +90,13 @@ def _io(name: str, dtype: str, dims: list, reshape: bool = False) -> str:
 def vision_io(manifest) -> str:
     """Inputs and outputs of the vision graph without the batch axis (``[B]`` outputs as ``[1]`` reshaped)."""
     spec = manifest.vision
-    inputs = [_io(i["name"], i["dtype"], i["shape"][1:]) for i in spec.inputs]
+    inputs = [_io(i.name, i.dtype, i.shape[1:]) for i in spec.inputs]
     outputs = []
     for o in spec.outputs:
-        dims = o["shape"][1:]
+        dims = o.shape[1:]
         if any(not isinstance(d, int) for d in dims):
-            raise ConfigError(f"output {o['name']} has a data-dependent axis {o['shape']}: use the padded contract")
-        outputs.append(_io(o["name"], o["dtype"], dims or [1], reshape=not dims))
+            raise ConfigError(f"output {o.name} has a data-dependent axis {o.shape}: use the padded contract")
+        outputs.append(_io(o.name, o.dtype, dims or [1], reshape=not dims))
     return "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
 
 
@@ -107,7 +111,7 @@ def vision_config_gpu(manifest, max_batch: int, preferred: list, options: Triton
     head = f'name: "{VISION_MODEL}"\n'
     if engine:
         head += 'platform: "tensorrt_plan"\n'
-        max_batch = min(max_batch, int(engine["options"]["max_batch"]))
+        max_batch = min(max_batch, engine.max_batch)
         kind = "tensorrt_plan"
     else:
         head += 'backend: "onnxruntime"\n'
@@ -137,7 +141,7 @@ def llm_config(options: TritonOptions, kind: str = "KIND_GPU") -> str:
             "output [\n"
             '  { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] },\n'
             '  { name: "RESULT" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
-            f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]\n" + _artifact_parameter())
+            f"instance_group [ {{ count: {options.llm_instances} kind: {kind} }} ]\n" + _artifact_parameter())
 
 
 def bls_config(options: TritonOptions, kind: str = "KIND_CPU") -> str:
@@ -150,7 +154,8 @@ def bls_config(options: TritonOptions, kind: str = "KIND_CPU") -> str:
             '  { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] },\n'
             '  { name: "VISUAL_TOKENS" data_type: TYPE_INT64 dims: [ -1 ] },\n'
             '  { name: "RESULT" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
-            f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]\n" + _artifact_parameter())
+            f"instance_group [ {{ count: 1 kind: {kind} }} ]\n" + _artifact_parameter()
+            + f'parameters {{ key: "max_inflight" value: {{ string_value: "{int(options.max_inflight)}" }} }}\n')
 
 
 def _generation_inputs() -> str:
@@ -175,7 +180,7 @@ def _vision_model(directory: Path, artifact: Path, manifest, max_batch: int, pre
     (directory / "configs").mkdir()
     (directory / "configs" / "cpu.pbtxt").write_text(vision_config_cpu(manifest, max_batch, preferred, options))
     if kind == "tensorrt_plan":
-        _link(inside(artifact, manifest.vision.engine["file"]), version / "model.plan")
+        _link(inside(artifact, manifest.vision.engine.file), version / "model.plan")
     else:
         _link(inside(artifact, manifest.vision.file), version / "model.onnx")
         for name in manifest.files:  # external data keeps the file name the graph refers to
@@ -206,5 +211,5 @@ def _link(source: Path, target: Path) -> None:
 def _link_tree(artifact: Path, target: Path, manifest) -> None:
     for name in [*manifest.files, "manifest.json"]:
         _link(inside(artifact, name), target / name)
-    if INPUT_NAME not in {i["name"] for i in manifest.vision.inputs}:  # pragma: no cover - guarded by the contract
+    if INPUT_NAME not in {i.name for i in manifest.vision.inputs}:  # pragma: no cover - guarded by the contract
         raise ConfigError("the vision graph's input is not pixel_values")

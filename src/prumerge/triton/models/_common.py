@@ -14,6 +14,12 @@ def artifact_dir(args: dict) -> Path:
     return (model_dir / relative).resolve()
 
 
+def parameter(args: dict, name: str, default: str) -> str:
+    """A string parameter of the model's config (``parameters { key: NAME ... }``), or ``default``."""
+    config = json.loads(args["model_config"])
+    return config.get("parameters", {}).get(name, {}).get("string_value", default)
+
+
 def scalar(pb_utils, request, name: str, default):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

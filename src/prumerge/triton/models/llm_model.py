@@ -1,6 +1,8 @@
 """Triton Python-backend model ``prumerge_llm`` (decoupled): prompt assembly, the int4 decoder and streaming, by
 prumerge's own :class:`~prumerge.runtime.Pipeline` (the code path of ``prumerge-export run``), fed the visual
-tokens the vision model produced. Each text piece is one response; the last carries ``RESULT`` (counts, timings)."""
+tokens the vision model produced. Each text piece is one response; the last carries ``RESULT`` (counts, timings).
+One request decodes at a time per instance (``prumerge-export triton --llm-instances N`` overlaps N); a cancelled
+request stops decoding at its next token."""
 
 from __future__ import annotations
 
@@ -36,9 +38,15 @@ class TritonPythonModel:
                     top_p=float(scalar(pb_utils, request, "TOP_P", 1.0)),
                     seed=scalar(pb_utils, request, "SEED", None), stream=True)
                 for piece in stream:
+                    if sender.is_cancelled():  # the client (or the entry model's client) went away: free this decode
+                        stream.close()
+                        break
                     sender.send(_response(piece, ""))
-                sender.send(_response("", json.dumps(stream.result.to_dict())),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    sender.send(_response("", json.dumps(stream.result.to_dict())),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except PruMergeError as exc:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -1,0 +1,128 @@
+"""What ``build`` is asked to make, as typed stages: every option belongs to the stage that uses it, and every
+combination is checked when the options are made, before any checkpoint is converted or model loaded.
+
+Why typed stages and not one flat record: a flat record of 24 fields (two of them untyped dicts popped by hand)
+let any stage read any option and let invalid combinations (INT8 without a calibration file, a token cap on the
+unreduced method, an engine batch over the graph's) surface minutes into a build. Here a stage that is not asked
+for is ``None`` (``llm=None``: vision only; ``engine=None``: no TensorRT script; ``int8=None``: float graph), and
+the command line maps its flags onto these types in one place (``prumerge.cli``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from ..reduce.config import Method, ReducerConfig
+
+LLM_PRECISIONS = ("auto", "int4", "int8", "fp16", "fp32")  # auto: int4 for LLaVA checkpoints with a projector
+LLM_PROVIDERS = ("cpu", "cuda")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CONTRACTS = ("padded", "dynamic")
+
+
+def _count(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """Where the checkpoint's parts come from, beyond the model path itself."""
+
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    base: str | None = None  # original-layout LoRA checkpoints: the base LLM (local dir or hub id)
+    vision_tower: str | None = None  # original-layout checkpoints: the CLIP tower, instead of config's mm_vision_tower
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphOptions:
+    """The exported vision graph(s): contract, opset, precision, batch limit, input size, checks."""
+
+    contract: str = "padded"  # padded: static [B, K, D] (TensorRT 10.3); dynamic: token axis trimmed
+    opset: int = 18
+    fp16: bool = False  # fp16 weights; the reducer still computes in fp32
+    batch_max: int = 16
+    validate_images: int = 4  # images onnxruntime is compared with PyTorch on
+    project: bool = True  # apply the LLaVA projector (tokens LLM-ready)
+    slim: bool = True  # onnxslim simplification (validated like any graph)
+    image_size: int | None = None  # square input side; None: the checkpoint's processor crop, else its config
+    baseline: bool = False  # also export the unreduced (method none) graph, for comparisons and profiling
+
+    def __post_init__(self) -> None:
+        if self.contract not in CONTRACTS:
+            raise ConfigError(f"unknown output contract {self.contract!r}; choose padded or dynamic")
+        _count(self.batch_max, "batch_max", 1)
+        _count(self.validate_images, "validate_images", 1)
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)):
+            raise ConfigError(f"image_size must be an integer, got {self.image_size!r}")  # its range: the tower's patch size
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmOptions:
+    """The language model's ONNX decoder (onnxruntime-genai's builder)."""
+
+    precision: str = "auto"
+    provider: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.precision not in LLM_PRECISIONS:
+            raise ConfigError(f"unknown LLM precision {self.precision!r}; choose one of: {', '.join(LLM_PRECISIONS)}")
+        if self.provider not in LLM_PROVIDERS:
+            raise ConfigError(f"unknown LLM provider {self.provider!r}; choose one of: {', '.join(LLM_PROVIDERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """Quantising the vision graph (needs the build's calibration file for its images)."""
+
+    method: str = "minmax"
+    float_layers: int = 0  # also keep the tower's last K encoder layers float (selection stays closer)
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
+        _count(self.float_layers, "int8 float_layers", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Everything ``prumerge-export build`` takes, with the command line's defaults.
+
+    ``reducer.capacity`` is ``--max-tokens`` (None: from ``calibration`` when given, else enough for the method);
+    ``engine`` (``prumerge.export.tensorrt.EngineOptions``) writes ``build_engine.sh`` for its target and, with
+    ``engine.build``, builds ``vision.engine`` here."""
+
+    reducer: ReducerConfig = ReducerConfig()
+    graph: GraphOptions = GraphOptions()
+    source: SourceOptions = SourceOptions()
+    llm: LlmOptions | None = LlmOptions()
+    engine: object | None = None  # EngineOptions (export.tensorrt imports nothing heavy, but keep this module flat)
+    int8: Int8Options | None = None
+    calibration: str | None = None  # calibration file from `calibrate`: capacity (and the INT8 image set)
+
+    def __post_init__(self) -> None:
+        from .graph import check_opset
+
+        check_opset(self.graph.opset)
+        if self.reducer.capacity is not None and self.reducer.method is Method.NONE:
+            raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
+        if self.int8 is not None and not self.calibration:
+            raise ConfigError("an INT8 vision graph needs --calibration FILE (from prumerge-export calibrate)")
+        if self.engine is not None:
+            from .tensorrt import EngineOptions, check_batch
+
+            if not isinstance(self.engine, EngineOptions):
+                raise ConfigError(f"engine options must be EngineOptions, got {type(self.engine).__name__}")
+            check_batch(self.engine, self.graph.batch_max)
+
+    @property
+    def method(self) -> Method:
+        return self.reducer.method
+
+    def with_capacity(self, capacity: int | None) -> "BuildOptions":
+        return dataclasses.replace(self, reducer=dataclasses.replace(self.reducer, capacity=capacity))
