@@ -371,7 +371,9 @@ def inspect(target, as_json, model, method, out, image_size):
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _writable_file(out, "--out")
     encoder = None
-    if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():  # an artifact: the encoder it was built from
+    from .artifact.manifest import MANIFEST_NAME
+
+    if Path(model).is_dir() and (Path(model) / MANIFEST_NAME).is_file():  # an artifact: the encoder it was built from
         from .artifact.manifest import Manifest
         from .export.reference import artifact_encoder
 

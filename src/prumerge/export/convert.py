@@ -108,15 +108,14 @@ def convert_llava_original(source, out, base=None, vision_tower=None, progress: 
     extra = _non_lora_trainables(source) if lora else {}
     text_config = _text_config(llm)
     writer = _ShardWriter(out)
-    merged, projector = set(), {}
     if vision_only:
         step("reading the projector (vision side only: no language model is written)")
         is_projector = lambda key: key.startswith("model.mm_projector.")  # noqa: E731
         projector = {k: v for k, v in extra.items() if is_projector(k)} if lora else llm.read_tensors(is_projector)
-        image_token_id, padded_vocab = None, text_config["vocab_size"]
+        image_token_id, padded_vocab, merged = None, text_config["vocab_size"], set()
     else:
-        image_token_id, padded_vocab = _write_language_model(source, llm, extra, lora, base, text_config, writer,
-                                                             merged, projector, step)
+        image_token_id, padded_vocab, projector, merged = _write_language_model(source, llm, extra, lora, base,
+                                                                                text_config, writer, step)
     for index, name in ((0, "linear_1"), (2, "linear_2")):
         for part in ("weight", "bias"):
             key = f"model.mm_projector.{index}.{part}"
@@ -153,10 +152,11 @@ def convert_llava_original(source, out, base=None, vision_tower=None, progress: 
 
 
 def _write_language_model(source: Path, llm: Checkpoint, extra: dict, lora: bool, base, text_config: dict, writer,
-                          merged: set, projector: dict, step) -> tuple[int, int]:
-    """The tokenizer (with ``<image>``) and every language-model tensor (LoRA merged), into ``writer``; the projector's
-    tensors met on the way go into ``projector``. Returns (image token id, padded vocabulary)."""
+                          step) -> tuple[int, int, dict, set]:
+    """The tokenizer (with ``<image>``) and every language-model tensor (LoRA merged), into ``writer``. Returns (image
+    token id, padded vocabulary, the projector's tensors met on the way, the LoRA-merged keys)."""
     deltas = _lora_deltas(source) if lora else {}
+    merged, projector = set(), {}
     step("writing the llava-hf checkpoint" + (f" (LoRA merged into {base})" if lora else ""))
     tokenizer_dir = source if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file() else None
     if tokenizer_dir is None and llm.root is not None:
@@ -178,7 +178,7 @@ def _write_language_model(source: Path, llm: Checkpoint, extra: dict, lora: bool
     missing = sorted(set(deltas) - merged)
     if missing:
         raise CheckpointError(f"{source}: LoRA targets not found in the base weights: {', '.join(missing[:5])}")
-    return image_token_id, padded_vocab
+    return image_token_id, padded_vocab, projector, merged
 
 
 @contextmanager

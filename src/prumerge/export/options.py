@@ -15,10 +15,7 @@ import dataclasses
 from ..errors import ConfigError
 from ..reduce.config import Method, ReducerConfig
 
-LLM_PRECISIONS = ("auto", "int4", "int8", "fp16", "fp32")  # auto: int4 for LLaVA checkpoints with a projector
 LLM_PROVIDERS = ("cpu", "cuda")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-CONTRACTS = ("padded", "dynamic")
 
 
 def _count(value, name: str, low: int) -> None:
@@ -50,8 +47,9 @@ class GraphOptions:
     baseline: bool = False  # also export the unreduced (method none) graph, for comparisons and profiling
 
     def __post_init__(self) -> None:
-        if self.contract not in CONTRACTS:
-            raise ConfigError(f"unknown output contract {self.contract!r}; choose padded or dynamic")
+        from .graph import Contract
+
+        Contract.parse(self.contract)  # the exporter's own list and message
         _count(self.batch_max, "batch_max", 1)
         _count(self.validate_images, "validate_images", 1)
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)):
@@ -70,8 +68,11 @@ class LlmOptions:
     provider: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.precision not in LLM_PRECISIONS:
-            raise ConfigError(f"unknown LLM precision {self.precision!r}; choose one of: {', '.join(LLM_PRECISIONS)}")
+        from .llm import PRECISIONS
+
+        choices = ("auto", *PRECISIONS)  # auto: int4 for LLaVA checkpoints with a projector
+        if self.precision not in choices:
+            raise ConfigError(f"unknown LLM precision {self.precision!r}; choose one of: {', '.join(choices)}")
         if self.provider not in LLM_PROVIDERS:
             raise ConfigError(f"unknown LLM provider {self.provider!r}; choose one of: {', '.join(LLM_PROVIDERS)}")
 
@@ -84,6 +85,8 @@ class Int8Options:
     float_layers: int = 0  # also keep the tower's last K encoder layers float (selection stays closer)
 
     def __post_init__(self) -> None:
+        from ..calib.int8 import CALIBRATION_METHODS
+
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
         _count(self.float_layers, "int8 float_layers", 0)
