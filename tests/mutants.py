@@ -193,6 +193,15 @@ MUTANTS = {
     "stale cleanup globs the target's name unescaped": (
         "export/staging.py", 'target.parent.glob(glob.escape(prefix) + "*")', 'target.parent.glob(prefix + "*")',
         ["tests/test_bad_input.py::test_stale_cleanup_takes_only_its_own_targets_leftovers"]),
+    "op support's ok read from the file, not recomputed": (
+        "artifact/manifest.py", "        self.ok = not self.unsupported and not self.violations\n", "        pass\n",
+        ["tests/test_bad_input.py::test_recorded_facts_read_back_typed_and_derived_fields_are_recomputed"]),
+    "INT8 agreement fractions not range-checked": (
+        "artifact/manifest.py", '            _number(getattr(self, name), f"{where}.{name}", 0.0, 1.0)\n', "            pass\n",
+        ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
+    "a resumed run forgets the alignment's draws": (
+        "demovlm/train.py", "    for _ in range(align_steps):\n        _align_images(rng, cache)\n", "",
+        ["tests/test_demovlm.py::test_a_resumed_run_draws_the_batches_the_whole_run_would_have"]),
 }
 
 

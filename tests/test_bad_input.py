@@ -363,6 +363,36 @@ def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(ar
     assert result.exit_code != 0 and "does not hash" in result.output
 
 
+_OP_SUPPORT = {"tensorrt_version": "10.3", "op_counts": {"MatMul": 2}, "unsupported": [], "violations": [],
+               "data_dependent": []}
+_AGREEMENT = {"images": 4, "mean_jaccard": 0.9, "min_jaccard": 0.8, "mean_count_diff": 0.5, "identical_selection": 0.25,
+              "mean_cosine": 0.99}
+_INT8 = {"format": "QDQ", "calibration_method": "minmax", "calibration_images": 4, "quantized_ops": ["MatMul"],
+         "float_nodes": 10, "per_channel": True, "target": "cpu", "activations": "uint8", "float_layers": 0, "seconds": 1.0,
+         "agreement": _AGREEMENT}
+_TARGET = {"target": "server", "precision": "fp16", "workspace_mib": 4096, "min_batch": 1, "opt_batch": 1, "max_batch": 8,
+           "timing_cache": None, "plan": {"strongly_typed": False, "fp16": True, "pin_fp32": True}}
+
+
+def test_recorded_facts_read_back_typed_and_derived_fields_are_recomputed(artifact_factory, tmp_path):
+    """The INT8 record, op support and engine target read back as the types the build wrote; an edited ``ok`` is
+    recomputed from what the report lists, never trusted."""
+    from prumerge.artifact.manifest import EngineTarget, Int8Record, OpSupport, SelectionAgreement
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"), art)
+    _rehash(art, lambda d: d["vision"].update(int8=_INT8, tensorrt_target=_TARGET, tensorrt={
+        "10.3": _OP_SUPPORT | {"unsupported": ["Foo"], "ok": True}, "10.8": _OP_SUPPORT | {"ok": False}}))
+    vision = Manifest.read(art).vision
+    assert isinstance(vision.int8, Int8Record) and isinstance(vision.int8.agreement, SelectionAgreement)
+    assert vision.int8.agreement.mean_jaccard == 0.9 and isinstance(vision.tensorrt_target, EngineTarget)
+    assert isinstance(vision.tensorrt["10.3"], OpSupport)
+    assert not vision.tensorrt["10.3"].ok and vision.tensorrt["10.8"].ok
+    rows = dict(Manifest.read(art).summary_rows())
+    assert "10.3: NOT compatible (Foo)" in rows["TensorRT"] and "10.8: ok" in rows["TensorRT"]
+    assert "mean Jaccard 0.900" in rows["INT8"] and "minmax on 4 images" in rows["INT8"]
+
+
 @pytest.mark.parametrize("section, field, value, message", [
     ("llm", "num_layers", 10**9, "llm.num_layers must be an integer in 1..1024"),
     ("llm", "context_length", 10**12, "llm.context_length must be an integer"),
@@ -380,6 +410,14 @@ def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(ar
     ("preprocess", "image_size", 10**9, "preprocess.image_size must be an integer in 1..16384"),
     ("preprocess", "image_std", [0.0, 0.0, 0.0], "image_std must be non-zero"),
     ("preprocess", "image_mean", [0.5, "x", 0.5], "image_mean must be three finite numbers"),
+    ("vision", "tensorrt", ["10.3"], "tensorrt must map TensorRT versions to op-support reports"),
+    ("vision", "tensorrt", {"10.3": {"ok": True}}, "vision.onnx.tensorrt.10.3 lacks required fields"),
+    ("vision", "tensorrt", {"10.3": _OP_SUPPORT | {"op_counts": {"MatMul": "many"}}}, "op_counts.MatMul must be an integer"),
+    ("vision", "int8", _INT8 | {"calibration_method": "magic"}, "int8.calibration_method must be one of"),
+    ("vision", "int8", _INT8 | {"agreement": _AGREEMENT | {"mean_jaccard": 7}}, "mean_jaccard must be a number in 0..1"),
+    ("vision", "int8", {k: v for k, v in _INT8.items() if k != "agreement"}, "int8.agreement is missing"),
+    ("vision", "tensorrt_target", _TARGET | {"plan": {"fp16": "yes"}}, "plan must hold the booleans"),
+    ("vision", "tensorrt_target", _TARGET | {"max_batch": 0}, "tensorrt_target.max_batch must be an integer in 1..4096"),
 ])
 def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, tmp_path, section, field, value, message):
     art = tmp_path / "art"

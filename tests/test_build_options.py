@@ -76,6 +76,8 @@ def test_a_bad_combination_is_one_line_before_the_model_is_touched(tmp_path, mon
         (["--method", "none", "--max-tokens", "5"], "not to method none"),
         (["--precision", "int8"], "needs --calibration"),
         (["--target", "server", "--batch-max", "2", "--max-batch", "4"], "exceeds the graph's exported limit"),
+        (["--target", "server", "--precision", "int8", "--calibration", "c.json", "--calibration-method", "per-token"],
+         "TensorRT builds INT8 from an explicit Q/DQ graph"),
     ]:
         result = CliRunner().invoke(main, ["build", "some/model", "--out", str(tmp_path / "o"), "--no-llm", *args])
         assert result.exit_code not in (0, 1) and message in result.output, (args, result.output)

@@ -12,6 +12,7 @@ from PIL import Image
 from prumerge.calib import BudgetReport, CalibrationSet, calibrate_budget, capacity_for_coverage
 from prumerge.calib.budget import count_stats, histogram
 from prumerge.artifact.contract import VisionOutput
+from prumerge.artifact.manifest import Manifest
 from prumerge.calib.int8 import float_nodes
 from prumerge.cli import main
 from prumerge.errors import ConfigError, InputError
@@ -92,8 +93,10 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
     cal = report.write(tmp_path / "cal.json")
     manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(llm=None, int8=Int8Options(), calibration=str(cal)))
     assert manifest.vision.capacity == report.capacity("prumerge")
-    assert manifest.vision.precision == "int8" and manifest.vision.int8["calibration_images"] == 7
-    agreement_ = manifest.vision.int8["agreement"]
+    assert manifest.vision.precision == "int8" and manifest.vision.int8.calibration_images == 7
+    agreement_ = manifest.vision.int8.agreement
+    # read back from disk as a runtime reads it: the same typed record
+    assert Manifest.read(tmp_path / "int8").vision.int8 == manifest.vision.int8
     # the recorded agreement is what an independent comparison measures: PyTorch fp32 vs the INT8 graph
     import torch
 
@@ -107,9 +110,9 @@ def test_int8_build_keeps_reducer_float_and_reports(llava_dir, folder, tmp_path)
         fp32 = reference_output(encoder(torch.from_numpy(pixels)))
     int8_out = VisionSession.open(tmp_path / "int8").run_pixels(pixels)
     independent = agreement(fp32, int8_out)
-    assert agreement_["mean_jaccard"] == pytest.approx(independent.mean_jaccard, abs=1e-6)
-    assert agreement_["identical_selection"] == pytest.approx(independent.identical_selection, abs=1e-6)
-    assert agreement_["mean_cosine"] == pytest.approx(independent.mean_cosine, abs=1e-3)
+    assert agreement_.mean_jaccard == pytest.approx(independent.mean_jaccard, abs=1e-6)
+    assert agreement_.identical_selection == pytest.approx(independent.identical_selection, abs=1e-6)
+    assert agreement_.mean_cosine == pytest.approx(independent.mean_cosine, abs=1e-3)
     import onnx
 
     graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
@@ -163,3 +166,71 @@ def test_int8_float_layers_keep_the_selection_path_float(artifact_factory):
     assert added and all("encoder.layers.2" in scopes[name] for name in added)  # the tiny tower has 3 layers: 0..2
     assert any(graph_node.op_type == "MatMul" for graph_node in graph.node if graph_node.name in added)  # q/k projections
     assert all("encoder.layers.1" in scopes[name] or "encoder.layers.2" in scopes[name] for name in sets[2] - sets[0])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_per_token_int8_matmul_equals_its_numpy_reference(tmp_path, opset):
+    """The per-token form's arithmetic, run by onnxruntime, equals the plain numpy statement of it (integer
+    accumulation is exact; only float32 rounding of the two scale products differs); an excluded MatMul stays float."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prumerge.calib.per_token import quantize_per_token, reference_matmul
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(8, 6)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="second")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 4]), helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 5, 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.save(model, str(tmp_path / "f.onnx"))
+    assert quantize_per_token(tmp_path / "f.onnx", tmp_path / "q.onnx", exclude={"second"}) == 1
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(quantized, full_check=True)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("MatMul") == 1  # "second" excluded: still a float MatMul
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32) * np.array([1, 1, 1, 1, 1, 1, 1, 40], np.float32)  # an outlier channel
+    x[1, 3] *= 1e-3  # one quiet token: its own scale, not the loud tokens'
+    h, y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(["h", "y"], {"x": x})
+    expected = reference_matmul(x, w1)
+    np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(y, h @ w2, rtol=1e-5, atol=1e-5)
+    exact = x @ w1
+    assert np.abs(h[1, 3] - exact[1, 3]).max() < 0.02 * np.abs(exact[1, 3]).max()  # the quiet token keeps its precision
+
+
+def test_per_token_int8_build_records_its_form_and_measured_agreement(llava_dir, folder, tmp_path):
+    """``--calibration-method per-token``: every tower MatMul outside the float set becomes MatMulInteger, the reducer
+    stays float, the node stages still attribute the new nodes to the tower, and the recorded agreement is what an
+    independent comparison with PyTorch fp32 measures."""
+    import onnx
+    import torch
+
+    from prumerge import PruMergeEncoder
+    from prumerge.artifact.node_stages import classify_nodes
+    from prumerge.export.validate import reference_output
+    from prumerge.runtime.preprocess import preprocess_batch
+
+    images = CalibrationSet.from_folder(folder)
+    cal = calibrate_budget(str(llava_dir), images, coverage=0.8).write(tmp_path / "cal.json")
+    manifest = build_artifact(str(llava_dir), tmp_path / "pt", BuildOptions(llm=None, int8=Int8Options(method="per-token"),
+                                                                            calibration=str(cal)))
+    record = Manifest.read(tmp_path / "pt").vision.int8
+    assert record.format == "MatMulInteger" and record.calibration_method == "per-token" and record.calibration_images == 7
+    path = tmp_path / "pt" / "vision.onnx"
+    graph = onnx.load(str(path)).graph
+    stages = classify_nodes(path)
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert integer and all(stages[n.name] in ("vision_encoder", "projector") for n in integer)
+    assert not any(n.op_type in ("MatMulInteger", "QuantizeLinear") for n in graph.node if stages.get(n.name) == "reducer")
+    encoder = PruMergeEncoder.from_pretrained(llava_dir, method="prumerge", capacity=manifest.vision.capacity)
+    pixels = preprocess_batch(images.images, encoder.preprocess_config())
+    with torch.no_grad():
+        fp32 = reference_output(encoder(torch.from_numpy(pixels)))
+    independent = agreement(fp32, VisionSession.open(tmp_path / "pt").run_pixels(pixels))
+    assert record.agreement.mean_jaccard == pytest.approx(independent.mean_jaccard, abs=1e-6)
+    assert record.agreement.mean_cosine == pytest.approx(independent.mean_cosine, abs=1e-3)
+    assert "per-token scales" in dict(manifest.summary_rows())["INT8"]

@@ -199,3 +199,33 @@ def test_a_stop_signal_ends_training_between_steps_not_the_process():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_resumed_run_draws_the_batches_the_whole_run_would_have(setup, tmp_path):
+    """``--resume STEP`` replays the run's alignment draws and first STEP batches, so the steps after STEP see the
+    data of the uninterrupted run; a directory whose record is not that run at that step is refused."""
+    import random
+
+    from prumerge.demovlm.train import _resumable, align, batches, encode_scenes, resumed_batches
+
+    class Projector:  # what align() needs of a trainer: only its random draws matter here, not the loss
+        projector = torch.nn.Linear(1, 1)
+
+        def align_loss(self, cache, images):
+            return self.projector.weight.sum() * len(images)
+
+    cache = encode_scenes(setup.encoder, 4, seed=321, prompts=setup.prompts, log=lambda m: None)
+    mix = {"none": 1.0, "prumerge": 1.0}
+    rng = random.Random(5)
+    align(Projector(), cache, 3, 1e-3, rng, log=lambda m: None)
+    whole = batches(cache, 2, mix, rng)
+    expected = [next(whole) for _ in range(7)]
+    resumed = resumed_batches(cache, 2, mix, seed=5, align_steps=3, step=4)
+    assert [next(resumed) for _ in range(3)] == expected[4:]
+    (tmp_path / "projector.safetensors").write_bytes(b"")
+    (tmp_path / "training.json").write_text(json.dumps({"steps_run": 300, "steps": 600, "seed": 0}))
+    assert _resumable(tmp_path, 300, 600, 0)["steps_run"] == 300
+    with pytest.raises(SystemExit, match="has steps_run 300, not 402"):
+        _resumable(tmp_path, 402, 600, 0)
+    with pytest.raises(SystemExit, match="has steps 600, not 800"):
+        _resumable(tmp_path, 300, 800, 0)

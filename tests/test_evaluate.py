@@ -115,6 +115,31 @@ def test_build_command_rebuilds_the_chosen_configuration():
     assert "--max-tokens" not in budget.build_command(ROWS[0])
 
 
+def test_an_int8_build_command_rebuilds_the_form_that_was_measured(tmp_path, monkeypatch):
+    """The chosen INT8 configuration's build line carries its calibration method and float layers, and the real
+    CLI turns it back into the same INT8 stage (not the default form)."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    import prumerge.export.build as build
+    from prumerge.cli import main
+    from prumerge.export.options import Int8Options
+
+    row = _row("prumerge@int8", "prumerge", 0.8, 100, 0.9)
+    row["build"].update(precision="int8", int8_calibration_method="per-token", int8_float_layers=2)
+    command = budget.build_command(row, out=str(tmp_path / "o"))
+    assert "--calibration-method per-token" in command and "--int8-float-layers 2" in command
+    seen = {}
+    monkeypatch.setattr(build, "build_artifact", lambda model, out, options, **kw: seen.setdefault("int8", options.int8))
+    (tmp_path / "CALIBRATION.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    CliRunner().invoke(main, shlex.split(command)[1:] + ["--no-llm"])
+    assert seen["int8"] == Int8Options(method="per-token", float_layers=2)
+    row["build"]["int8_calibration_method"] = "minmax"
+    assert "--calibration-method" not in budget.build_command(row)  # the default needs no flag
+
+
 def test_reducer_defaults_match_the_reducer():
     from prumerge.reduce.config import ReducerConfig
 

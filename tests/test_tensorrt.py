@@ -196,9 +196,9 @@ def test_jetson_build_writes_the_script(llava_dir, tmp_path):
     assert script.stat().st_mode & stat.S_IXUSR and "build_engine.sh" in manifest.files
     assert "--minShapes=pixel_values:1x3x112x112" in text and "--memPoolSize=workspace:512M" in text
     assert "prumerge-export engine . --target jetson-orin-nano --precision fp16 --workspace 512" in text
-    assert manifest.vision.tensorrt_target["max_batch"] == 1 and manifest.vision.tensorrt["10.3"]["ok"]
+    assert manifest.vision.tensorrt_target.max_batch == 1 and manifest.vision.tensorrt["10.3"].ok
     # an fp32 graph gets a weakly typed FP16 engine (TensorRT 10.x) with the reducer pinned by explicit names
-    assert manifest.vision.tensorrt_target["plan"] == WEAK_FP16
+    assert manifest.vision.tensorrt_target.plan == WEAK_FP16
     trtexec_line = next(line for line in text.splitlines() if "exec \"$TRTEXEC\"" in line)
     parse_trtexec(["trtexec", *__import__("shlex").split(trtexec_line.split('"$TRTEXEC"', 1)[1])])
     import subprocess
@@ -212,7 +212,7 @@ def test_jetson_build_writes_the_script(llava_dir, tmp_path):
     assert (out / "trtexec.args").read_text().startswith("--onnx=vision.onnx --saveEngine=vision.engine")
     fp16 = build_artifact(str(llava_dir), tmp_path / "fp16", BuildOptions(graph=GraphOptions(fp16=True, batch_max=2), llm=None,
                                                                          engine=EngineOptions.for_target("jetson-orin")))
-    assert fp16.vision.tensorrt_target["plan"] == STRONG  # the --fp16 graph carries its own precisions
+    assert fp16.vision.tensorrt_target.plan == STRONG  # the --fp16 graph carries its own precisions
     with pytest.raises(ConfigError, match="exceeds the graph's exported limit"):
         build_artifact(str(llava_dir), tmp_path / "y", BuildOptions(graph=GraphOptions(batch_max=2), llm=None,
                                                                     engine=EngineOptions.for_target("server", max_batch=8)))

@@ -99,6 +99,26 @@ def test_llm_instances_and_inflight_bound_reach_the_configs(artifact, tmp_path):
     assert entry.parameters["max_inflight"].string_value == "5"
 
 
+def test_each_llm_instance_takes_its_share_of_the_cores(artifact, tmp_path, monkeypatch):
+    """The LLM model reads its instance count from the config Triton hands it (JSON with protobuf field names) and
+    sizes its decoder's threads to cores / instances, never below one."""
+    import os
+
+    from google.protobuf.json_format import MessageToJson
+
+    from prumerge.triton.models._common import instance_threads
+
+    write_repository(artifact, tmp_path / "r", TritonOptions(llm_instances=3))
+    config = _parse((tmp_path / "r" / "models" / "prumerge_llm" / "configs" / "cpu.pbtxt").read_text())
+    args = {"model_config": MessageToJson(config, preserving_proto_field_name=True)}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert instance_threads(args) == 2  # 8 cores over 3 instances
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert instance_threads(args) == 1
+    one = {"model_config": json.dumps({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]})}
+    assert instance_threads(one) == 2
+
+
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
     reason = available()

@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import PruMergeError
+from .artifact.manifest import Int8Record
 
 
 # what `pip install prumerge[export]` adds; the runtime-only install lacks them
@@ -133,8 +134,9 @@ def build_options(func):
         *engine_tuning_options(),
         click.option("--calibration", type=click.Path(path_type=Path), default=None,
                      help="calibration file from `calibrate`: sets the capacity; with --precision int8, the INT8 image set"),
-        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-                     show_default=True),
+        click.option("--calibration-method", type=click.Choice(Int8Record.METHODS), default="minmax", show_default=True,
+                     help="INT8 activation scales: static over the calibration set (Q/DQ), or per-token at run time "
+                          "(onnxruntime only; keeps the selection closest)"),
         click.option("--int8-float-layers", type=click.IntRange(0), default=0, show_default=True,
                      help="INT8: keep the tower's last K encoder layers float (K=1: what feeds token selection)"),
         click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
@@ -284,7 +286,7 @@ def engine(directory, target, **kwargs):
 @click.option("--histogram", type=click.Path(path_type=Path), default=None, help="histogram PNG of the counts")
 @click.option("--report", is_flag=True, help="also quantise the vision graph to INT8 and compare it with fp32 on the set")
 @click.option("--report-json", type=click.Path(path_type=Path), default=None)
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--calibration-method", type=click.Choice(Int8Record.METHODS), default="minmax", show_default=True)
 @click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
 @image_size_option()
 def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, histogram, report, report_json,

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact.contract import INPUT_NAME, VisionOutput
+from ..artifact.manifest import Int8Record, SelectionAgreement
 from ..errors import ConfigError, ExportError
-from ..export.validate import SelectionAgreement, agreement  # noqa: F401  (the one comparator)
+from ..export.validate import agreement
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = Int8Record.METHODS  # the contract's vocabulary: what a manifest may record
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
 
@@ -62,12 +63,15 @@ class _Reader:
         raise NotImplementedError
 
 
-TARGETS = ("cpu", "tensorrt")
+TARGETS = Int8Record.TARGETS
+PER_TOKEN_NOT_TENSORRT = ("--calibration-method per-token is an onnxruntime form (MatMulInteger with scales computed "
+                          "per token at run time); TensorRT builds INT8 from an explicit Q/DQ graph: use minmax, "
+                          "entropy or percentile with --target / --engine / --int8-target tensorrt")
 
 
 def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
-                    input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0) -> dict:
-    """Write the INT8 QDQ graph; return what was done (for the manifest).
+                    input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0) -> Int8Record:
+    """Write the INT8 QDQ graph; return what was done (the manifest's record, its agreement still to measure).
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
     ``target="cpu"``: uint8 activations, which onnxruntime's CPU kernels fuse (S8S8 runs slower than fp32 there).
@@ -80,11 +84,24 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
         raise ConfigError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
     if float_layers < 0:
         raise ConfigError(f"float layers must be >= 0, got {float_layers}")
+    if method == "per-token" and target == "tensorrt":
+        raise ConfigError(PER_TOKEN_NOT_TENSORRT)
     excluded = float_nodes(fp32_path, float_layers)
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
     large = sum(p.stat().st_size for p in fp32_path.parent.glob(fp32_path.name + "*")) > (1 << 30)
     start = time.perf_counter()
+    if method == "per-token":
+        from .per_token import quantize_per_token
+
+        try:
+            quantize_per_token(fp32_path, int8_path, set(excluded), external_data=large)
+        except Exception as exc:
+            raise ExportError(f"INT8 quantisation of {fp32_path.name} failed: {exc}") from exc
+        return Int8Record(format="MatMulInteger", calibration_method=method, calibration_images=int(len(pixels)),
+                          quantized_ops=["MatMul"], float_nodes=len(excluded), per_channel=True, target=target,
+                          activations="uint8 per token", float_layers=float_layers,
+                          seconds=round(time.perf_counter() - start, 1))
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
     try:
         quantize_static(
             str(fp32_path), str(int8_path), _Reader(pixels.astype(np.float32), input_name),
@@ -95,10 +112,10 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
         )
     except Exception as exc:
         raise ExportError(f"INT8 quantisation of {fp32_path.name} failed: {exc}") from exc
-    return {"format": "QDQ", "calibration_method": method, "calibration_images": int(len(pixels)),
-            "quantized_ops": QUANTIZED_OPS, "float_nodes": len(excluded), "per_channel": True, "target": target,
-            "activations": "int8 symmetric" if target == "tensorrt" else "uint8", "float_layers": float_layers,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return Int8Record(format="QDQ", calibration_method=method, calibration_images=int(len(pixels)),
+                      quantized_ops=list(QUANTIZED_OPS), float_nodes=len(excluded), per_channel=True, target=target,
+                      activations="int8 symmetric" if target == "tensorrt" else "uint8", float_layers=float_layers,
+                      seconds=round(time.perf_counter() - start, 1))
 
 
 def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> VisionOutput:

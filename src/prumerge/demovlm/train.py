@@ -292,6 +292,18 @@ def batches(cache: Cache, size: int, mix: dict, rng: random.Random):
             yield rng.choices(names, weights)[0], [cache.conversations[j] for j in order[i: i + size]]
 
 
+def resumed_batches(cache: Cache, size: int, mix: dict, seed: int, align_steps: int, step: int):
+    """The batches a run of ``seed`` draws after its step ``step``: its alignment's image draws and its first
+    ``step`` batches replayed (not trained on), so a resumed run sees the data order the whole run would have."""
+    rng = random.Random(seed)
+    for _ in range(align_steps):
+        _align_images(rng, cache)
+    stream = batches(cache, size, mix, rng)
+    for _ in range(step):
+        next(stream)
+    return stream
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -369,11 +381,17 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
 def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: int, lr: float, lora_rank: int,
           mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3,
           stop_after: int | None = None, feature_layer: int = -7, align_steps: int = 0, align_weight: float = 0.0,
-          lora_targets: tuple | None = None) -> dict:
+          lora_targets: tuple | None = None, resume: int | None = None) -> dict:
     """Train for ``steps`` of a cosine schedule; ``stop_after``: end after that many of them (the schedule is still
-    the one of ``steps``, so a run stopped early is reproduced exactly by the same two numbers)."""
+    the one of ``steps``, so a run stopped early is reproduced exactly by the same two numbers).
+
+    ``resume``: continue the run already in ``out`` from its step ``resume`` (its weights, record and, when it saved
+    one, optimizer state), on the same schedule and the same data order (the random draws of the steps already run
+    are replayed), so a run stopped for time can be finished later instead of started again. Without a saved
+    optimizer state (runs before it was saved) AdamW's moments start afresh at that step; the record says which."""
     cpu_start, wall_start = time.process_time(), time.time()
     out.mkdir(parents=True, exist_ok=True)
+    prior = _resumable(out, resume, steps, seed) if resume else None
     with tempfile.TemporaryDirectory() as scratch:
         setup = prepare(Path(scratch), seed, feature_layer)
     train_cache = encode_scenes(setup.encoder, train_scenes, shapes_qa.TRAIN_SEED + 100 * seed, setup.prompts, log=log)
@@ -382,27 +400,44 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     log(f"cached {len(train_cache.conversations)} training conversations ({len(train_cache.samples)} questions) / "
         f"{len(held_cache.samples)} held-out questions; "
         f"mean visual tokens {counts} ({time.time() - wall_start:.0f} s)")
-    trainer = new_trainer(setup, lora_rank, seed, lora_targets=lora_targets)
-    rng = random.Random(seed)
-    align_log = align(trainer, train_cache, align_steps, lr, rng, log) if align_steps else []
+    rng, state = random.Random(seed), None  # one stream of draws: alignment images, then batches
+    if prior is None:
+        trainer = new_trainer(setup, lora_rank, seed, lora_targets=lora_targets)
+        align_log = align(trainer, train_cache, align_steps, lr, rng, log) if align_steps else []
+    else:
+        from safetensors.torch import load_file
+
+        state = torch.load(out / RESUME_FILE, weights_only=True) if (out / RESUME_FILE).is_file() else None
+        lora = load_file(str(out / "lora.safetensors")) if (out / "lora.safetensors").is_file() else {}
+        lora = state["lora"] if state and state["lora"] else lora  # fp32 where saved (the committed file is fp16)
+        trainer = new_trainer(setup, lora_rank, seed, load_file(str(out / "projector.safetensors")), lora)
+        align_log = prior["align_losses"]
     params = trainer.parameters()
     groups = [{"params": list(trainer.projector.parameters()), "peak": lr}]
     if trainer.lora:
         groups.append({"params": trainer.lora, "peak": lr * lora_lr_ratio})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    history, losses = [], []
-    stream = batches(train_cache, batch, mix, rng)
+    history, losses, resumed = [], [], []
+    if prior is None:
+        stream = batches(train_cache, batch, mix, rng)
+    else:
+        stream = resumed_batches(train_cache, batch, mix, seed, align_steps, resume)
+        history, losses = prior["history"], prior["losses"]
+        resumed = prior.get("resumed", []) + [{"at_step": resume, "optimizer_state": state is not None}]
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
     step_start = time.time()
     interrupted = None
     with StopRequest() as stop:
-        for step in range(min(steps, stop_after or steps)):
+        for step in range(resume or 0, min(steps, stop_after or steps)):
             if stop.requested:  # SIGINT / SIGTERM: end between steps, keep what was trained, say so in the record
                 interrupted = step
                 log(f"stop requested: ending after step {step}")
                 break
             _train_step(trainer, optimizer, params, stream, train_cache, steps, step, bf16, align_weight, losses)
             if (step + 1) % 10 == 0:
-                log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({(time.time() - step_start) / (step + 1):.2f} s/step)")
+                log(f"step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} "
+                    f"({(time.time() - step_start) / (step + 1 - (resume or 0)):.2f} s/step)")
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 in (steps, stop_after)):
                 row = {"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4)}
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -410,8 +445,8 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
                         row[name], row[f"{name}_by_category"] = trainer.accuracy(held_cache, name)
                 history.append(row)
                 log(json.dumps(row))
-                save_weights(trainer, out)
-    save_weights(trainer, out)
+                save_weights(trainer, out, optimizer)
+    save_weights(trainer, out, optimizer)
     record = {
         "seed": seed, "steps": steps, "stop_after": stop_after, "steps_run": len(losses), "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
         "mix": mix, "conversations": "every question of an image in one sequence (first turn as run sends it), then a caption turn",
@@ -420,10 +455,13 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         "bf16_autocast": bf16, "mean_visual_tokens": counts, "vision_feature_layer": feature_layer,
         "align_steps": align_steps, "align_weight": align_weight, "align_losses": align_log,
         "lora_targets": list(lora_targets or ()) or None,
-        "cpu_seconds": round(time.process_time() - cpu_start, 1), "wall_seconds": round(time.time() - wall_start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start + (prior or {}).get("cpu_seconds", 0), 1),
+        "wall_seconds": round(time.time() - wall_start + (prior or {}).get("wall_seconds", 0), 1),
         "torch_threads": torch.get_num_threads(), "history": history, "losses": [round(x, 4) for x in losses],
         "interrupted_after": interrupted,
     }
+    if resumed:
+        record["resumed"] = resumed
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -434,7 +472,7 @@ def align(trainer: Trainer, cache: Cache, steps: int, lr: float, rng: random.Ran
     optimizer = torch.optim.AdamW(trainer.projector.parameters(), lr=lr, weight_decay=0.0)
     losses, out = [], []
     for step in range(steps):
-        loss = trainer.align_loss(cache, rng.sample(range(len(cache.patch_labels)), min(images, len(cache.patch_labels))))
+        loss = trainer.align_loss(cache, _align_images(rng, cache, images))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -443,6 +481,23 @@ def align(trainer: Trainer, cache: Cache, steps: int, lr: float, rng: random.Ran
             out.append(round(float(np.mean(losses[-50:])), 4))
             log(f"align {step + 1}/{steps} loss {out[-1]:.3f}")
     return out
+
+
+def _align_images(rng: random.Random, cache: Cache, images: int = 32) -> list:
+    return rng.sample(range(len(cache.patch_labels)), min(images, len(cache.patch_labels)))
+
+
+def _resumable(out: Path, step: int, steps: int, seed: int) -> dict:
+    """The record of the run in ``out`` if it can be continued from ``step``: it ran exactly that many steps of the
+    same schedule and seed (anything else would not be that run continued)."""
+    path = out / "training.json"
+    if not path.is_file() or not (out / "projector.safetensors").is_file():
+        raise SystemExit(f"--resume: {out} holds no training run (training.json and projector.safetensors)")
+    prior = json.loads(path.read_text())
+    for name, want in (("steps_run", step), ("steps", steps), ("seed", seed)):
+        if prior.get(name) != want:
+            raise SystemExit(f"--resume {step}: the run in {out} has {name} {prior.get(name)!r}, not {want!r}")
+    return prior
 
 
 def _train_step(trainer, optimizer, params, stream, cache, steps, step, bf16, align_weight, losses) -> None:
@@ -484,7 +539,10 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def save_weights(trainer: Trainer, out: Path) -> None:
+RESUME_FILE = "resume.pt"  # AdamW's moments and the fp32 LoRA, for --resume; never committed with the weights
+
+
+def save_weights(trainer: Trainer, out: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     from safetensors.torch import save_file
 
     from .lora import lora_state
@@ -494,6 +552,9 @@ def save_weights(trainer: Trainer, out: Path) -> None:
         # fp16 halves the committed file; the slice the tests check is measured from the stored file
         save_file({k: (v.half() if k.endswith(("lora_A", "lora_B")) else v).contiguous()
                    for k, v in lora_state(trainer.lm).items()}, str(out / "lora.safetensors"))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "lora": lora_state(trainer.lm) if trainer.lora else {}},
+                   out / RESUME_FILE)
 
 
 def parse_mix(text: str) -> dict:
@@ -526,6 +587,8 @@ def main(argv=None) -> None:
     parser.add_argument("--align-weight", type=float, default=0.5, help="weight of the alignment loss during training")
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                         help="comma-separated linear layer names of the LLM that get a LoRA")
+    parser.add_argument("--resume", type=int, default=None, metavar="STEP",
+                        help="continue the run in --out from its step STEP (same schedule, same data order)")
     parser.add_argument("--measure", type=int, default=0, metavar="SCENES",
                         help="only measure the weights in --out on the first SCENES held-out scenes (fp32) and add "
                              "the result to its training.json as the slice the tests check")
@@ -542,7 +605,7 @@ def main(argv=None) -> None:
                    parse_mix(args.mix), args.eval_every, args.seed, log=lambda m: print(m, flush=True), bf16=not args.fp32,
                    lora_lr_ratio=args.lora_lr_ratio, stop_after=args.stop_after, feature_layer=args.feature_layer,
                    align_steps=args.align_steps, align_weight=args.align_weight,
-                   lora_targets=tuple(args.lora_targets.split(",")))
+                   lora_targets=tuple(args.lora_targets.split(",")), resume=args.resume)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}))
 
 

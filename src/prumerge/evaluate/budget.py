@@ -65,6 +65,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
         args += ["--fp16"]
     if facts.get("precision") == "int8":
         args += ["--precision", "int8", "--calibration", "CALIBRATION.json"]
+        if facts.get("int8_calibration_method") not in (None, "minmax"):  # the form measured, not the default
+            args += ["--calibration-method", facts["int8_calibration_method"]]
         if facts.get("int8_float_layers"):
             args += ["--int8-float-layers", str(facts["int8_float_layers"])]
     if facts.get("llm_precision"):

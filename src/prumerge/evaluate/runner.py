@@ -80,9 +80,10 @@ def _file_hash(manifest: Manifest, directory: str, name: str) -> str | None:
 
 
 def _build_facts(manifest: Manifest, graph) -> dict:
-    int8 = graph.int8 or {}
     return {"source": manifest.source.model, "revision": manifest.source.revision, "method": graph.method,
-            "capacity": graph.capacity, "precision": graph.precision, "int8_float_layers": int8.get("float_layers"),
+            "capacity": graph.capacity, "precision": graph.precision,
+            "int8_float_layers": graph.int8.float_layers if graph.int8 else None,
+            "int8_calibration_method": graph.int8.calibration_method if graph.int8 else None,
             "llm_precision": manifest.llm.precision, "image_size": manifest.reducer.image_size,
             "output": graph.contract, "reducer_options": dict(manifest.reducer.options or {})}
 

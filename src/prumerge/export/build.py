@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from ..artifact.manifest import EngineFacts, GraphSection, Manifest, TensorSpec, describe_files
+from ..artifact.manifest import EngineFacts, EngineTarget, GraphSection, Manifest, TensorSpec, describe_files
 from .staging import staged_directory
 from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
 from ..reduce.config import Method
@@ -152,7 +152,7 @@ def _tensorrt(stage: Path, vision: GraphSection, engine, step: Progress) -> Grap
         step(f"building the TensorRT engine ({engine.precision}, {engine.target})")
         facts = build_engine(stage / VISION_FILE, stage / ENGINE_FILE, vision.inputs, engine, stages)
         built = EngineFacts.parse(facts, "vision.engine")
-    return dataclasses.replace(vision, tensorrt_target=engine.to_dict() | {"plan": plan}, engine=built)
+    return dataclasses.replace(vision, tensorrt_target=EngineTarget(**engine.to_dict(), plan=plan), engine=built)
 
 
 def _manifest(encoder, vision: GraphSection, baseline: GraphSection | None, llm: dict | None) -> Manifest:
@@ -195,12 +195,15 @@ def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int
     for part in stage.glob(VISION_FILE + "*"):
         part.replace(fp32_dir / part.name)
     target = "tensorrt" if for_tensorrt else "cpu"
-    step(f"quantising {VISION_FILE} to INT8 ({int8.method} calibration on {len(pixels)} images, {target} Q/DQ)")
+    step(f"quantising {VISION_FILE} to INT8 (" + ("activation scales per token at run time, MatMulInteger"
+                                                   if int8.method == "per-token" else
+                                                   f"{int8.method} calibration on {len(pixels)} images, {target} Q/DQ") + ")")
     info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target=target,
                            float_layers=int8.float_layers)
     check_onnx(stage / VISION_FILE)
     step("comparing INT8 with fp32 on the calibration set")
-    info["agreement"] = agreement(session_outputs(fp32_dir / VISION_FILE, pixels), session_outputs(stage / VISION_FILE, pixels)).to_dict()
+    info = dataclasses.replace(info, agreement=agreement(session_outputs(fp32_dir / VISION_FILE, pixels),
+                                                         session_outputs(stage / VISION_FILE, pixels)))
     shutil.rmtree(fp32_dir)
     graph = onnx.load(str(stage / VISION_FILE), load_external_data=False)
     return dataclasses.replace(vision, precision="int8", int8=info, tensorrt=op_support_all(graph),
@@ -247,7 +250,7 @@ def _vision_graph(encoder, path: Path, options: GraphOptions, step: Progress) ->
         inputs=[TensorSpec(INPUT_NAME, "float32" if precision == "fp32" else "float16",
                            ["batch", 3, encoder.image_size, encoder.image_size])],
         outputs=_measured_outputs(graph, output_shapes(encoder, contract)),
-        tensorrt=support,  # {TensorRT version: op-support report}
+        tensorrt=support,  # {TensorRT version: OpSupport}
         node_stages=_node_stages(path),
         simplified=simplified,
         validation=validation,

@@ -6,43 +6,14 @@ written into an artifact.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
 
+from ..artifact.manifest import OpSupport
 from ..errors import ExportError
 
 OP_TABLE = "tensorrt_onnx_ops.json"
-
-
-@dataclasses.dataclass
-class OpSupportReport:
-    """Which of a graph's ops TensorRT's ONNX parser (of ``tensorrt_version``) accepts, and what to watch."""
-
-    tensorrt_version: str
-    op_counts: dict
-    unsupported: list
-    violations: list  # restriction breaches (e.g. TopK K not constant or too large)
-    data_dependent: list  # nodes whose output shape depends on data
-
-    @property
-    def ok(self) -> bool:
-        return not self.unsupported and not self.violations
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"ok": self.ok}
-
-    def summary(self) -> str:
-        lines = [f"TensorRT {self.tensorrt_version} ONNX parser: {'all ops supported' if self.ok else 'NOT compatible'}"]
-        if self.unsupported:
-            lines.append("  unsupported ops: " + ", ".join(self.unsupported))
-        lines += [f"  restriction: {v}" for v in self.violations]
-        if self.data_dependent:
-            lines.append("  data-dependent shapes at: " + ", ".join(self.data_dependent))
-        else:
-            lines.append("  no data-dependent shapes (static output buffers)")
-        return "\n".join(lines)
 
 
 def load_op_table() -> dict:
@@ -59,7 +30,7 @@ def check_onnx(path: Path) -> None:
         raise ExportError(f"{path.name} fails the ONNX checker: {exc}") from exc
 
 
-def op_support(model, version: str | None = None, table: dict | None = None) -> OpSupportReport:
+def op_support(model, version: str | None = None, table: dict | None = None) -> OpSupport:
     """Check every node (subgraphs included) of an ``onnx.ModelProto`` against the TensorRT op table for
     ``version`` (default: the table's default, TensorRT 10.3 / JetPack 6)."""
     from onnx import numpy_helper
@@ -103,13 +74,13 @@ def op_support(model, version: str | None = None, table: dict | None = None) -> 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset > limits["max_opset"]:
         violations.append(f"opset {opset} is newer than TensorRT {version} parses ({limits['max_opset']})")
-    return OpSupportReport(version, dict(sorted(counts.items())), sorted(unsupported), violations, dynamic)
+    return OpSupport(version, dict(sorted(counts.items())), sorted(unsupported), violations, dynamic)
 
 
 def op_support_all(model) -> dict:
-    """``{version: report dict}`` for every TensorRT version in the op table."""
+    """``{version: OpSupport}`` for every TensorRT version in the op table."""
     table = load_op_table()
-    return {version: op_support(model, version, table).to_dict() for version in table["versions"]}
+    return {version: op_support(model, version, table) for version in table["versions"]}
 
 
 def _version(text: str) -> tuple:

@@ -116,6 +116,10 @@ class BuildOptions:
             raise ConfigError("--max-tokens applies to prumerge / prumerge+, not to method none")
         if self.int8 is not None and not self.calibration:
             raise ConfigError("an INT8 vision graph needs --calibration FILE (from prumerge-export calibrate)")
+        if self.int8 is not None and self.int8.method == "per-token" and self.engine is not None:
+            from ..calib.int8 import PER_TOKEN_NOT_TENSORRT
+
+            raise ConfigError(PER_TOKEN_NOT_TENSORRT)
         if self.engine is not None:
             from .tensorrt import EngineOptions, check_batch
 

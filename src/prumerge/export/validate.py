@@ -10,12 +10,11 @@ required.
 from __future__ import annotations
 
 
-import dataclasses
 
 import numpy as np
 
 from ..artifact.contract import VisionOutput
-from ..artifact.manifest import ValidationSection
+from ..artifact.manifest import SelectionAgreement, ValidationSection
 from ..errors import ValidationError
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -201,22 +200,6 @@ def validate_against(encoder, got: VisionOutput, pixels, precision: str, provide
             selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
     return compare_outputs(reference_output(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
-
-
-@dataclasses.dataclass
-class SelectionAgreement:
-    """How much of one run's selection another keeps, on the same images (INT8 against fp32)."""
-
-    images: int
-    mean_jaccard: float  # of kept patch-index sets
-    min_jaccard: float
-    mean_count_diff: float  # |num_tokens candidate - reference|
-    identical_selection: float  # share of images with identical kept indices
-    mean_cosine: float  # of tokens kept by both (and the extra token), mean over images
-    latency_ratio: float | None = None  # reference ms / candidate ms on this machine (onnxruntime CPU)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def agreement(reference: VisionOutput, candidate: VisionOutput) -> SelectionAgreement:

@@ -16,7 +16,10 @@ from ..errors import ArtifactError, BackendUnavailableError, InputError
 
 
 class OnnxDecoder:
-    def __init__(self, directory: Path, spec, provider: str = "cpu") -> None:
+    def __init__(self, directory: Path, spec, provider: str = "cpu", threads: int | None = None) -> None:
+        """``threads``: onnxruntime's intra-op threads for this decoder (default: its own choice, every core);
+        several decoders in one process or machine (Triton's LLM instances) each take a share instead of all
+        contending for every core."""
         import onnxruntime as ort
 
         from .vision import PROVIDERS
@@ -27,8 +30,13 @@ class OnnxDecoder:
         base = inside(directory, spec.directory)
         wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()
                   and p != "TensorrtExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise InputError(f"decoder threads must be a positive integer, got {threads!r}")
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(inside(base, spec.decoder)), providers=wanted)
+            self.session = ort.InferenceSession(str(inside(base, spec.decoder)), options, providers=wanted)
         except Exception as exc:
             raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec.decoder}: {exc}") from exc
         try:

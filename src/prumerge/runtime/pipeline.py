@@ -121,10 +121,12 @@ class Pipeline:
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
                        verify: bool = True, profile_dir: str | Path | None = None,
-                       expect_sha256: str | None = None, with_vision: bool = True) -> "Pipeline":
+                       expect_sha256: str | None = None, with_vision: bool = True,
+                       llm_threads: int | None = None) -> "Pipeline":
         """Open an artifact built with an LLM. ``method="none"`` runs its unreduced baseline graph instead;
         ``profile_dir`` enables onnxruntime's per-node profile of the vision graph. ``with_vision=False``: the LLM
-        side alone, fed visual tokens computed elsewhere (``generate(visual_tokens=...)``, e.g. by Triton)."""
+        side alone, fed visual tokens computed elsewhere (``generate(visual_tokens=...)``, e.g. by Triton).
+        ``llm_threads``: the decoder's intra-op threads (see :class:`~prumerge.runtime.llm.OnnxDecoder`)."""
         directory = Path(directory)
         if with_vision:
             vision = VisionSession.open(directory, provider=provider, verify=verify, graph=_graph_for(method),
@@ -144,7 +146,7 @@ class Pipeline:
             raise ArtifactError(f"the LLM takes {spec.hidden_size}-wide embeddings but the vision graph gives {graph.output_width}")
         Tokenizer = ensure_tokenizers()
         tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec.directory), spec.tokenizer)))
-        return cls(vision, OnnxDecoder(directory, spec, provider), tokenizer, spec, graph)
+        return cls(vision, OnnxDecoder(directory, spec, provider, threads=llm_threads), tokenizer, spec, graph)
 
     # ------------------------------------------------------------------ prompt assembly
     def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:

@@ -13,12 +13,12 @@ import triton_python_backend_utils as pb_utils
 
 from prumerge.errors import PruMergeError
 from prumerge.runtime.pipeline import Pipeline
-from prumerge.triton.models._common import artifact_dir, scalar, text
+from prumerge.triton.models._common import artifact_dir, instance_threads, scalar, text
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.pipeline = Pipeline.from_artifacts(artifact_dir(args), with_vision=False)
+        self.pipeline = Pipeline.from_artifacts(artifact_dir(args), with_vision=False, llm_threads=instance_threads(args))
 
     def execute(self, requests):
         for request in requests:
