@@ -1,10 +1,12 @@
-"""INT8 vision graph: static post-training quantisation (onnxruntime, QDQ) with the reducer left exact.
+"""INT8 vision graph with the reducer left exact: static post-training quantisation (onnxruntime, QDQ), or the
+per-token form (:mod:`.per_token`, onnxruntime only).
 
-Only the encoder's (and projector's) MatMul / Conv / Gemm weights and activations are quantised: per-channel
+Static: the encoder's (and projector's) MatMul / Conv / Gemm weights and activations are quantised: per-channel
 symmetric int8 weights; activations symmetric int8 for TensorRT (zero points 0, as its explicit Q/DQ requires) or
-uint8 for onnxruntime's CPU kernels. Every
-node traced from the reducer, plus Softmax and LayerNormalization, stays float, so token selection sees the same
-arithmetic as in fp32 on whatever features the quantised encoder produces.
+uint8 for onnxruntime's CPU kernels, one scale per tensor from the calibration images. Per-token: the same MatMuls
+with scales per token computed at run time (the images then only measure the agreement). In both, every node traced
+from the reducer, plus Softmax and LayerNormalization, stays float, so token selection sees the same arithmetic as
+in fp32 on whatever features the quantised encoder produces.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ PER_TOKEN_NOT_TENSORRT = ("--calibration-method per-token is an onnxruntime form
 
 def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
                     input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0) -> Int8Record:
-    """Write the INT8 QDQ graph; return what was done (the manifest's record, its agreement still to measure).
+    """Write the INT8 graph (static Q/DQ, or ``method="per-token"``); return what was done (the manifest's record,
+    its agreement still to measure).
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
     ``target="cpu"``: uint8 activations, which onnxruntime's CPU kernels fuse (S8S8 runs slower than fp32 there).
