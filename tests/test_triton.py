@@ -252,3 +252,25 @@ def test_a_corrupt_image_fails_its_request_only(server):
     assert isinstance(results["bad"][1], str) and "cannot decode image" in results["bad"][1]
     for i in range(3):
         assert isinstance(results[f"good{i}"][1], dict), results[f"good{i}"][1]
+
+
+def test_a_prompt_over_the_context_fails_its_request_only(server, artifact):
+    """A request whose prompt does not fit the model's context gets the runtime's one-line error, while concurrent
+    good requests through the same entry model and LLM instances are answered."""
+    context = Manifest.read(artifact).llm.context_length
+    image = _png(synthetic_images(1, seed=5)[0])
+    results = {}
+
+    def ask(name, prompt):
+        results[name] = _stream(server, [image], prompt, max_new_tokens=2)
+
+    threads = [threading.Thread(target=ask, args=(f"good{i}", "<image> hi")) for i in range(3)]
+    threads.append(threading.Thread(target=ask, args=("long", "<image> " + "hello " * (context + 1))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert isinstance(results["long"][1], str) and "context is" in results["long"][1], results["long"][1]
+    assert "Traceback" not in results["long"][1] and len(results["long"][1].splitlines()) == 1
+    for i in range(3):
+        assert isinstance(results[f"good{i}"][1], dict), results[f"good{i}"][1]
