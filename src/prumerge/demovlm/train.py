@@ -400,10 +400,10 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     log(f"cached {len(train_cache.conversations)} training conversations ({len(train_cache.samples)} questions) / "
         f"{len(held_cache.samples)} held-out questions; "
         f"mean visual tokens {counts} ({time.time() - wall_start:.0f} s)")
-    rng, state = random.Random(seed), None  # one stream of draws: alignment images, then batches
+    state = None
     if prior is None:
         trainer = new_trainer(setup, lora_rank, seed, lora_targets=lora_targets)
-        align_log = align(trainer, train_cache, align_steps, lr, rng, log) if align_steps else []
+        align_log = align(trainer, train_cache, align_steps, lr, random.Random(seed), log) if align_steps else []
     else:
         from safetensors.torch import load_file
 
@@ -418,10 +418,9 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         groups.append({"params": trainer.lora, "peak": lr * lora_lr_ratio})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     history, losses, resumed = [], [], []
-    if prior is None:
-        stream = batches(train_cache, batch, mix, rng)
-    else:
-        stream = resumed_batches(train_cache, batch, mix, seed, align_steps, resume)
+    # one stream of draws per seed, alignment images then batches: replayed up to where this run starts
+    stream = resumed_batches(train_cache, batch, mix, seed, align_steps, resume or 0)
+    if prior is not None:
         history, losses = prior["history"], prior["losses"]
         resumed = prior.get("resumed", []) + [{"at_step": resume, "optimizer_state": state is not None}]
         if state is not None:
