@@ -164,6 +164,12 @@ MUTANTS = {
     "calibrate --out checked after the model pass": (
         "cli.py", '    _writable_file(out, "--out")  # checked before the model pass, not after it\n', "",
         ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
+    "entry model does not pass a leaving client on to the decode": (
+        "triton/models/bls_model.py", "                self.cancels.cancel(key)\n", "",
+        ["tests/test_triton.py::test_a_client_leaving_mid_stream_stops_its_decode"]),
+    "cancel keys not checked before they name a path": (
+        "triton/cancel.py", "if isinstance(key, str) and _KEY.fullmatch(key) else None", "if key else None",
+        ["tests/test_triton.py::test_cancel_board_keys_never_leave_the_board"]),
     "triton --max-batch 0 taken as not given": (
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
         "int(options.max_batch or vision.batch_max)",

@@ -274,3 +274,71 @@ def test_a_prompt_over_the_context_fails_its_request_only(server, artifact):
     assert "Traceback" not in results["long"][1] and len(results["long"][1].splitlines()) == 1
     for i in range(3):
         assert isinstance(results[f"good{i}"][1], dict), results[f"good{i}"][1]
+
+
+def test_a_client_leaving_mid_stream_stops_its_decode(server, artifact, repository):
+    """A client that cancels its stream on the entry model after the first piece: ``prumerge_llm`` (reached by
+    BLS, which this backend cannot cancel) sees the request's flag and stops its decode far short of the tokens
+    asked for (its log line says after how many pieces), the flag is lowered, and the next request is answered."""
+    import re
+    import time
+
+    import tritonclient.grpc as grpc
+
+    from prumerge.triton.cancel import CancelBoard
+
+    image = synthetic_images(1, seed=6)[0]
+    prompt, asked = "<image> describe", 400
+    solo = Pipeline.from_artifacts(artifact).generate(image, prompt, max_new_tokens=asked)
+    assert solo.stop_reason == "max_new_tokens", "the check needs an answer that runs to its token limit"
+    pattern = re.compile(r"prumerge_llm: cancelled after (\d+) pieces \(of at most 400 tokens\)")
+    before = len(pattern.findall(server.log.read_text(errors="replace")))
+
+    pieces: queue.Queue = queue.Queue()
+    client = grpc.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: pieces.put((result, error)))
+    inputs = [grpc.InferInput("IMAGE", [1], "BYTES"), grpc.InferInput("PROMPT", [1], "BYTES"),
+              grpc.InferInput("MAX_NEW_TOKENS", [1], "INT32")]
+    inputs[0].set_data_from_numpy(np.array([_png(image)], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    inputs[2].set_data_from_numpy(np.array([asked], dtype=np.int32))
+    client.async_stream_infer("prumerge", inputs)
+    result, error = pieces.get(timeout=120)
+    assert error is None and result.as_numpy("TEXT")[0], error
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    deadline = time.monotonic() + 120
+    while len(found := pattern.findall(server.log.read_text(errors="replace"))) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(found) > before, "prumerge_llm never reported the cancelled decode:\n" + server.tail()
+    assert int(found[-1]) < asked - 50, f"the decode went on for {found[-1]} of {asked} pieces"
+    board = CancelBoard.for_repository(repository / "models" / "prumerge_llm").directory
+    pieces_after, final = _stream(server, [_png(image)], prompt, max_new_tokens=4)
+    assert isinstance(final, dict), final
+    assert not any(board.iterdir()), "a cancel flag was left behind"
+
+
+def test_cancel_board_keys_never_leave_the_board(tmp_path):
+    """Keys are 128-bit hex: a key naming a path (a direct client's CANCEL_KEY) is ignored, never touched."""
+    from prumerge.triton.cancel import CancelBoard
+
+    board = CancelBoard(tmp_path / "board")
+    outside = tmp_path / "victim"
+    outside.write_text("keep")
+    for key in ("../victim", str(outside), "", None, "A" * 32, "0" * 31):
+        board.cancel(key)
+        board.clear(key)
+        assert not board.cancelled(key)
+    assert outside.read_text() == "keep" and not any(board.directory.iterdir())
+    key = board.new_key()
+    assert not board.cancelled(key)
+    board.cancel(key)
+    assert board.cancelled(key) and not board.cancelled(board.new_key())
+    board.clear(key)
+    assert not board.cancelled(key)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="not a private directory"):
+        CancelBoard(shared)

@@ -137,6 +137,7 @@ def llm_config(options: TritonOptions, kind: str = "KIND_GPU") -> str:
             '  { name: "PROMPT" data_type: TYPE_STRING dims: [ 1 ] },\n'
             '  { name: "VISUAL_TOKENS" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true },\n'
             '  { name: "VISUAL_COUNTS" data_type: TYPE_INT64 dims: [ -1 ] optional: true },\n'
+            '  { name: "CANCEL_KEY" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
             + _generation_inputs() + "\n]\n"
             "output [\n"
             '  { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] },\n'

@@ -7,8 +7,10 @@ so while one request waits for its vision call or its next LLM piece, the next r
 vision calls therefore reach ``prumerge_vision`` together and meet in its dynamic batcher, and their answers are
 decoded by as many ``prumerge_llm`` instances as the repository has. At most ``max_inflight`` requests (a config
 parameter, ``prumerge-export triton --max-inflight``) are worked on at once; the backend itself sets no bound,
-so later ones wait here for a slot. A bad image fails its own request only; a client that cancels stops
-receiving at the next piece (its sender is asked before every send)."""
+so later ones wait here for a slot. A bad image fails its own request only. A client that cancels stops
+receiving at the next piece (its sender is asked before every send), and its decode stops too: the entry model
+raises the decode's flag on the :class:`~prumerge.triton.cancel.CancelBoard` (this backend cannot cancel a BLS
+request) and keeps its slot until ``prumerge_llm`` has ended the stream."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from prumerge.artifact.contract import INPUT_NAME
 from prumerge.artifact.manifest import Manifest
 from prumerge.errors import PruMergeError
 from prumerge.runtime.preprocess import preprocess_batch
+from prumerge.triton.cancel import CancelBoard
 from prumerge.triton.models._common import artifact_dir, parameter
 
 GENERATION = ("MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED")
@@ -42,6 +45,7 @@ class TritonPythonModel:
         # blocking work (decoding PNGs, waiting for the next LLM piece) runs here, never on the event loop
         self.workers = ThreadPoolExecutor(max_workers=self.max_inflight + 1, thread_name_prefix="prumerge-bls")
         self.slots = None  # an asyncio.Semaphore, made on the backend's own loop at the first request
+        self.cancels = CancelBoard.for_repository(args["model_repository"])
 
     async def execute(self, requests):
         if self.slots is None:
@@ -79,15 +83,28 @@ class TritonPythonModel:
         counts = pb_utils.get_output_tensor_by_name(vision, "num_tokens").as_numpy().reshape(-1).astype(np.int64)
         visual = np.concatenate([tokens[b, : counts[b]] for b in range(len(counts))]).astype(np.float32)
         vision_ms = (time.perf_counter() - vision_start) * 1e3
+        if sender.is_cancelled():
+            raise Cancelled()
+        key = self.cancels.new_key()
         inputs = [pb_utils.get_input_tensor_by_name(request, "PROMPT"), pb_utils.Tensor("VISUAL_TOKENS", visual),
-                  pb_utils.Tensor("VISUAL_COUNTS", counts)]
+                  pb_utils.Tensor("VISUAL_COUNTS", counts), pb_utils.Tensor("CANCEL_KEY", np.array([key.encode()], dtype=object))]
         inputs += [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in GENERATION) if t is not None]
         llm = pb_utils.InferenceRequest(model_name="prumerge_llm", requested_output_names=["TEXT", "RESULT"], inputs=inputs)
         responses = iter(await llm.async_exec(decoupled=True))
+        try:
+            await self._relay(loop, responses, sender, start, preprocess_ms, vision_ms, counts, key)
+        finally:
+            self.cancels.clear(key)
+
+    async def _relay(self, loop, responses, sender, start, preprocess_ms, vision_ms, counts, key):
+        """Forward the LLM's pieces; on a cancelled client, flag the decode and wait for its stream to end."""
         while (response := await loop.run_in_executor(self.workers, next, responses, None)) is not None:
             if response.has_error():
                 raise PruMergeError(f"prumerge_llm: {response.error().message()}")
             if sender.is_cancelled():
+                self.cancels.cancel(key)
+                while await loop.run_in_executor(self.workers, next, responses, None) is not None:
+                    pass  # at most a piece or two: the decode stops at its next token
                 raise Cancelled()
             piece = pb_utils.get_output_tensor_by_name(response, "TEXT")
             result = pb_utils.get_output_tensor_by_name(response, "RESULT")

@@ -2,7 +2,8 @@
 prumerge's own :class:`~prumerge.runtime.Pipeline` (the code path of ``prumerge-export run``), fed the visual
 tokens the vision model produced. Each text piece is one response; the last carries ``RESULT`` (counts, timings).
 One request decodes at a time per instance (``prumerge-export triton --llm-instances N`` overlaps N); a cancelled
-request stops decoding at its next token."""
+request stops decoding at its next token: cancelled by its own client, or through the entry model, whose client
+leaving raises the flag of the request's ``CANCEL_KEY`` (:mod:`prumerge.triton.cancel`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import triton_python_backend_utils as pb_utils
 
 from prumerge.errors import PruMergeError
 from prumerge.runtime.pipeline import Pipeline
+from prumerge.triton.cancel import CancelBoard
 from prumerge.triton.models._common import artifact_dir, instance_threads, scalar, text
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.pipeline = Pipeline.from_artifacts(artifact_dir(args), with_vision=False, llm_threads=instance_threads(args))
+        self.cancels = CancelBoard.for_repository(args["model_repository"])
 
     def execute(self, requests):
         for request in requests:
@@ -31,17 +34,22 @@ class TritonPythonModel:
                     rows = tokens.as_numpy()
                     bounds = np.cumsum([0, *counts.as_numpy().reshape(-1).tolist()])
                     visual = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+                key = text(pb_utils, request, "CANCEL_KEY") or None
+                max_new_tokens = int(scalar(pb_utils, request, "MAX_NEW_TOKENS", 128))
                 stream = self.pipeline.generate(
-                    None, text(pb_utils, request, "PROMPT"), visual_tokens=visual,
-                    max_new_tokens=int(scalar(pb_utils, request, "MAX_NEW_TOKENS", 128)),
+                    None, text(pb_utils, request, "PROMPT"), visual_tokens=visual, max_new_tokens=max_new_tokens,
                     temperature=float(scalar(pb_utils, request, "TEMPERATURE", 0.0)),
                     top_p=float(scalar(pb_utils, request, "TOP_P", 1.0)),
                     seed=scalar(pb_utils, request, "SEED", None), stream=True)
+                sent = 0
                 for piece in stream:
-                    if sender.is_cancelled():  # the client (or the entry model's client) went away: free this decode
+                    if sender.is_cancelled() or self.cancels.cancelled(key):  # the client went away: free this decode
                         stream.close()
+                        pb_utils.Logger.log_info(f"prumerge_llm: cancelled after {sent} pieces "
+                                                 f"(of at most {max_new_tokens} tokens)")
                         break
                     sender.send(_response(piece, ""))
+                    sent += 1
                 else:
                     sender.send(_response("", json.dumps(stream.result.to_dict())),
                                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
