@@ -170,6 +170,19 @@ MUTANTS = {
     "cancel keys not checked before they name a path": (
         "triton/cancel.py", "if isinstance(key, str) and _KEY.fullmatch(key) else None", "if key else None",
         ["tests/test_triton.py::test_cancel_board_keys_never_leave_the_board"]),
+    "visionzip averages the target into its contextual token": (
+        "reduce/visionzip.py", "contextual_x = rows(plan.targets) + torch.matmul(one_hot.transpose(1, 2), rows(plan.merged)) / counts",
+        "contextual_x = (rows(plan.targets) + torch.matmul(one_hot.transpose(1, 2), rows(plan.merged))) / (counts + 1)",
+        ["tests/test_visionzip_divprune.py::test_visionzip_matches_the_official_code_on_a_clip_tower"]),
+    "visionzip scores with the last layer": (
+        "model/encoder.py", "            self.scoring_layer = self.feature_index - 1\n", "",
+        ["tests/test_visionzip_divprune.py::test_visionzip_matches_the_official_code_on_a_clip_tower"]),
+    "divprune's first pick counts a token's distance to itself": (
+        "reduce/divprune.py", "largest=False).values[:, 1, :]", "largest=False).values[:, 0, :]",
+        ["tests/test_visionzip_divprune.py::test_divprune_on_duplicates_and_flat_features_picks_as_the_official_code"]),
+    "visionzip's nodes not attributed to the reducer": (
+        "artifact/node_stages.py", '"reduce_tokens(", "visionzip_tokens(", "divprune_tokens("', '"reduce_tokens(", "divprune_tokens("',
+        ["tests/test_visionzip_divprune.py::test_inspect_draws_what_the_reducer_chose_and_profile_attributes_its_nodes"]),
     "triton --max-batch 0 taken as not given": (
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
         "int(options.max_batch or vision.batch_max)",

@@ -140,6 +140,26 @@ def test_an_int8_build_command_rebuilds_the_form_that_was_measured(tmp_path, mon
     assert "--calibration-method" not in budget.build_command(row)  # the default needs no flag
 
 
+def test_build_command_of_a_fixed_count_method_gives_its_counts_not_a_capacity(tmp_path, monkeypatch):
+    """VisionZip's count is its options' (a capacity flag would be refused by build): the chosen artifact's command
+    carries --dominant-tokens / --contextual-tokens and no --max-tokens, and the CLI makes that reducer from it."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    import prumerge.export.build as build
+    from prumerge.cli import main
+
+    row = _row("visionzip", "visionzip", 0.8, 100, 0.9, capacity=34)
+    row["build"]["reducer_options"] = {"dominant_tokens": 29, "contextual_tokens": 5, "diverse_tokens": 64}
+    command = budget.build_command(row, out=str(tmp_path / "o"))
+    assert "--max-tokens" not in command and "--dominant-tokens 29 --contextual-tokens 5" in command
+    seen = {}
+    monkeypatch.setattr(build, "build_artifact", lambda model, out, options, **kw: seen.setdefault("reducer", options.reducer))
+    CliRunner().invoke(main, shlex.split(command)[1:] + ["--no-llm"])
+    assert seen["reducer"].fixed_count == 34 and seen["reducer"].capacity is None
+
+
 def test_reducer_defaults_match_the_reducer():
     from prumerge.reduce.config import ReducerConfig
 

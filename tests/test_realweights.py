@@ -79,6 +79,23 @@ def test_published_layout_builds_verifies_and_matches_torch_on_real_photos(dinov
     assert result.near_ties <= 2 and result.tokens_exact >= result.tokens - 2
 
 
+@pytest.mark.parametrize("method,options", [("visionzip", {}), ("divprune", {"diverse_tokens": 34})])
+def test_fixed_count_methods_match_torch_on_real_photos(dinov2_s, pixels, tmp_path, method, options):
+    """VisionZip (its official 54 + 10, CLS counted) and DivPrune on the real DINOv2-S and every real photo: the
+    graph and PyTorch choose the same patches (indices identical: VisionZip's top-k and argmax assignment, DivPrune's
+    greedy steps, none relaxed) and every token is within the fp32 tolerance."""
+    from prumerge.export.validate import validate_against
+
+    manifest = build_artifact(str(dinov2_s), tmp_path / "art", BuildOptions(ReducerConfig(method=method, **options), llm=None))
+    assert manifest.validation.ok and manifest.vision.tensorrt["10.3"].ok
+    got = VisionSession.open(tmp_path / "art").run_pixels(pixels)
+    encoder = PruMergeEncoder.from_pretrained(dinov2_s, method=method, **options)
+    result = validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider")
+    assert result.counts_identical and result.indices_identical, result.summary()
+    assert result.unexplained == 0 and result.tokens_exact == result.tokens, result.summary()
+    assert got.num_tokens.tolist() == [64 if method == "visionzip" else 34] * len(pixels)
+
+
 @pytest.mark.slow
 def test_real_weights_build_at_the_config_size_too(dinov2_s, tmp_path):
     """At its 518 px config (37x37 = 1369 patches) the real DINOv2-S was refused: same count and set, two kept

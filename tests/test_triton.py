@@ -9,7 +9,6 @@ import json
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -109,7 +109,9 @@ def _decorate_with(options):
 def build_options(func):
     """Options shared by ``build`` and ``demo`` (one definition, so the two cannot drift)."""
     decorators = [
-        click.option("--method", type=click.Choice(["prumerge", "prumerge+", "none"]), default="prumerge", show_default=True),
+        click.option("--method", type=click.Choice(["prumerge", "prumerge+", "visionzip", "divprune", "none"]),
+                     default="prumerge", show_default=True,
+                     help="prumerge / prumerge+: adaptive count; visionzip, divprune: a fixed count (the three options below)"),
         click.option("--output", type=click.Choice(["padded", "dynamic"]), default="padded", show_default=True,
                      help="padded: static [B, K_max, D] (TensorRT 10.3 / JetPack 6); dynamic: token axis trimmed to the batch's longest count"),
         click.option("--max-tokens", type=int, default=None, help="capacity K_max (default: enough for the method on this grid)"),
@@ -122,6 +124,11 @@ def build_options(func):
         click.option("--iqr-factor", type=float, default=1.5, show_default=True),
         click.option("--neighbors", type=int, default=32, show_default=True),
         click.option("--min-keep", type=int, default=1, show_default=True),
+        click.option("--dominant-tokens", type=int, default=54, show_default=True,
+                     help="visionzip: tokens kept by CLS attention (CLS itself counted)"),
+        click.option("--contextual-tokens", type=int, default=10, show_default=True,
+                     help="visionzip: merged contextual tokens"),
+        click.option("--diverse-tokens", type=int, default=64, show_default=True, help="divprune: tokens kept"),
         click.option("--llm-precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
                      help="language model precision (default: int4 for LLaVA checkpoints)"),
         click.option("--llm-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -151,7 +158,8 @@ def _options_from(kwargs, base: str | None = None, vision_tower: str | None = No
     from .export.options import BuildOptions, GraphOptions, Int8Options, LlmOptions, SourceOptions
     from .reduce.config import ReducerConfig
 
-    reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep")}
+    reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep",
+                                          "dominant_tokens", "contextual_tokens", "diverse_tokens")}
     method = kwargs.pop("method")
     if method == "none":
         reducer = {}
@@ -358,7 +366,8 @@ def verify(directory, images, provider, no_reference, expect_sha256):
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="artifact: print the full summary as JSON")
 @click.option("--model", default=None, help="image: checkpoint dir, hub id or artifact dir whose tower to use")
-@click.option("--method", type=click.Choice(["prumerge", "prumerge+"]), default="prumerge", show_default=True)
+@click.option("--method", type=click.Choice(["prumerge", "prumerge+", "visionzip", "divprune"]), default="prumerge",
+              show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="image: PNG to write")
 @image_size_option()
 def inspect(target, as_json, model, method, out, image_size):
@@ -381,12 +390,21 @@ def inspect(target, as_json, model, method, out, image_size):
 
         if image_size is not None:
             raise click.BadParameter("an artifact has its own input size", param_hint="--image-size")
-        encoder = artifact_encoder(Manifest.read(model), method=method, project=False, capacity=False)
+        encoder = artifact_encoder(Manifest.read(model), method=method, project=method == "divprune", capacity=False)
     result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder)
-    click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} tokens "
-               f"of {result.num_patches} patches ({result.outliers} IQR outliers); "
-               f"{len(result.pruned_only_in_extra)} patches only in the extra token")
-    click.echo(f"kept patches by attention: {result.kept}")
+    if method in ("prumerge", "prumerge+"):
+        click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} "
+                   f"tokens of {result.num_patches} patches ({result.outliers} IQR outliers); "
+                   f"{len(result.pruned_only_in_extra)} patches only in the extra token")
+        click.echo(f"kept patches by attention: {result.kept}")
+    elif method == "visionzip":
+        click.echo(f"{method}: {result.num_tokens} tokens of {result.num_patches} patches: {len(result.kept)} dominant "
+                   f"patches (+ CLS where the tower has one), {len(result.sampled)} contextual tokens")
+        click.echo(f"dominant patches: {result.kept}")
+    else:
+        click.echo(f"{method}: {result.num_tokens} tokens of {result.num_patches} patches; "
+                   f"{len(result.pruned_only_in_extra)} dropped")
+        click.echo(f"chosen patches: {result.kept}")
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]})")
 
 

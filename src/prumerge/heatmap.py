@@ -1,9 +1,10 @@
-"""``prumerge.heatmap.render``: a picture of what PruMerge kept, sampled and merged for one image.
+"""``prumerge.heatmap.render``: a picture of what a reducer kept, sampled and merged for one image.
 
-Left: the model's view of the image (after its preprocessing) with the patch grid and a heat map of CLS attention.
-Right: kept patches outlined in red (rank by attention printed for the first ten), PruMerge+ samples in cyan, each
-pruned patch tinted with the colour of the kept token it was merged into, and patches that only reach the LLM
-through the extra token in grey. Drawn with PIL alone.
+Left: the model's view of the image (after its preprocessing) with the patch grid and a heat map of CLS attention
+(DivPrune, which reads no attention: each patch's cosine distance to the nearest chosen token).
+Right: kept patches outlined in red (rank by attention printed for the first ten), PruMerge+ samples / VisionZip's
+contextual targets in cyan, each other patch tinted with the colour of the token it was merged into, and patches
+that only reach the LLM through the extra token (DivPrune: that are dropped) in grey. Drawn with PIL alone.
 """
 
 from __future__ import annotations
@@ -62,19 +63,24 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
     from .runtime.preprocess import preprocess_image
 
     if Method.parse(method) is Method.NONE:
-        raise ConfigError("inspect shows a reduction: choose method prumerge or prumerge+")
+        raise ConfigError("inspect shows a reduction: choose method prumerge, prumerge+, visionzip or divprune")
+    divprune = Method.parse(method) is Method.DIVPRUNE  # chooses among projected tokens: the projector is needed
     if encoder is None:
-        encoder = PruMergeEncoder.from_pretrained(model, method=method, project=False, image_size=image_size, **reducer_options)
+        encoder = PruMergeEncoder.from_pretrained(model, method=method, project=divprune, image_size=image_size,
+                                                  **reducer_options)
     config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
     with torch.no_grad():
         hidden, q, k = encoder.tower_outputs(pixels)
         prefix = encoder.adapter.prefix_tokens
-        info = explain(hidden[:, prefix:], q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
+        features = hidden[:, prefix:]
+        if divprune and encoder.projector is not None:
+            features = encoder.projector(features)
+        info = explain(features, q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
                        importance=encoder.adapter.importance)
         reduced = encoder(pixels)
     num_tokens = int(reduced.num_tokens[0])
-    reducer_indices = reduced.indices[0, : num_tokens - 1].tolist()
+    reducer_indices = [p for p in reduced.indices[0, :num_tokens].tolist() if p >= 0]  # patches (no extra/CLS/merged)
 
     size = encoder.image_size
     grid, patch = encoder.grid, encoder.patch_size
@@ -83,7 +89,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
     base = Image.fromarray(view).resize((size * SCALE, size * SCALE), Image.Resampling.NEAREST)
     cell = patch * SCALE
 
-    scores = np.asarray(info.scores).reshape(grid, grid)
+    scores = np.clip(np.asarray(info.scores), 0, None).reshape(grid, grid)  # DivPrune: 1 - cos may be -1e-7
     heat = _heat(np.sqrt(scores / scores.max()) if scores.max() > 0 else scores)  # sqrt: one peak must not hide the rest
     heat_img = Image.fromarray(heat).resize(base.size, Image.Resampling.NEAREST)
     left = Image.blend(base, heat_img, 0.55)
@@ -110,7 +116,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
             draw.line([(0, i * cell), (size * SCALE, i * cell)], fill=(255, 255, 255), width=1)
     for rank, p in enumerate(info.kept):
         draw_r.rectangle(_box(p, grid, cell), outline=KEPT, width=max(2, SCALE + 1))
-        if rank < 10:
+        if rank < 10 and Method.parse(method).adaptive:  # only PruMerge's kept order is a ranking
             x0, y0, _, _ = _box(p, grid, cell)
             draw_r.text((x0 + 2, y0 + 1), str(rank + 1), fill=(255, 255, 255))
     for p in info.sampled:
@@ -121,11 +127,11 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
     canvas.paste(right, (base.width, 0))
     legend = ImageDraw.Draw(canvas)
     y = base.height + 6
-    legend.text((8, y), f"CLS attention heat map ({grid}x{grid} patches)", fill=(0, 0, 0))
-    legend.text((base.width + 8, y), f"{method}: {len(info.kept)} kept (red, ranked) + {len(info.sampled)} sampled (cyan) "
-                                     f"+ 1 extra = {num_tokens} tokens of {grid * grid}", fill=(0, 0, 0))
-    legend.text((base.width + 8, y + 18), "tint: merged into the kept token of that colour; grey: only in the extra token",
-                fill=(0, 0, 0))
+    heat_label, line, tint_label = LEGENDS.get(Method.parse(method).value, LEGENDS["prumerge"])
+    legend.text((8, y), f"{heat_label} ({grid}x{grid} patches)", fill=(0, 0, 0))
+    legend.text((base.width + 8, y), line.format(method=method, kept=len(info.kept), sampled=len(info.sampled),
+                                                 tokens=num_tokens, patches=grid * grid), fill=(0, 0, 0))
+    legend.text((base.width + 8, y + 18), tint_label, fill=(0, 0, 0))
     path = None
     if out is not None:
         path = Path(out)
@@ -133,6 +139,19 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
         canvas.save(path)
     return InspectResult(path, method, grid * grid, grid, info.kept, info.sampled, num_tokens, reducer_indices,
                          info.outliers, info.pruned_only_in_extra, canvas.size)
+
+
+# method -> (heat map, right-hand count line, tint legend)
+LEGENDS = {
+    "prumerge": ("CLS attention heat map", "{method}: {kept} kept (red, ranked) + {sampled} sampled (cyan) + 1 extra = "
+                 "{tokens} tokens of {patches}", "tint: merged into the kept token of that colour; grey: only in the "
+                 "extra token"),
+    "visionzip": ("CLS attention (summed over heads) heat map", "{method}: {kept} dominant (red) + {sampled} contextual "
+                  "targets (cyan) = {tokens} tokens of {patches} (CLS among them)", "tint: merged into the contextual "
+                  "token of that colour"),
+    "divprune": ("distance to the nearest chosen token", "{method}: {kept} chosen (red) = {tokens} tokens of {patches}",
+                 "grey: dropped"),
+}
 
 
 def _box(patch: int, grid: int, cell: int) -> tuple:

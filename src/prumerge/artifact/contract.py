@@ -1,7 +1,8 @@
 """The vision graph's interface: input and output names, and the output contract as numpy arrays.
 
 ``tokens [B, C, D]``, ``num_tokens [B]`` int64, ``indices [B, C]`` int64 (source patch; ``EXTRA_TOKEN_INDEX`` for
-the extra token, ``PADDING_INDEX`` for padding), ``truncated [B]`` bool. Every session binds outputs by these
+PruMerge's extra token, ``PADDING_INDEX`` for padding, ``CLS_TOKEN_INDEX`` for a CLS token VisionZip keeps,
+``CONTEXTUAL_TOKEN_INDEX`` for VisionZip's merged contextual tokens), ``truncated [B]`` bool. Every session binds outputs by these
 names, never by position. numpy only: both the build (export, validation) and the runtime import it.
 """
 
@@ -15,6 +16,8 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
 EXTRA_TOKEN_INDEX = -1
 PADDING_INDEX = -2
+CLS_TOKEN_INDEX = -3
+CONTEXTUAL_TOKEN_INDEX = -4
 
 
 @dataclasses.dataclass
@@ -60,7 +63,7 @@ def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutpu
 
 
 # the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none")
-METHODS = ("none", "prumerge", "prumerge+")
+METHODS = ("none", "prumerge", "prumerge+", "visionzip", "divprune")
 
 
 def check_method_request(artifacts, methods) -> list:

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from ..errors import ArtifactError
 from .preprocess_config import PreprocessConfig
+from .contract import METHODS
 
 FORMAT = "prumerge-artifact"
 FORMAT_VERSION = 3  # 2: typed sections, one owner per fact; 3: the decoder's cache names written out per layer
@@ -406,6 +407,8 @@ class ReducerSection(Section):
     feature_layer: int
     extra_token_index: int = -1
     padding_index: int = -2
+    cls_token_index: int = -3  # VisionZip's CLS token
+    contextual_token_index: int = -4  # VisionZip's merged contextual tokens
 
 
 @dataclasses.dataclass
@@ -487,7 +490,7 @@ class GraphSection(Section):
         if not isinstance(self.file, str) or not self.file:
             raise ArtifactError(f"manifest field {where}.file must be a file name")
         _choice(self.format, f"{where}.format", ("onnx",))
-        _choice(self.method, f"{where}.method", ("none", "prumerge", "prumerge+"))
+        _choice(self.method, f"{where}.method", METHODS)
         _integer(self.opset, f"{where}.opset", 1, 100)
         _choice(self.precision, f"{where}.precision", ("fp32", "fp16", "int8"))
         _choice(self.contract, f"{where}.contract", ("padded", "dynamic"))
@@ -603,7 +606,9 @@ class Manifest:
         """``[(label, text)]``: what ``build`` and ``inspect`` print about this artifact."""
         vision, reducer, validation = self.vision, self.reducer, self.validation
         rows = [("source", str(self.source.model)),
-                ("method", f"{vision.method}  (capacity {vision.capacity} of {reducer.num_patches} patches + extra)"),
+                ("method", f"{vision.method}  " + (f"(capacity {vision.capacity} of {reducer.num_patches} patches + extra)"
+                                                   if vision.method in ("prumerge", "prumerge+") else
+                                                   f"({vision.capacity} tokens of {reducer.num_patches} patches)")),
                 ("graph", f"{vision.file}  {vision.contract} contract, opset {vision.opset}, {vision.precision}"),
                 ("outputs", "; ".join(f"{o.name} {o.shape} {o.dtype}" for o in vision.outputs))]
         if validation is not None:

@@ -1,8 +1,9 @@
 """Which vision-graph node belongs to which stage (encoder, reducer, projector), from the exporter's own records.
 
 The dynamo exporter stores each node's PyTorch module scope and stack trace in ``metadata_props``: nodes under
-``encoder.tower`` are the vision encoder, under ``encoder.projector`` the projector, and nodes traced from
-``reduce_tokens`` (the reducer is plain functions, so its nodes carry no module scope, only the call) the reducer.
+``encoder.tower`` are the vision encoder, under ``encoder.projector`` the projector, and nodes traced from a
+reducer's entry point (``REDUCER_CALLS``: the reducers are plain functions, so their nodes carry no module scope, only
+the call the encoder makes by name) the reducer.
 Profiling splits time by it, INT8 keeps reducer nodes float by it, TensorRT pins them to FP32 by it. The build
 records the result in the manifest (``vision.node_stages``), so a device without onnx still has it.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 STAGES = ("vision_encoder", "reducer", "projector", "vision_other")
+# how PruMergeEncoder.forward calls each method's reducer (its stack traces end at that line)
+REDUCER_CALLS = ("reduce_tokens(", "visionzip_tokens(", "divprune_tokens(")
 
 
 def classify_nodes(onnx_path: Path) -> dict:
@@ -34,7 +37,7 @@ def stage_of(scopes: str, trace: str) -> str:
         return "vision_encoder"
     if "'encoder.projector" in scopes:
         return "projector"
-    if "reduce_tokens(" in trace or "prumerge/reduce/" in trace.replace("\\", "/"):
+    if any(call in trace for call in REDUCER_CALLS) or "prumerge/reduce/" in trace.replace("\\", "/"):
         return "reducer"
     return "vision_other"
 

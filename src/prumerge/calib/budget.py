@@ -104,6 +104,10 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
     """Run each method's reducer (untruncated) over ``images`` (a :class:`CalibrationSet`) with ``model``'s tower."""
     if not 0 < coverage <= 1:  # before the model pass, not after it
         raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
+    fixed = [m for m in methods if m not in ("prumerge", "prumerge+")]
+    if fixed:
+        raise ConfigError(f"calibrate measures the per-image token counts of prumerge / prumerge+; {', '.join(fixed)} "
+                          "keeps a fixed count (its options) and needs no capacity")
     import torch
 
     from ..model.encoder import PruMergeEncoder

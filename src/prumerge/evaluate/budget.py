@@ -13,7 +13,7 @@ from ..errors import InputError
 
 # the reducer options' defaults (``ReducerConfig``'s; a test keeps the two equal): only others go on the command
 REDUCER_DEFAULTS = {"attention": "official", "order": "official", "merge_weights": "official", "iqr_factor": 1.5,
-                    "neighbors": 32, "min_keep": 1}
+                    "neighbors": 32, "min_keep": 1, "dominant_tokens": 54, "contextual_tokens": 10, "diverse_tokens": 64}
 
 
 def choose(rows: list, ttft_budget_ms: float | None = None, min_accuracy_ratio: float | None = None) -> dict:
@@ -55,7 +55,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
     if facts.get("revision"):
         args += ["--revision", str(facts["revision"])]
     if facts["method"] != "none":
-        args += ["--max-tokens", str(int(facts["capacity"]))]
+        if facts["method"] in ("prumerge", "prumerge+"):  # the others' count is their options'
+            args += ["--max-tokens", str(int(facts["capacity"]))]
         for name, value in (facts.get("reducer_options") or {}).items():
             if name in REDUCER_DEFAULTS and value != REDUCER_DEFAULTS[name]:
                 args += ["--" + name.replace("_", "-"), str(value)]

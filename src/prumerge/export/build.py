@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import ConfigError
 from ..artifact.manifest import EngineFacts, EngineTarget, GraphSection, Manifest, TensorSpec, describe_files
 from .staging import staged_directory
-from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
+from ..artifact.contract import CLS_TOKEN_INDEX, CONTEXTUAL_TOKEN_INDEX, EXTRA_TOKEN_INDEX, PADDING_INDEX
 from ..reduce.config import Method
 from .options import BuildOptions, GraphOptions, Int8Options
 
@@ -70,7 +70,7 @@ def _calibration(options: BuildOptions):
     from ..calib.budget import BudgetReport
 
     calibration = BudgetReport.read(options.calibration)
-    if options.reducer.capacity is None and options.method is not Method.NONE:
+    if options.reducer.capacity is None and options.method.adaptive:
         options = options.with_capacity(calibration.capacity(options.method.value))
     return calibration, options
 
@@ -167,6 +167,8 @@ def _manifest(encoder, vision: GraphSection, baseline: GraphSection | None, llm:
             "feature_layer": encoder.feature_index - (encoder.num_layers + 1),
             "extra_token_index": EXTRA_TOKEN_INDEX,
             "padding_index": PADDING_INDEX,
+            "cls_token_index": CLS_TOKEN_INDEX,
+            "contextual_token_index": CONTEXTUAL_TOKEN_INDEX,
         },
         vision=vision,
         baseline=baseline,

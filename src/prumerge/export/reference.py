@@ -26,8 +26,11 @@ def artifact_encoder(manifest: Manifest, graph: str = "vision", method: str | No
     source = manifest.source
     original = source.layout == "llava-original"
     options = {**manifest.reducer.options, **reducer_overrides}
-    if capacity and section.method != "none":  # the graph owns its capacity (--max-tokens or a calibration)
+    adaptive = (method or section.method) in ("prumerge", "prumerge+")  # fixed-count methods take no capacity
+    if capacity and adaptive and section.method != "none":  # the graph owns its capacity (--max-tokens or calibration)
         options["capacity"] = section.capacity
+    elif not adaptive:
+        options.pop("capacity", None)
     try:
         with as_llava_hf(source.model, source.base if original else None, source.vision_tower if original else None,
                          vision_only=True) as (checkpoint, _):

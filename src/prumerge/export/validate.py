@@ -177,7 +177,7 @@ def selection_rule(reducer, scores, thresholds, precision: str) -> dict | None:
     ``thresholds [B]`` (``PruMergeEncoder.selection_scores``) with the reducer's facts; None where selection is held
     the rule does not apply (no reduction; a non-official order, whose kept part cannot be told from PruMerge+'s
     samples). In fp32 the kept set must be identical and only the order of near-tied kept patches may differ."""
-    if reducer.method.value == "none" or reducer.order.value != "official":
+    if reducer.method.value not in ("prumerge", "prumerge+") or reducer.order.value != "official":  # others: exact
         return None
     same_set = SELECTION_EPSILON[precision] <= 0  # fp32: the kept set exact, only near-tied order may differ
     return dict(scores=np.asarray(scores, dtype=np.float64), thresholds=np.asarray(thresholds, dtype=np.float64),
@@ -194,7 +194,7 @@ def validate_against(encoder, got: VisionOutput, pixels, precision: str, provide
         ref = encoder(torch.from_numpy(pixels), tower_sink=sink)  # one tower pass: reference, keys, scores
         q, k = sink[0]
         gaps = selection = None
-        if encoder.reducer.method.value != "none":
+        if encoder.reducer.method.adaptive:  # PruMerge's neighbour boundaries and IQR selection
             gaps = encoder.neighbor_gaps(None, ref.indices, keys=k).numpy()
             scores, thresholds = encoder.selection_scores(q, k)
             selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
@@ -203,20 +203,25 @@ def validate_against(encoder, got: VisionOutput, pixels, precision: str, provide
 
 
 def agreement(reference: VisionOutput, candidate: VisionOutput) -> SelectionAgreement:
-    """How much of ``reference``'s selection ``candidate`` keeps (the extra token is each image's last)."""
+    """How much of ``reference``'s selection ``candidate`` keeps: Jaccard of the kept patch sets, and the cosine of
+    the tokens both have: the same patch, or the same merged token (PruMerge's extra token, VisionZip's CLS and
+    contextual tokens: the k-th token of each sentinel index paired with the other's k-th)."""
     jaccards, diffs, same, cosines = [], [], [], []
     for b in range(len(reference.num_tokens)):
         n_ref, n_got = int(reference.num_tokens[b]), int(candidate.num_tokens[b])
-        ref_idx = list(reference.indices[b, : n_ref - 1])
-        got_idx = list(candidate.indices[b, : n_got - 1])
-        a, c = set(ref_idx), set(got_idx)
+        ref_idx = [int(i) for i in reference.indices[b, :n_ref]]
+        got_idx = [int(i) for i in candidate.indices[b, :n_got]]
+        a, c = {p for p in ref_idx if p >= 0}, {p for p in got_idx if p >= 0}
         jaccards.append(len(a & c) / len(a | c) if a | c else 1.0)
         diffs.append(abs(n_ref - n_got))
         same.append(ref_idx == got_idx)
-        pairs = [(ref_idx.index(p), got_idx.index(p)) for p in a & c] + [(n_ref - 1, n_got - 1)]  # + extra token
+        pairs = [(ref_idx.index(p), got_idx.index(p)) for p in a & c]
+        for sentinel in {p for p in ref_idx if p < 0}:
+            pairs += list(zip([i for i, p in enumerate(ref_idx) if p == sentinel],
+                              [j for j, p in enumerate(got_idx) if p == sentinel]))
         x = reference.tokens[b][[i for i, _ in pairs]].astype(np.float64)
         y = candidate.tokens[b][[j for _, j in pairs]].astype(np.float64)
         denom = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))))
+        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))) if pairs else 0.0)
     return SelectionAgreement(len(jaccards), float(np.mean(jaccards)), float(np.min(jaccards)), float(np.mean(diffs)),
                               float(np.mean(same)), float(np.mean(cosines)))

@@ -18,7 +18,9 @@ from torch import nn
 from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_state, vision_state
 from ..errors import CheckpointError, ConfigError, InputError
 from ..reduce.config import Method, ReducerConfig
+from ..reduce.divprune import divprune_tokens
 from ..reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
+from ..reduce.visionzip import visionzip_tokens
 from .towers import FAMILIES, build_tower, match_key_layout, tower_for
 
 
@@ -57,6 +59,14 @@ class PruMergeEncoder(nn.Module):
         if not -(self.num_layers + 1) <= feature_layer <= self.num_layers:
             raise ConfigError(f"feature layer {feature_layer} is outside the tower's {self.num_layers + 1} hidden states")
         self.feature_index = feature_layer % (self.num_layers + 1)  # index into HF hidden_states
+        # the layer whose q/k score patches: PruMerge reads the last layer's; VisionZip the layer that outputs the
+        # features (LLaVA-1.5: layers[-2], as its official code); DivPrune reads none
+        self.scoring_layer = self.num_layers - 1
+        if reducer.method is Method.VISIONZIP:
+            if self.feature_index == 0:
+                raise ConfigError("visionzip scores with the attention of the layer that outputs the features; the "
+                                  "feature layer here is the embeddings, which have none")
+            self.scoring_layer = self.feature_index - 1
         if reducer.method is Method.NONE:
             self.capacity = self.num_patches + (1 if self.keep_cls else 0)
         else:
@@ -199,16 +209,17 @@ class PruMergeEncoder(nn.Module):
             raise InputError(f"pixel_values must be [batch, {', '.join(map(str, expected))}], got {tuple(pixel_values.shape)}")
 
     def tower_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(hidden [B, prefix+P, D], q, k)``: the feature layer's output and the last layer's q/k.
+        """``(hidden [B, prefix+P, D], q, k)``: the feature layer's output and the scoring layer's q/k (the last
+        layer's for PruMerge, the feature layer's own for VisionZip).
 
-        Only ``max(feature_index, num_layers - 1)`` layers run (the last layer's input is all q/k need).
+        Only ``max(feature_index, scoring_layer)`` layers run (the scoring layer's input is all q/k need).
         """
         adapter = self.adapter
         states = [adapter.embed(pixel_values.to(adapter.patch_embedding.weight.dtype))]
-        for layer in adapter.layers[: max(self.feature_index, self.num_layers - 1)]:
+        for layer in adapter.layers[: max(self.feature_index, self.scoring_layer)]:
             states.append(adapter.run_layer(layer, states[-1]))
         query_rows = 1 if adapter.importance == "cls_attention" else None  # CLS attention reads the CLS query alone
-        q, k = adapter.qk(adapter.layers[self.num_layers - 1], states[self.num_layers - 1], query_rows)
+        q, k = adapter.qk(adapter.layers[self.scoring_layer], states[self.scoring_layer], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
     def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None) -> ReducedTokens:
@@ -229,6 +240,16 @@ class PruMergeEncoder(nn.Module):
                 torch.arange(count, device=features.device).expand(batch, count) - (1 if self.keep_cls else 0),
                 torch.zeros(batch, dtype=torch.bool, device=features.device),
             )
+        elif self.reducer.method is Method.VISIONZIP:  # in float32 whatever the graph's precision, as reduce_tokens
+            check_inputs(hidden[:, prefix:], q, k, prefix)
+            tokens, indices = visionzip_tokens(hidden.float(), q.float(), k.float(), self.reducer.dominant_tokens,
+                                               self.reducer.contextual_tokens, self.num_heads, prefix, self.adapter.importance)
+            out = _fixed(tokens.to(hidden.dtype), indices)
+        elif self.reducer.method is Method.DIVPRUNE:
+            # chosen among the tokens the LLM receives (projected, as the official code), so projected first
+            check_inputs(hidden[:, prefix:], q, k, prefix)
+            features = hidden[:, prefix:] if self.projector is None else self.projector(hidden[:, prefix:])
+            return _fixed(*divprune_tokens(features, self.reducer.diverse_tokens))
         else:  # called here by name: the profiler attributes graph nodes to the reducer by this call in their trace
             out = reduce_tokens(hidden[:, prefix:], q, k, self.reducer, num_heads=self.num_heads, prefix=prefix,
                                 importance=self.adapter.importance)
@@ -238,6 +259,13 @@ class PruMergeEncoder(nn.Module):
         valid = torch.arange(projected.shape[1], device=projected.device).unsqueeze(0) < out.num_tokens.unsqueeze(-1)
         projected = torch.where(valid.unsqueeze(-1), projected, torch.zeros_like(projected))  # padding stays zero
         return ReducedTokens(projected, out.num_tokens, out.indices, out.truncated)
+
+
+def _fixed(tokens: torch.Tensor, indices: torch.Tensor) -> ReducedTokens:
+    """A fixed-count method's output in the contract: every slot a token, none truncated."""
+    batch, count = indices.shape
+    return ReducedTokens(tokens, torch.full((batch,), count, dtype=torch.int64, device=tokens.device), indices,
+                         torch.zeros(batch, dtype=torch.bool, device=tokens.device))
 
 
 def _load_family(model_type: str, checkpoint, revision) -> nn.Module:

@@ -14,11 +14,20 @@ from ..errors import ConfigError
 
 
 class Method(str, enum.Enum):
-    """Which reduction runs. ``NONE`` keeps every patch (the unreduced LLaVA baseline)."""
+    """Which reduction runs. ``NONE`` keeps every patch (the unreduced LLaVA baseline). PruMerge and PruMerge+ keep
+    an adaptive count per image; VisionZip and DivPrune a fixed one (``dominant_tokens + contextual_tokens``,
+    ``diverse_tokens``)."""
 
     NONE = "none"
     PRUMERGE = "prumerge"
     PRUMERGE_PLUS = "prumerge+"
+    VISIONZIP = "visionzip"
+    DIVPRUNE = "divprune"
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the count depends on the image (and a capacity bounds it)."""
+        return self in (Method.PRUMERGE, Method.PRUMERGE_PLUS)
 
     @classmethod
     def parse(cls, value: "str | Method") -> "Method":
@@ -75,7 +84,9 @@ class ReducerConfig:
     ``min_keep`` highest-attention patches are kept instead.
     ``capacity`` is the static number of output slots (tokens + extra token + padding); ``None`` means
     :func:`default_capacity` for the method and patch count. An image needing more slots keeps its
-    highest-attention tokens and is reported as truncated.
+    highest-attention tokens and is reported as truncated. Fixed-count methods take no capacity: their count is
+    ``dominant_tokens + contextual_tokens`` (VisionZip; its defaults are the official 64-token setting, CLS counted
+    among the dominant) or ``diverse_tokens`` (DivPrune).
     """
 
     method: Method = Method.PRUMERGE
@@ -86,6 +97,9 @@ class ReducerConfig:
     neighbors: int = 32
     min_keep: int = 1
     capacity: int | None = None
+    dominant_tokens: int = 54
+    contextual_tokens: int = 10
+    diverse_tokens: int = 64
 
     def __post_init__(self) -> None:
         # Normalise strings to enums so configs built from JSON or CLI options compare equal.
@@ -105,9 +119,31 @@ class ReducerConfig:
             raise ConfigError(f"min_keep must be an integer >= 1, got {self.min_keep}")
         if self.capacity is not None and (int(self.capacity) != self.capacity or self.capacity < 2):
             raise ConfigError(f"capacity must be an integer >= 2 (one token + the extra token), got {self.capacity}")
+        for name, least in (("dominant_tokens", 2), ("contextual_tokens", 1), ("diverse_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value}")
+        if self.capacity is not None and not self.method.adaptive and self.method is not Method.NONE:
+            raise ConfigError(f"{self.method.value} outputs a fixed count (see dominant_tokens, contextual_tokens, "
+                              "diverse_tokens); a capacity (--max-tokens) applies to prumerge / prumerge+ only")
+
+    @property
+    def fixed_count(self) -> int | None:
+        """The token count of a fixed-count method, None for the adaptive ones and ``none``."""
+        if self.method is Method.VISIONZIP:
+            return self.dominant_tokens + self.contextual_tokens
+        if self.method is Method.DIVPRUNE:
+            return self.diverse_tokens
+        return None
 
     def resolved_capacity(self, num_patches: int) -> int:
         """The capacity used for ``num_patches`` patches, checked against what that grid can hold."""
+        if self.fixed_count is not None:
+            # at most every patch (VisionZip: CLS + dominant + at least one patch per contextual target)
+            if self.fixed_count > num_patches:
+                raise ConfigError(f"{self.method.value} asks for {self.fixed_count} tokens of a {num_patches}-patch grid; "
+                                  f"it can give at most {num_patches}")
+            return self.fixed_count
         if self.capacity is None:
             return default_capacity(self.method, num_patches, self.min_keep)
         if self.method is not Method.NONE and self.capacity > num_patches + 1:

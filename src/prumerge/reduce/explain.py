@@ -1,7 +1,7 @@
 """What the reducer decided for one image, in plain Python values: for pictures, reports and tests.
 
-Uses the same functions as :func:`reduce_tokens` (attention, outlier count, selection, neighbour search), so
-what is drawn is what the reducer did.
+Uses the same functions as the reducers (PruMerge: attention, outlier count, selection, neighbour search;
+VisionZip: its plan; DivPrune: its choice), so what is drawn is what the reducer did.
 """
 
 from __future__ import annotations
@@ -16,16 +16,20 @@ from .merge import nearest_neighbors
 from .outliers import iqr_outlier_count
 from .ranking import top_indices
 from .selection import select_tokens
+from .divprune import divprune_choice
+from .visionzip import visionzip_plan
 
 
 @dataclasses.dataclass
 class Explanation:
-    scores: list  # CLS attention per patch (raster order)
-    outliers: int  # IQR outlier count before min_keep / capacity
-    kept: list  # patches kept by attention, in output order (descending attention)
-    sampled: list  # PruMerge+ raster samples, in output order
+    scores: list  # per patch (raster order): CLS attention (VisionZip: summed over heads); DivPrune: cosine distance
+    #               to the nearest chosen token
+    outliers: int  # IQR outlier count before min_keep / capacity (fixed-count methods: the patches kept)
+    kept: list  # patches kept by attention (descending; VisionZip's dominant in raster order; DivPrune's picks)
+    sampled: list  # PruMerge+ raster samples / VisionZip's contextual targets, in output order
     neighbors: dict  # selected patch -> the patches merged into it
-    pruned_only_in_extra: list  # patches no selected token took as a neighbour (they live only in the extra token)
+    pruned_only_in_extra: list  # patches no selected token took as a neighbour (PruMerge: only in the extra token;
+    #                             DivPrune: dropped)
     truncated: bool
 
 
@@ -34,8 +38,15 @@ def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: Re
     """Batch-1 ``features [1, P, D]``, ``q/k [1, prefix + P, D]`` -> :class:`Explanation` (prefix and importance
     as the tower's adapter gives them, so what is drawn is scored as the exported graph scores it)."""
     if config.method is Method.NONE:
-        raise ValueError("explain needs method prumerge or prumerge+")
+        raise ValueError("explain needs a reducing method")
     features, q, k = features.float(), q.float(), k.float()
+    if config.method is Method.VISIONZIP:
+        return _visionzip(features, q, k, config, num_heads, prefix, importance)
+    if config.method is Method.DIVPRUNE:  # ``features``: the tokens DivPrune chooses among (projected, where it is)
+        picks, closest = divprune_choice(features, config.diverse_tokens)
+        kept = picks[0].tolist()
+        return Explanation(scores=closest[0].tolist(), outliers=len(kept), kept=kept, sampled=[], neighbors={},
+                           pruned_only_in_extra=sorted(set(range(features.shape[1])) - set(kept)), truncated=False)
     num_patches = features.shape[1]
     scores = importance_scores(q, k, config, num_heads, prefix, importance)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
@@ -62,3 +73,13 @@ def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: Re
         pruned_only_in_extra=sorted(set(range(num_patches)) - selected - merged),
         truncated=bool(selection.truncated[0]),
     )
+
+
+def _visionzip(features, q, k, config: ReducerConfig, num_heads: int, prefix: int, importance: str) -> Explanation:
+    plan = visionzip_plan(q, k, features.shape[1], config.dominant_tokens, config.contextual_tokens, num_heads, prefix,
+                          importance)
+    targets, merged, assign = plan.targets[0].tolist(), plan.merged[0].tolist(), plan.assign[0].tolist()
+    neighbors = {t: [p for p, a in zip(merged, assign) if a == i] for i, t in enumerate(targets)}
+    kept = plan.dominant[0].tolist()
+    return Explanation(scores=plan.scores[0].tolist(), outliers=len(kept), kept=kept, sampled=targets,
+                       neighbors=neighbors, pruned_only_in_extra=[], truncated=False)

@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from .attention import importance_scores
 from ..artifact.contract import EXTRA_TOKEN_INDEX, PADDING_INDEX
-from .config import Method, ReducerConfig
+from .config import ReducerConfig
 from .merge import merge_weights
 from .outliers import iqr_outlier_count
 from .ranking import tracing
@@ -68,8 +68,9 @@ def reduce_tokens(
     Computation is float32 whatever the input dtype (fp16 softmax and quantiles would move the outlier
     threshold); tokens come back in the features' dtype.
     """
-    if config.method is Method.NONE:
-        raise InputError("reduce_tokens needs method 'prumerge' or 'prumerge+'; 'none' keeps all patches")
+    if not config.method.adaptive:
+        raise InputError(f"reduce_tokens runs 'prumerge' or 'prumerge+', not {config.method.value!r} ('none' keeps all "
+                         "patches; visionzip and divprune have their own functions, called by PruMergeEncoder)")
     check_inputs(features, q, k, prefix)
     out_dtype = features.dtype
     features, q, k = features.float(), q.float(), k.float()
