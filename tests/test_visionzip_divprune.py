@@ -164,8 +164,9 @@ def test_batched_equals_per_image_and_options_are_checked(llava_dir):
                 torch.testing.assert_close(alone.tokens[0], batched.tokens[b], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="fixed count"):
         ReducerConfig(method="visionzip", capacity=20)
-    with pytest.raises(ConfigError, match="diverse_tokens must be an integer >= 1"):
-        ReducerConfig(method="divprune", diverse_tokens=0)
+    for bad in (0, "12", 3.0, True):  # a manifest's JSON or a caller: one ConfigError, never int()'s ValueError
+        with pytest.raises(ConfigError, match="diverse_tokens must be an integer >= 1"):
+            ReducerConfig(method="divprune", diverse_tokens=bad)
     from prumerge.calib.budget import calibrate_budget
 
     with pytest.raises(ConfigError, match="keeps a fixed count"):
@@ -258,3 +259,31 @@ def test_run_and_profile_from_the_cli(built, tmp_path, method, count):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "p.json").read_text())["methods"][0]
     assert report["method"] == method and report["stages"]["reducer"]["p50"] > 0
+
+
+def test_int8_visionzip_keeps_its_reducer_float_and_records_agreement(llava_dir, tmp_path):
+    """INT8 (static Q/DQ) of a VisionZip graph: the calibration file gives only the image set (no capacity), no node of
+    the method reads a quantised tensor, and the recorded agreement pairs its CLS and contextual tokens."""
+    import onnx
+
+    from prumerge.artifact.node_stages import classify_nodes
+    from prumerge.calib.budget import calibrate_budget
+    from prumerge.calib.images import CalibrationSet
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions, Int8Options
+
+    calibration = calibrate_budget(str(llava_dir), CalibrationSet.synthetic(6, 0), ["prumerge"], 0.9).write(tmp_path / "c.json")
+    manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(
+        ReducerConfig(method="visionzip", dominant_tokens=10, contextual_tokens=4), llm=None, int8=Int8Options(),
+        calibration=str(calibration)))
+    assert manifest.vision.precision == "int8" and manifest.vision.capacity == 14
+    agreement = manifest.vision.int8.agreement
+    assert agreement.images == 6 and 0 < agreement.mean_jaccard <= 1 and agreement.mean_count_diff == 0
+    assert 0.9 < agreement.mean_cosine <= 1.0 + 1e-6  # CLS, dominant and contextual tokens all paired
+    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
+    stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
+    produced_by = {o: n for n in graph.node for o in n.output}
+    reducer_nodes = [n for n in graph.node if stages.get(n.name) == "reducer"]
+    assert len(reducer_nodes) > 10 and sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
+    for node in reducer_nodes:
+        assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)

@@ -121,7 +121,7 @@ class ReducerConfig:
             raise ConfigError(f"capacity must be an integer >= 2 (one token + the extra token), got {self.capacity}")
         for name, least in (("dominant_tokens", 2), ("contextual_tokens", 1), ("diverse_tokens", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < least:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value}")
         if self.capacity is not None and not self.method.adaptive and self.method is not Method.NONE:
             raise ConfigError(f"{self.method.value} outputs a fixed count (see dominant_tokens, contextual_tokens, "
