@@ -233,7 +233,7 @@ def run(name: str) -> bool:
         return False
     path.write_text(text.replace(original, mutated))
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests],
                                 cwd=ROOT, capture_output=True, text=True)
     finally:
         path.write_text(text)
