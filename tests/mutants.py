@@ -146,8 +146,8 @@ MUTANTS = {
         "model/checkpoint.py", "except LocalEntryNotFoundError:", "except ZeroDivisionError:",
         ["tests/test_bad_input.py::test_no_network_is_told_from_a_missing_file"]),
     "fp32 order among near-tied kept patches held exact": (
-        "export/validate.py", 'if reducer.method.value not in ("prumerge", "prumerge+") or reducer.order.value != "official":',
-        'if reducer.method.value not in ("prumerge", "prumerge+") or reducer.order.value != "official" or SELECTION_EPSILON[precision] <= 0:',
+        "export/validate.py", 'if reducer.method.value not in ADAPTIVE_METHODS or reducer.order.value != "official":',
+        'if reducer.method.value not in ADAPTIVE_METHODS or reducer.order.value != "official" or SELECTION_EPSILON[precision] <= 0:',
         ["tests/test_checkpoints.py::test_fp32_allows_only_an_order_swap_among_near_tied_kept_patches"]),
     "a linked manifest read": (
         "artifact/manifest.py", "        if path.is_symlink():\n", "        if False:\n",

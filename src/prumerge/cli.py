@@ -382,6 +382,7 @@ def inspect(target, as_json, model, method, out, image_size):
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _writable_file(out, "--out")
     encoder = None
+    from .artifact.contract import ADAPTIVE_METHODS
     from .artifact.manifest import MANIFEST_NAME
 
     if Path(model).is_dir() and (Path(model) / MANIFEST_NAME).is_file():  # an artifact: the encoder it was built from
@@ -392,7 +393,7 @@ def inspect(target, as_json, model, method, out, image_size):
             raise click.BadParameter("an artifact has its own input size", param_hint="--image-size")
         encoder = artifact_encoder(Manifest.read(model), method=method, project=method == "divprune", capacity=False)
     result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder)
-    if method in ("prumerge", "prumerge+"):
+    if method in ADAPTIVE_METHODS:
         click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} "
                    f"tokens of {result.num_patches} patches ({result.outliers} IQR outliers); "
                    f"{len(result.pruned_only_in_extra)} patches only in the extra token")

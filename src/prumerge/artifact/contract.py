@@ -64,6 +64,9 @@ def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutpu
 
 # the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none")
 METHODS = ("none", "prumerge", "prumerge+", "visionzip", "divprune")
+# the methods whose token count depends on the image (a capacity bounds it; calibrate measures it); the others keep
+# a fixed count set by their options (``reduce.config.Method.adaptive`` says the same of the enum)
+ADAPTIVE_METHODS = ("prumerge", "prumerge+")
 
 
 def check_method_request(artifacts, methods) -> list:

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from ..errors import ArtifactError
 from .preprocess_config import PreprocessConfig
-from .contract import METHODS
+from .contract import ADAPTIVE_METHODS, METHODS
 
 FORMAT = "prumerge-artifact"
 FORMAT_VERSION = 3  # 2: typed sections, one owner per fact; 3: the decoder's cache names written out per layer
@@ -607,7 +607,7 @@ class Manifest:
         vision, reducer, validation = self.vision, self.reducer, self.validation
         rows = [("source", str(self.source.model)),
                 ("method", f"{vision.method}  " + (f"(capacity {vision.capacity} of {reducer.num_patches} patches + extra)"
-                                                   if vision.method in ("prumerge", "prumerge+") else
+                                                   if vision.method in ADAPTIVE_METHODS else
                                                    f"({vision.capacity} tokens of {reducer.num_patches} patches)")),
                 ("graph", f"{vision.file}  {vision.contract} contract, opset {vision.opset}, {vision.precision}"),
                 ("outputs", "; ".join(f"{o.name} {o.shape} {o.dtype}" for o in vision.outputs))]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact.contract import ADAPTIVE_METHODS
 from ..errors import ConfigError, InputError
 
 SCHEMA = "prumerge-calibration"
@@ -104,7 +105,7 @@ def calibrate_budget(model: str, images, methods=("prumerge", "prumerge+"), cove
     """Run each method's reducer (untruncated) over ``images`` (a :class:`CalibrationSet`) with ``model``'s tower."""
     if not 0 < coverage <= 1:  # before the model pass, not after it
         raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
-    fixed = [m for m in methods if m not in ("prumerge", "prumerge+")]
+    fixed = [m for m in methods if m not in ADAPTIVE_METHODS]
     if fixed:
         raise ConfigError(f"calibrate measures the per-image token counts of prumerge / prumerge+; {', '.join(fixed)} "
                           "keeps a fixed count (its options) and needs no capacity")

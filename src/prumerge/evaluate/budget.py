@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 
+from ..artifact.contract import ADAPTIVE_METHODS
 from ..errors import InputError
 
 # the reducer options' defaults (``ReducerConfig``'s; a test keeps the two equal): only others go on the command
@@ -55,7 +56,7 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
     if facts.get("revision"):
         args += ["--revision", str(facts["revision"])]
     if facts["method"] != "none":
-        if facts["method"] in ("prumerge", "prumerge+"):  # the others' count is their options'
+        if facts["method"] in ADAPTIVE_METHODS:  # the others' count is their options'
             args += ["--max-tokens", str(int(facts["capacity"]))]
         for name, value in (facts.get("reducer_options") or {}).items():
             if name in REDUCER_DEFAULTS and value != REDUCER_DEFAULTS[name]:

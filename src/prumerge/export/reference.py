@@ -8,6 +8,7 @@ only (tower + projector): rebuilding a reference never writes the language model
 
 from __future__ import annotations
 
+from ..artifact.contract import ADAPTIVE_METHODS
 from ..artifact.manifest import Manifest
 from ..errors import ArtifactError, CheckpointError
 
@@ -26,7 +27,7 @@ def artifact_encoder(manifest: Manifest, graph: str = "vision", method: str | No
     source = manifest.source
     original = source.layout == "llava-original"
     options = {**manifest.reducer.options, **reducer_overrides}
-    adaptive = (method or section.method) in ("prumerge", "prumerge+")  # fixed-count methods take no capacity
+    adaptive = (method or section.method) in ADAPTIVE_METHODS  # fixed-count methods take no capacity
     if capacity and adaptive and section.method != "none":  # the graph owns its capacity (--max-tokens or calibration)
         options["capacity"] = section.capacity
     elif not adaptive:

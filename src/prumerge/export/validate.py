@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..artifact.contract import VisionOutput
+from ..artifact.contract import ADAPTIVE_METHODS, VisionOutput
 from ..artifact.manifest import SelectionAgreement, ValidationSection
 from ..errors import ValidationError
 
@@ -177,7 +177,7 @@ def selection_rule(reducer, scores, thresholds, precision: str) -> dict | None:
     ``thresholds [B]`` (``PruMergeEncoder.selection_scores``) with the reducer's facts; None where selection is held
     the rule does not apply (no reduction; a non-official order, whose kept part cannot be told from PruMerge+'s
     samples). In fp32 the kept set must be identical and only the order of near-tied kept patches may differ."""
-    if reducer.method.value not in ("prumerge", "prumerge+") or reducer.order.value != "official":  # others: exact
+    if reducer.method.value not in ADAPTIVE_METHODS or reducer.order.value != "official":  # others: exact
         return None
     same_set = SELECTION_EPSILON[precision] <= 0  # fp32: the kept set exact, only near-tied order may differ
     return dict(scores=np.asarray(scores, dtype=np.float64), thresholds=np.asarray(thresholds, dtype=np.float64),

@@ -230,8 +230,9 @@ class PruMergeEncoder(nn.Module):
         if tower_sink is not None:
             tower_sink.append((q, k))
         batch, prefix = hidden.shape[0], self.adapter.prefix_tokens
-        if self.reducer.method is Method.NONE:
+        if not self.reducer.method.adaptive:  # reduce_tokens checks its own inputs
             check_inputs(hidden[:, prefix:], q, k, prefix)
+        if self.reducer.method is Method.NONE:
             features = torch.cat([hidden[:, :1], hidden[:, prefix:]], dim=1) if self.keep_cls else hidden[:, prefix:]
             count = features.shape[1]
             out = ReducedTokens(
@@ -241,13 +242,11 @@ class PruMergeEncoder(nn.Module):
                 torch.zeros(batch, dtype=torch.bool, device=features.device),
             )
         elif self.reducer.method is Method.VISIONZIP:  # in float32 whatever the graph's precision, as reduce_tokens
-            check_inputs(hidden[:, prefix:], q, k, prefix)
             tokens, indices = visionzip_tokens(hidden.float(), q.float(), k.float(), self.reducer.dominant_tokens,
                                                self.reducer.contextual_tokens, self.num_heads, prefix, self.adapter.importance)
             out = _fixed(tokens.to(hidden.dtype), indices)
         elif self.reducer.method is Method.DIVPRUNE:
             # chosen among the tokens the LLM receives (projected, as the official code), so projected first
-            check_inputs(hidden[:, prefix:], q, k, prefix)
             features = hidden[:, prefix:] if self.projector is None else self.projector(hidden[:, prefix:])
             return _fixed(*divprune_tokens(features, self.reducer.diverse_tokens))
         else:  # called here by name: the profiler attributes graph nodes to the reducer by this call in their trace

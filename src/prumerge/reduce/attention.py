@@ -21,15 +21,21 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: At
     encoder computes) but may hold every row. The softmax runs over all keys (CLS and registers included) and is
     not renormalised over patches, as in the official code.
     """
-    batch, tokens, width = k.shape
+    width = k.shape[-1]
     if Attention(mode) is Attention.OFFICIAL:
         logits = torch.matmul(q[:, :1], k.transpose(1, 2)) * (width**-0.5)  # [B, 1, N]
         return torch.softmax(logits, dim=-1)[:, 0, prefix:]
+    return cls_head_probs(q, k, num_heads).mean(dim=1)[:, prefix:]
+
+
+def cls_head_probs(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, H, N]``: the CLS query's attention over every key in each of the model's heads,
+    ``softmax(q_h k_h^T / sqrt(head_dim))`` (PruMerge's ``per_head`` averages it; VisionZip sums it)."""
+    batch, tokens, width = k.shape
     head_dim = width // num_heads
     qh = q[:, :1].reshape(batch, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
     kh = k.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)  # [B, H, N, d]
-    probs = torch.softmax(torch.matmul(qh, kh.transpose(2, 3)) * (head_dim**-0.5), dim=-1)  # [B, H, 1, N]
-    return probs.mean(dim=1)[:, 0, prefix:]
+    return torch.softmax(torch.matmul(qh, kh.transpose(2, 3)) * (head_dim**-0.5), dim=-1)[:, :, 0]
 
 
 def importance_scores(q: torch.Tensor, k: torch.Tensor, config, num_heads: int, prefix: int,

@@ -23,19 +23,8 @@ from typing import NamedTuple
 import torch
 
 from ..artifact.contract import CLS_TOKEN_INDEX, CONTEXTUAL_TOKEN_INDEX
-from .attention import received_attention
+from .attention import cls_head_probs, received_attention
 from .ranking import top_indices
-
-
-def head_sum_cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, prefix: int) -> torch.Tensor:
-    """``[B, P]``: the CLS query's attention to each patch key, per head ``softmax(q_h k_h^T / sqrt(d))`` over every
-    key, summed over heads (VisionZip's ``attn_weights[:, :, 0, 1:].sum(dim=1)``)."""
-    batch, tokens, width = k.shape
-    head_dim = width // num_heads
-    qh = q[:, :1].reshape(batch, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
-    kh = k.reshape(batch, tokens, num_heads, head_dim).transpose(1, 2)  # [B, H, N, d]
-    probs = torch.softmax(torch.matmul(qh * head_dim**-0.5, kh.transpose(2, 3)), dim=-1)  # [B, H, 1, N]
-    return probs.sum(dim=1)[:, 0, prefix:]
 
 
 def head_mean_keys(k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -69,7 +58,7 @@ def visionzip_plan(q: torch.Tensor, k: torch.Tensor, num_patches: int, dominant:
     batch, device = k.shape[0], k.device
     with_cls = prefix > 0 and importance == "cls_attention"
     if with_cls:
-        scores = head_sum_cls_attention(q, k, num_heads, prefix)
+        scores = cls_head_probs(q, k, num_heads).sum(dim=1)[:, prefix:]  # attn_weights[:, :, 0, 1:].sum(dim=1)
     else:
         scores = received_attention(q, k, num_heads=num_heads, prefix=prefix)
     chosen = dominant - 1 if with_cls else dominant
