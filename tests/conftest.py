@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Several pytest-xdist workers share the cores: each worker's torch / OpenMP (and the builder subprocesses it starts,
+# which inherit the environment) takes its share instead of every core. Set before anything imports torch; measured:
+# two workers each spinning two OpenMP threads on 2 cores made the torch-heavy tests 3-4x slower than alone.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=112, patch_size=14
@@ -53,7 +61,7 @@ def tiny_llava(seed=0, **vision_overrides):
     torch.manual_seed(seed)
     text = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=TINY_VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        vocab_size=TINY_VOCAB, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
     )
     config = LlavaConfig(vision_config=tiny_vision_config(**vision_overrides), text_config=text, image_token_id=TINY_VOCAB - 1)
     return LlavaForConditionalGeneration(config).eval()

@@ -221,6 +221,15 @@ MUTANTS = {
     "a resumed run forgets the alignment's draws": (
         "demovlm/train.py", "    for _ in range(align_steps):\n        _align_images(rng, cache)\n", "",
         ["tests/test_demovlm.py::test_a_resumed_run_draws_the_batches_the_whole_run_would_have"]),
+    "the LM head computes every position's logits again": (
+        "export/llm.py", 'COMMON_BUILDER_OPTIONS = {"prune_lm_head": "true"}', "COMMON_BUILDER_OPTIONS = {}",
+        ["tests/test_pipeline.py::test_kv_cache_decode_equals_full_recompute"]),
+    "a shared-buffer step's mask spans the whole buffer": (
+        "runtime/llm.py", "shared.mask[:, :total]", "shared.mask",
+        ["tests/test_pipeline.py::test_kv_cache_decode_equals_full_recompute"]),
+    "the cached SmolLM2 is handed out, not a copy": (
+        "demovlm/smollm2.py", "return copy.deepcopy(model), tokenizer", "return model, tokenizer",
+        ["tests/test_demovlm.py::test_the_language_model_is_a_fresh_copy_each_call"]),
 }
 
 

@@ -73,6 +73,22 @@ def setup(tmp_path_factory):
     return prepare(tmp_path_factory.mktemp("demovlm"))
 
 
+def test_the_language_model_is_a_fresh_copy_each_call():
+    """SmolLM2 is read from its GGUF once per process, but every caller gets its own model: the checkpoint
+    builder merges a LoRA into it and training trains it, and neither may change what the next caller gets."""
+    _real_parts_or_skip()
+    from prumerge.demovlm.smollm2 import smollm2
+
+    first, _ = smollm2()
+    weight = first.model.embed_tokens.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    second, _ = smollm2()
+    assert second is not first
+    assert torch.equal(second.model.embed_tokens.weight, original)
+
+
 def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
     from prumerge.demovlm.train import encode_scenes, new_trainer
 

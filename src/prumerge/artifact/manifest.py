@@ -535,6 +535,7 @@ class LLMSection(Section):
     prompt_format: str | None = None
     image_marker: str | None = None
     kv_share_buffer: bool | None = None  # the decoder writes into one preallocated KV buffer (GQA), no copy per step
+    logits: str | None = None  # "last": one row per step (LM head on the last position only); "all"/None: every row
 
     def check(self, where: str) -> None:
         _integer(self.hidden_size, f"{where}.hidden_size", 1, 1 << 16)
@@ -550,6 +551,7 @@ class LLMSection(Section):
             raise ArtifactError(f"manifest field {where}.eos_token_ids must be a list of token ids < {self.vocab_size}")
         _choice(self.kv_dtype, f"{where}.kv_dtype", _DTYPES, optional=True)
         _choice(self.embeds_dtype, f"{where}.embeds_dtype", _DTYPES, optional=True)
+        _choice(self.logits, f"{where}.logits", ("last", "all"), optional=True)
         if self.prompt_format is not None:
             fmt = self.prompt_format
             try:

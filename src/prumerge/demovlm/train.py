@@ -273,7 +273,8 @@ class Trainer:
         hits, per_category = [], {}
         for i in range(0, len(cache.samples), batch):
             chunk = cache.samples[i: i + batch]
-            _, right = self.batch_loss(cache, chunk, token_set)
+            with torch.no_grad():  # measured, not trained: no autograd graph over the LLM's activations
+                _, right = self.batch_loss(cache, chunk, token_set)
             for s, r in zip(chunk, right.tolist()):
                 hits.append(r)
                 per_category.setdefault(s.category, []).append(r)

@@ -27,6 +27,9 @@ PROMPT_SLOT = "{prompt}"
 # int4: k-quant with the LM head kept at int8. Measured on SmolLM2-135M (teacher-forced top-1 agreement with fp32,
 # 6 prompts): plain RTN int4 0.68, this 0.75, int8 0.95 - at the same CPU decode speed.
 BUILDER_OPTIONS = {"int4": {"algo_config": "k_quant_last"}}
+# every precision: the LM head runs on the last position only (the builder's Gather before it). A prefill of 589
+# positions otherwise computes 589 rows of logits over SmolLM2's 49152 words (~33 GFLOP) to use one of them.
+COMMON_BUILDER_OPTIONS = {"prune_lm_head": "true"}
 LLAVA15_FORMAT = "USER: {prompt} ASSISTANT:"
 _SENTINEL = "\u2063PRUMERGE_PROMPT\u2063"
 
@@ -191,7 +194,8 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     work = stage / ".llm-work"
     hf_dir = extract_language_model(checkpoint, config.text_config, work / "hf")
     out = stage / LLM_DIR
-    run_model_builder(hf_dir, out, precision, provider, work / "cache", BUILDER_OPTIONS.get(precision))
+    run_model_builder(hf_dir, out, precision, provider, work / "cache",
+                      COMMON_BUILDER_OPTIONS | BUILDER_OPTIONS.get(precision, {}))
 
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(str(hf_dir / index["model.embed_tokens.weight"]), framework="np") as handle:
@@ -204,6 +208,7 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     genai = json.loads((out / "genai_config.json").read_text())["model"]
     decoder = onnx.load(str(out / genai["decoder"]["filename"]), load_external_data=False).graph
     inputs = {i.name: i for i in decoder.input}
+    logits_dims = next(o for o in decoder.output if o.name == "logits").type.tensor_type.shape.dim
     eos = genai.get("eos_token_id")
     shutil.rmtree(work)
     return {
@@ -233,5 +238,7 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
         "image_marker": "<image>",
         "image_token_id": getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
         # GroupQueryAttention decoders can write the new keys/values into one preallocated buffer in place
+        # "last": the logits output is [batch, 1, vocab] whatever the step's length (prune_lm_head)
+        "logits": "last" if len(logits_dims) == 3 and logits_dims[1].dim_value == 1 else "all",
         "kv_share_buffer": bool(json.loads((out / "genai_config.json").read_text()).get("search", {}).get("past_present_share_buffer")),
     }

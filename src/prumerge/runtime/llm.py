@@ -67,29 +67,61 @@ class OnnxDecoder:
         if capacity and self.spec.kv_share_buffer:
             length = min(int(capacity), self.context_length)
             shape = (1, self.kv_shape[0], length, self.kv_shape[1])
-            return KVCache({past: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
-                            for past, _ in self._names}, 0, capacity=length)
+            values = {past: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
+                      for past, _ in self._names}
+            return KVCache(values, 0, capacity=length, bound=self._bind_shared(values, length))
         empty = np.zeros((1, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.kv_dtype)
         return KVCache({past: ort.OrtValue.ortvalue_from_numpy(empty) for past, _ in self._names}, 0)
 
-    def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
-        """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] (or all, [T, V]) and the
-        grown cache."""
+    def _bind_shared(self, values: dict, length: int) -> "SharedBinding":
+        """One I/O binding for a whole generation on shared buffers: past and present are the same buffers at
+        every step, so they are bound once instead of 2 x layers binds a step; a decoder whose logits are one row
+        (pruned LM head) writes them into one preallocated buffer; the attention mask is a view of one row of ones.
+        What changes between steps is the new embeddings and the mask's length."""
+        import onnxruntime as ort
+
         binding = self.session.io_binding()
+        for past, present in self._names:
+            binding.bind_ortvalue_input(past, values[past])
+            binding.bind_ortvalue_output(present, values[past])
+        logits = None
+        if self.spec.logits == "last":
+            dtype = _NP_TYPES[next(o.type for o in self.session.get_outputs() if o.name == self.io.logits)]
+            logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.spec.vocab_size), dtype=dtype))
+            binding.bind_ortvalue_output(self.io.logits, logits)
+        else:
+            binding.bind_output(self.io.logits, "cpu")  # every row: its shape changes with the step's length
+        return SharedBinding(binding, logits, np.ones((1, length), dtype=np.int64))
+
+    def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
+        """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] (or all, [T, V], from a
+        decoder that computes every row: one built with the LM head on the last position only cannot) and the
+        grown cache."""
+        if all_logits and self.spec.logits == "last":
+            raise InputError("this decoder computes the last position's logits only (its LM head was pruned at "
+                             "build: prune_lm_head); feed the positions one step each to score every one")
         total = cache.length + embeds.shape[0]
         if total > self.context_length:
             raise InputError(f"the sequence needs {total} positions but the model's context is {self.context_length}")
         if cache.capacity is not None and total > cache.capacity:
             raise InputError(f"the sequence needs {total} positions but the cache was allocated for {cache.capacity}")
-        binding.bind_cpu_input(self.io.inputs_embeds, np.ascontiguousarray(embeds[None].astype(self.embeds_dtype)))
+        embeds = np.ascontiguousarray(embeds[None].astype(self.embeds_dtype))
+        if cache.bound is not None:  # shared buffers: only the embeddings and the mask's length change
+            shared = cache.bound
+            shared.binding.bind_cpu_input(self.io.inputs_embeds, embeds)
+            shared.binding.bind_cpu_input(self.io.attention_mask, shared.mask[:, :total])
+            self.session.run_with_iobinding(shared.binding)
+            raw = shared.logits if shared.logits is not None else shared.binding.get_outputs()[-1]
+            logits = raw.numpy()[0]
+            logits = (logits if all_logits else logits[-1]).astype(np.float32)
+            return logits, KVCache(cache.values, total, capacity=cache.capacity, bound=shared)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.io.inputs_embeds, embeds)
         binding.bind_cpu_input(self.io.attention_mask, np.ones((1, total), dtype=np.int64))
         bound = []
         for past, present in self._names:
             binding.bind_ortvalue_input(past, cache.values[past])
-            if cache.capacity is not None:  # the same buffer in and out: written in place
-                binding.bind_ortvalue_output(present, cache.values[past])
-            else:
-                binding.bind_output(present, "cpu")
+            binding.bind_output(present, "cpu")
             bound.append(present)
         binding.bind_output(self.io.logits, "cpu")
         bound.append(self.io.logits)
@@ -97,20 +129,34 @@ class OnnxDecoder:
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
         logits = outputs[self.io.logits].numpy()[0]
         logits = (logits if all_logits else logits[-1]).astype(np.float32)
-        if cache.capacity is not None:
-            return logits, KVCache(cache.values, total, capacity=cache.capacity)
         grown = KVCache({past: outputs[present] for past, present in self._names}, total)
         return logits, grown
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class SharedBinding:
+    """What a shared-buffer generation binds once: the I/O binding (past = present buffers), the preallocated
+    logits buffer (None: the decoder's logits are every row, allocated by onnxruntime each step), a row of ones the
+    attention mask is a view of."""
+
+    def __init__(self, binding, logits, mask: np.ndarray) -> None:
+        self.binding = binding
+        self.logits = logits
+        self.mask = mask
 
 
 class KVCache:
     """Past keys/values as OrtValues: grown by concatenation, or (``capacity`` set) one preallocated buffer per
     layer written in place, ``length`` positions of it valid."""
 
-    def __init__(self, values: dict, length: int, capacity: int | None = None) -> None:
+    def __init__(self, values: dict, length: int, capacity: int | None = None,
+                 bound: SharedBinding | None = None) -> None:
         self.values = values
         self.length = length
         self.capacity = capacity
+        self.bound = bound  # the preallocated buffers' binding, shared by every step of the generation
 
 
 def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
