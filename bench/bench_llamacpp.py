@@ -20,6 +20,8 @@ reports AMX, which ggml then uses and the VM does not allow), so it is built wit
 Usage:
 
     python bench/bench_llamacpp.py [--artifact artifacts/demo] [--threads 2] [--steps 32] [--repeats 3]
+    python bench/bench_llamacpp.py --profile     # where onnxruntime's step goes, per operator type
+    python bench/bench_llamacpp.py --versus OLD  # prefill of an older artifact's decoder against this one's
 """
 
 from __future__ import annotations
@@ -76,6 +78,73 @@ def onnx_side(artifact: Path, threads: int, steps: int, repeats: int) -> dict:
     return {"prefill": {n: prefill(n) for n in PREFILL}, "decode": {c: decode(c) for c in CONTEXTS}}
 
 
+def op_profile(artifact: Path, threads: int, steps: int) -> None:
+    """Where a step's time goes: onnxruntime's own per-node profiler over ``steps`` decode steps after 620 positions
+    and over two prefills of 589, summed per operator type (the LM head's MatMulNBits named apart)."""
+    import collections
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from prumerge.artifact.manifest import inside
+    from prumerge.runtime import Pipeline
+
+    decoder = Pipeline.from_artifacts(artifact, verify=False, llm_threads=threads).decoder
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    decoder.session = ort.InferenceSession(str(inside(inside(artifact, decoder.spec.directory), decoder.spec.decoder)),
+                                           options, providers=["CPUExecutionProvider"])
+    cache = decoder.start(capacity=620 + steps + 1)
+    logits, cache = decoder.step(decoder.embed(_ids(620)), cache)
+    marks = [time.perf_counter()]
+    for _ in range(steps):
+        logits, cache = decoder.step(decoder.embed([int(np.argmax(logits))]), cache)
+    marks.append(time.perf_counter())
+    for _ in range(3):
+        decoder.step(decoder.embed(_ids(589)), decoder.start(capacity=590))
+    events = json.loads(Path(decoder.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    decode_runs, prefill_runs = runs[1: 1 + steps], runs[-2:]  # the first prefill of the three is a warm-up
+
+    def shares(window, count, what):
+        totals = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and window[0]["ts"] <= e["ts"] <= window[-1]["ts"] + window[-1]["dur"]:
+                op = "MatMulNBits (LM head)" if e["name"].startswith("/lm_head/") else e["args"].get("op_name")
+                totals[op] += e["dur"]
+        run_ms = sum(e["dur"] for e in window) / 1e3 / count
+        print(f"{what}: onnxruntime run {run_ms:.2f} ms" + (f", Python step {(marks[1] - marks[0]) * 1e3 / steps:.2f} ms"
+                                                              if what.startswith("decode") else ""))
+        kernel = sum(totals.values())
+        for op, us in totals.most_common(6):
+            print(f"  {op:34s} {us / 1e3 / count:8.2f} ms  {100 * us / kernel:5.1f} %")
+
+    shares(decode_runs, steps, "decode step after 620 positions (profiled)")
+    shares(prefill_runs, 2, "prefill of 589 positions (profiled)")
+
+
+def versus(artifact: Path, other: Path, threads: int, repeats: int) -> None:
+    """Prefill of two artifacts' decoders, interleaved run by run (machine drift hits both alike): e.g. one built
+    before the LM head was pruned (every position's logits) against one built after."""
+    from prumerge.runtime import Pipeline
+
+    decoders = {path: Pipeline.from_artifacts(path, verify=False, llm_threads=threads).decoder for path in (other, artifact)}
+    for path, decoder in decoders.items():
+        print(f"{path}: logits {decoder.spec.logits or 'all (built before llm.logits existed)'}")
+    for n in PREFILL:
+        times = {path: [] for path in decoders}
+        for _ in range(repeats + 1):
+            for path, decoder in decoders.items():
+                embeds, cache = decoder.embed(_ids(n)), decoder.start(capacity=n + 1)
+                start = time.perf_counter()
+                decoder.step(embeds, cache)
+                times[path].append((time.perf_counter() - start) * 1e3)
+        before, after = (statistics.median(t[1:]) for t in times.values())
+        print(f"prefill {n} positions: {before:.1f} ms vs {after:.1f} ms = {before / after:.2f}x")
+
+
 def llamacpp_side(gguf: Path, threads: int, steps: int, repeats: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -122,7 +191,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="only onnxruntime's per-operator profile of a decode "
+                        "step and a prefill (no llama.cpp needed)")
+    parser.add_argument("--versus", type=Path, metavar="OTHER_ARTIFACT",
+                        help="only the prefill of OTHER_ARTIFACT's decoder against --artifact's, interleaved")
     args = parser.parse_args()
+    if args.versus:
+        versus(args.artifact, args.versus, args.threads, args.repeats)
+        return
+    if args.profile:
+        op_profile(args.artifact, args.threads, args.steps)
+        return
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

@@ -108,6 +108,33 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
         decoder.step(np.zeros((5, embeds.shape[1]), np.float32), shared)
 
 
+def test_a_decoder_built_before_the_lm_head_was_pruned_still_generates(llm_artifact, llava_dir, tmp_path, monkeypatch):
+    """An artifact built before ``prune_lm_head`` (logits for every position; a manifest without ``llm.logits``)
+    runs as before: every row on request, and shared-buffer steps (whose logits change shape with the step's length)
+    equal recomputation and the pruned decoder's last row."""
+    from transformers import AutoConfig
+
+    import prumerge.export.llm as llm
+    from prumerge.artifact.manifest import LLMSection
+    from prumerge.runtime.llm import OnnxDecoder
+
+    monkeypatch.setattr(llm, "COMMON_BUILDER_OPTIONS", {})
+    section = llm.build_llm(str(llava_dir), None, AutoConfig.from_pretrained(llava_dir), tmp_path, "fp32", "cpu")
+    assert section.pop("logits") == "all"  # popped: a manifest written before the field existed
+    old = OnnxDecoder(tmp_path, LLMSection.from_dict(section, "llm"))
+    pruned = Pipeline.from_artifacts(llm_artifact).decoder
+    embeds = np.random.default_rng(1).normal(0, 1, (20, old.embeddings.shape[1])).astype(np.float32)
+    full, _ = old.step(embeds, old.start(), all_logits=True)
+    assert full.shape == (20, old.embeddings.shape[0])
+    np.testing.assert_allclose(pruned.step(embeds, pruned.start())[0], full[-1], atol=1e-4)
+    cache = old.start(capacity=24)
+    logits, cache = old.step(embeds[:12], cache)
+    np.testing.assert_allclose(logits, full[11], atol=1e-4)
+    for t in range(12, 20):
+        logits, cache = old.step(embeds[t : t + 1], cache)
+        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+
+
 def test_counts_timings_streaming_and_stops(llm_artifact, tmp_path):
     pipeline = Pipeline.from_artifacts(llm_artifact)
     stream = pipeline.generate(images(1), "<image> describe", max_new_tokens=10, stream=True)

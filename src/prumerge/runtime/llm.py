@@ -90,7 +90,7 @@ class OnnxDecoder:
             logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.spec.vocab_size), dtype=dtype))
             binding.bind_ortvalue_output(self.io.logits, logits)
         else:
-            binding.bind_output(self.io.logits, "cpu")  # every row: its shape changes with the step's length
+            binding.bind_output(self.io.logits, "cpu")  # every row: its shape follows the step's length
         return SharedBinding(binding, logits, np.ones((1, length), dtype=np.int64))
 
     def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
@@ -110,6 +110,8 @@ class OnnxDecoder:
             shared = cache.bound
             shared.binding.bind_cpu_input(self.io.inputs_embeds, embeds)
             shared.binding.bind_cpu_input(self.io.attention_mask, shared.mask[:, :total])
+            if shared.logits is None:  # every row: rebound each step, or onnxruntime reuses last step's shape
+                shared.binding.bind_output(self.io.logits, "cpu")
             self.session.run_with_iobinding(shared.binding)
             raw = shared.logits if shared.logits is not None else shared.binding.get_outputs()[-1]
             logits = raw.numpy()[0]
