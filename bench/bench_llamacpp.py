@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +96,8 @@ def op_profile(artifact: Path, threads: int, steps: int) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
+    scratch = tempfile.mkdtemp(prefix="prumerge-ort-profile-")  # onnxruntime writes its JSON beside the prefix
+    options.profile_file_prefix = str(Path(scratch) / "decoder")
     decoder.session = ort.InferenceSession(str(inside(inside(artifact, decoder.spec.directory), decoder.spec.decoder)),
                                            options, providers=["CPUExecutionProvider"])
     cache = decoder.start(capacity=620 + steps + 1)
@@ -105,6 +109,7 @@ def op_profile(artifact: Path, threads: int, steps: int) -> None:
     for _ in range(3):
         decoder.step(decoder.embed(_ids(589)), decoder.start(capacity=590))
     events = json.loads(Path(decoder.session.end_profiling()).read_text())
+    shutil.rmtree(scratch)
     runs = [e for e in events if e.get("name") == "model_run"]
     decode_runs, prefill_runs = runs[1: 1 + steps], runs[-2:]  # the first prefill of the three is a warm-up
 
