@@ -231,7 +231,7 @@ MUTANTS = {
         "demovlm/smollm2.py", "return copy.deepcopy(model), tokenizer", "return model, tokenizer",
         ["tests/test_demovlm.py::test_the_language_model_is_a_fresh_copy_each_call"]),
     "an all-rows decoder's logits stay bound to the first step's shape": (
-        "runtime/llm.py", '                shared.binding.bind_output(self.io.logits, "cpu")\n', "                pass\n",
+        "runtime/llm.py", '                shared.binding.bind_output(self.io.logits, "cpu")', "                pass",
         ["tests/test_pipeline.py::test_a_decoder_built_before_the_lm_head_was_pruned_still_generates"]),
 }
 

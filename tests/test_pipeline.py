@@ -77,6 +77,17 @@ def test_greedy_matches_transformers(llm_artifact, hf_llava, llava_dir, which, p
     assert len(result.visual_tokens) == len(imgs)
 
 
+def _steps_match(decoder, cache, embeds, full):
+    """Prefill ``embeds[:12]`` into ``cache``, then one position per step: each step's logits within 1e-4 of
+    ``full`` (the reference logits of every position); returns the cache."""
+    logits, cache = decoder.step(embeds[:12], cache)
+    np.testing.assert_allclose(logits, full[11], atol=1e-4)
+    for t in range(12, len(embeds)):
+        logits, cache = decoder.step(embeds[t : t + 1], cache)
+        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+    return cache
+
+
 def test_kv_cache_decode_equals_full_recompute(llm_artifact):
     pipeline = Pipeline.from_artifacts(llm_artifact)
     decoder = pipeline.decoder
@@ -88,22 +99,13 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
     with pytest.raises(InputError, match="last position's logits only"):
         decoder.step(embeds, decoder.start(), all_logits=True)
     full = np.stack([decoder.step(embeds[: t + 1], decoder.start())[0] for t in range(20)])
-    cache = decoder.start()
-    logits, cache = decoder.step(embeds[:12], cache)
-    np.testing.assert_allclose(logits, full[11], atol=1e-4)
-    for t in range(12, 20):
-        logits, cache = decoder.step(embeds[t : t + 1], cache)
-        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+    cache = _steps_match(decoder, decoder.start(), embeds, full)
     assert cache.length == 20
     # the shared, preallocated buffer (GroupQueryAttention writes in place) gives the same logits, bit for bit
     assert decoder.spec.kv_share_buffer, "the builder's GQA decoder shares past and present"
     shared = decoder.start(capacity=24)
     assert shared.capacity == 24
-    logits, shared = decoder.step(embeds[:12], shared)
-    np.testing.assert_allclose(logits, full[11], atol=1e-4)
-    for t in range(12, 20):
-        logits, shared = decoder.step(embeds[t : t + 1], shared)
-        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+    shared = _steps_match(decoder, shared, embeds, full)
     with pytest.raises(InputError, match="allocated for 24"):
         decoder.step(np.zeros((5, embeds.shape[1]), np.float32), shared)
 
@@ -127,12 +129,7 @@ def test_a_decoder_built_before_the_lm_head_was_pruned_still_generates(llm_artif
     full, _ = old.step(embeds, old.start(), all_logits=True)
     assert full.shape == (20, old.embeddings.shape[0])
     np.testing.assert_allclose(pruned.step(embeds, pruned.start())[0], full[-1], atol=1e-4)
-    cache = old.start(capacity=24)
-    logits, cache = old.step(embeds[:12], cache)
-    np.testing.assert_allclose(logits, full[11], atol=1e-4)
-    for t in range(12, 20):
-        logits, cache = old.step(embeds[t : t + 1], cache)
-        np.testing.assert_allclose(logits, full[t], atol=1e-4)
+    _steps_match(old, old.start(capacity=24), embeds, full)
 
 
 def test_counts_timings_streaming_and_stops(llm_artifact, tmp_path):

@@ -95,16 +95,21 @@ def _greedy(decoder, ids, n, eos=None):
     return out
 
 
-def _teacher_forced(decoder, sequence, start):
-    """The decoder's top-1 prediction for each position of ``sequence`` after its first ``start`` tokens, fed the
-    true tokens: the prompt as one step, then one token per step on the KV cache (the LM head computes the last
-    position's logits only)."""
+def _stepwise_logits(decoder, sequence, start):
+    """The decoder's logits [len(sequence) - start, V] predicting each position of ``sequence`` after its first
+    ``start`` tokens, fed the true tokens: the prompt as one step, then one token per step on the KV cache (the LM
+    head computes the last position's logits only)."""
     logits, cache = decoder.step(decoder.embed(sequence[:start]), decoder.start())
-    predicted = [int(np.argmax(logits))]
+    rows = [logits]
     for token in sequence[start:-1]:
         logits, cache = decoder.step(decoder.embed([token]), cache)
-        predicted.append(int(np.argmax(logits)))
-    return predicted
+        rows.append(logits)
+    return np.stack(rows)
+
+
+def _teacher_forced(decoder, sequence, start):
+    """The decoder's top-1 prediction for each position of ``sequence`` after its first ``start`` tokens."""
+    return _stepwise_logits(decoder, sequence, start).argmax(-1).tolist()
 
 
 def _hf_greedy(hf, ids, n, eos):
@@ -130,13 +135,8 @@ def test_smollm2_fp32_onnx_matches_transformers(smol):
         sequence = ids + got
         with torch.no_grad():
             reference = hf(input_ids=torch.tensor([sequence])).logits[0, len(ids) - 1:].numpy()
-        decoder = decoders["fp32"]
-        logits, cache = decoder.step(decoder.embed(ids), decoder.start())
-        rows = [logits]
-        for token in got[:-1] if got else []:
-            logits, cache = decoder.step(decoder.embed([token]), cache)
-            rows.append(logits)
-        np.testing.assert_allclose(np.stack(rows), reference[: len(rows)], atol=1e-3, rtol=0)
+        rows = _stepwise_logits(decoders["fp32"], sequence, len(ids))
+        np.testing.assert_allclose(rows, reference[: len(rows)], atol=1e-3, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,8 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (hf_dir / name).is_file() and not (out / name).is_file():
             shutil.copyfile(hf_dir / name, out / name)
-    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    genai_config = json.loads((out / "genai_config.json").read_text())
+    genai = genai_config["model"]
     decoder = onnx.load(str(out / genai["decoder"]["filename"]), load_external_data=False).graph
     inputs = {i.name: i for i in decoder.input}
     logits_dims = next(o for o in decoder.output if o.name == "logits").type.tensor_type.shape.dim
@@ -238,7 +239,7 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
         "image_marker": "<image>",
         "image_token_id": getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
         # GroupQueryAttention decoders can write the new keys/values into one preallocated buffer in place
+        "kv_share_buffer": bool(genai_config.get("search", {}).get("past_present_share_buffer")),
         # "last": the logits output is [batch, 1, vocab] whatever the step's length (prune_lm_head)
         "logits": "last" if len(logits_dims) == 3 and logits_dims[1].dim_value == 1 else "all",
-        "kv_share_buffer": bool(json.loads((out / "genai_config.json").read_text()).get("search", {}).get("past_present_share_buffer")),
     }

@@ -89,8 +89,6 @@ class OnnxDecoder:
             dtype = _NP_TYPES[next(o.type for o in self.session.get_outputs() if o.name == self.io.logits)]
             logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.spec.vocab_size), dtype=dtype))
             binding.bind_ortvalue_output(self.io.logits, logits)
-        else:
-            binding.bind_output(self.io.logits, "cpu")  # every row: its shape follows the step's length
         return SharedBinding(binding, logits, np.ones((1, length), dtype=np.int64))
 
     def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
@@ -110,13 +108,11 @@ class OnnxDecoder:
             shared = cache.bound
             shared.binding.bind_cpu_input(self.io.inputs_embeds, embeds)
             shared.binding.bind_cpu_input(self.io.attention_mask, shared.mask[:, :total])
-            if shared.logits is None:  # every row: rebound each step, or onnxruntime reuses last step's shape
-                shared.binding.bind_output(self.io.logits, "cpu")
+            if shared.logits is None:  # every row: bound (last of the outputs) anew each step, as its shape follows
+                shared.binding.bind_output(self.io.logits, "cpu")  # the step's length (a kept one is reused: error)
             self.session.run_with_iobinding(shared.binding)
             raw = shared.logits if shared.logits is not None else shared.binding.get_outputs()[-1]
-            logits = raw.numpy()[0]
-            logits = (logits if all_logits else logits[-1]).astype(np.float32)
-            return logits, KVCache(cache.values, total, capacity=cache.capacity, bound=shared)
+            return _rows(raw, all_logits), KVCache(cache.values, total, capacity=cache.capacity, bound=shared)
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.io.inputs_embeds, embeds)
         binding.bind_cpu_input(self.io.attention_mask, np.ones((1, total), dtype=np.int64))
@@ -129,10 +125,14 @@ class OnnxDecoder:
         bound.append(self.io.logits)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
-        logits = outputs[self.io.logits].numpy()[0]
-        logits = (logits if all_logits else logits[-1]).astype(np.float32)
         grown = KVCache({past: outputs[present] for past, present in self._names}, total)
-        return logits, grown
+        return _rows(outputs[self.io.logits], all_logits), grown
+
+
+def _rows(logits, all_logits: bool) -> np.ndarray:
+    """A step's logits OrtValue [1, T, V] -> the last row [V] (or every row, [T, V]) in float32."""
+    rows = logits.numpy()[0]
+    return (rows if all_logits else rows[-1]).astype(np.float32)
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
