@@ -2,18 +2,20 @@
 photos shipped with scikit-image / scikit-learn, kept-set Jaccard against the artifact's own fp32 graph (reducer,
 Softmax and LayerNorm float in every form), and the fp32/int8 latency ratio on onnxruntime CPU, batch 1.
 
-Forms: static Q/DQ (minmax, calibrated on the same photos); onnxruntime's ``quantize_dynamic`` (one activation scale
+Forms: static Q/DQ (minmax, calibrated on the same photos), on the default graph (opset 18; attention's q.k and
+weights.v MatMuls stay float) and on the fused-attention graph (``--opset 23``: attention one float op); onnxruntime's ``quantize_dynamic`` (one activation scale
 per tensor at run time), alone and after SmoothQuant-style migration (alpha 0.5: per-channel activation peaks moved
 into the weights through the preceding LayerNorm); int8 weights only (activations float: per output channel, and in
 blocks of 64 input rows), which bounds what any activation scheme can reach; and prumerge's per-token form.
-``--per-layer`` adds the dynamic form with one encoder layer quantised at a time (slow).
-Usage: python bench/bench_int8_forms.py [--method prumerge] [--per-layer]
+``--per-layer`` adds the dynamic form with one encoder layer quantised at a time (slow). ``--target-jaccard 0.9,0.95``
+instead runs ``--int8-target-jaccard``'s choice (static minmax and per-token) for each target: the encoder layers kept
+float, the agreement reached, the latency ratio and the quantisations it took.
+Usage: python bench/bench_int8_forms.py [--method prumerge] [--per-layer] [--target-jaccard 0.9,0.95]
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="prumerge", choices=["prumerge", "prumerge+"])
     parser.add_argument("--per-layer", action="store_true")
+    parser.add_argument("--target-jaccard", default=None, help="comma-separated targets: only the sensitivity choice")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
     import numpy as np
@@ -35,7 +38,8 @@ def main() -> None:
     from realweights import photos
 
     from prumerge import PruMergeEncoder
-    from prumerge.calib.int8 import agreement, float_nodes, latency_ratio, quantize_vision, session_outputs
+    from prumerge.calib.int8 import (agreement, float_nodes, latency_ratio, quantize_vision, session_outputs,
+                                     tower_part_of, tower_parts)
     from prumerge.calib.per_token import quantize_per_token
     from prumerge.export.graph import export_onnx
     from prumerge.runtime.preprocess import preprocess_batch
@@ -53,9 +57,9 @@ def main() -> None:
     weights = {init.name: init for init in model.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.name not in excluded]
 
-    def report(name: str, path: Path, speed: bool = True) -> None:
-        r = agreement(reference, session_outputs(path, pixels))
-        ratio = f", latency fp32/int8 {latency_ratio(fp32, path, pixels):.2f}x" if speed else ""
+    def report(name: str, path: Path, speed: bool = True, base: Path = fp32, base_out=reference) -> None:
+        r = agreement(base_out, session_outputs(path, pixels))
+        ratio = f", latency fp32/int8 {latency_ratio(base, path, pixels):.2f}x" if speed else ""
         print(f"{name:<44} mean Jaccard {r.mean_jaccard:.3f} (min {r.min_jaccard:.3f}), identical "
               f"{100 * r.identical_selection:.0f}%, cosine {r.mean_cosine:.4f}{ratio}", flush=True)
 
@@ -114,8 +118,27 @@ def main() -> None:
         return path
 
     print(f"DINOv2-S/14 + {args.method}, {len(pixels)} real photos, onnxruntime CPU; {len(matmuls)} MatMuls quantisable")
+    if args.target_jaccard:
+        import time
+
+        from prumerge.calib.sensitivity import float_parts_for_target
+
+        for target in [float(t) for t in args.target_jaccard.split(",")]:
+            for form in ("minmax", "per-token"):
+                start = time.perf_counter()
+                choice = float_parts_for_target(fp32, work, pixels, form, "cpu", target, log=lambda m: None)
+                quantize_vision(fp32, work / "chosen.onnx", pixels, form, float_parts=choice.parts)
+                report(f"{form}, target {target:g}: float {', '.join(choice.parts) or 'nothing'}", work / "chosen.onnx")
+                print(f"    {choice.probes} quantisations, {time.perf_counter() - start:.0f} s; each part alone: "
+                      + ", ".join(f"{part} {j:.3f}" for part, j in choice.sensitivity()), flush=True)
+        return
     quantize_vision(fp32, work / "static.onnx", pixels, "minmax")
     report("static Q/DQ, minmax (per-tensor scales)", work / "static.onnx")
+    fused = work / "fp32-opset23.onnx"  # --opset 23: each layer's attention one ONNX Attention op
+    export_onnx(encoder, fused, "padded", opset=23, batch_max=8)
+    quantize_vision(fused, work / "static-opset23.onnx", pixels, "minmax")
+    report("static minmax, fused attention (opset 23)", work / "static-opset23.onnx", base=fused,
+           base_out=session_outputs(fused, pixels))
     report("dynamic, one activation scale per tensor", dynamic(fp32, work / "dynamic.onnx"))
     report("SmoothQuant alpha 0.5, then dynamic", dynamic(smoothed(0.5), work / "smooth-dynamic.onnx"))
     report("int8 weights only, per output channel", weights_only(None), speed=False)
@@ -123,15 +146,10 @@ def main() -> None:
     quantize_per_token(fp32, work / "per-token.onnx", set(excluded))
     report("per-token activations (prumerge's form)", work / "per-token.onnx")
     if args.per_layer:
-        layer_of = {}
-        for node in matmuls:
-            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-            found = re.findall(r"encoder\.layers?\.(\d+)", scopes)
-            if found:
-                layer_of[node.name] = int(found[-1])
-        for layer in sorted(set(layer_of.values())):
-            others = [name for name, at in layer_of.items() if at != layer]
-            report(f"dynamic, encoder layer {layer} alone", dynamic(fp32, work / f"layer-{layer}.onnx", others), speed=False)
+        part_of = tower_part_of(model.graph)
+        for part in [p for p in tower_parts(fp32) if p.startswith("layer ")]:  # dynamic: MatMuls only
+            others = [node.name for node in matmuls if part_of.get(node.name) != part]
+            report(f"dynamic, {part} alone", dynamic(fp32, work / f"{part.replace(' ', '-')}.onnx", others), speed=False)
 
 
 if __name__ == "__main__":

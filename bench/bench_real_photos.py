@@ -78,7 +78,7 @@ def main() -> None:
           "reducer (--int8-float-layers K)")
     for method in ("prumerge", "prumerge+"):
         for form, float_layers in (("minmax", 0), ("minmax", 1), ("minmax", 2), ("minmax", 4), ("per-token", 0), ("per-token", 2)):
-            r = int8_report(str(checkpoint), photo_set, method, calibration_method=form, float_layers=float_layers)
+            r = int8_report(str(checkpoint), photo_set, method, calibration_method=form, float_layers=float_layers).agreement
             print(f"  {method:<9} {form:<9} K={float_layers}: mean Jaccard {r.mean_jaccard:.3f} (min {r.min_jaccard:.3f}), identical "
                   f"selections {100 * r.identical_selection:.0f}%, mean |count diff| {r.mean_count_diff:.2f}, shared "
                   f"tokens' cosine {r.mean_cosine:.4f}, latency fp32/int8 {r.latency_ratio:.2f}x")

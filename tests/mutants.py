@@ -233,6 +233,26 @@ MUTANTS = {
     "an all-rows decoder's logits stay bound to the first step's shape": (
         "runtime/llm.py", '                shared.binding.bind_output(self.io.logits, "cpu")', "                pass",
         ["tests/test_pipeline.py::test_a_decoder_built_before_the_lm_head_was_pruned_still_generates"]),
+    "the SmolLM2 cache reads an entry that never finished": (
+        "demovlm/smollm2.py", "if (folder / _COMPLETE).is_file():", "if folder.is_dir():",
+        ["tests/test_demovlm.py::test_the_gguf_conversion_is_kept_once_and_read_back_not_redone"]),
+    "a continuation starts from the fp16 LoRA file": (
+        "demovlm/train.py", 'lora = state["lora"] if state and state["lora"] else lora\n', "\n",
+        ["tests/test_demovlm.py::test_a_continuation_starts_from_the_run_it_names_in_full_precision"]),
+    "the parts a target Jaccard chose are quantised anyway": (
+        "calib/int8.py", "excluded = float_nodes(fp32_path, float_layers, float_parts)",
+        "excluded = float_nodes(fp32_path, float_layers)",
+        ["tests/test_calib.py::test_int8_target_jaccard_build_records_its_choice_and_keeps_those_layers_float"]),
+    "an onnxruntime too old for fused attention opens the graph anyway": (
+        "runtime/vision.py", '        if spec.attention == "fused":\n            _require_fused_attention(directory)\n', "",
+        ["tests/test_export.py::test_an_onnxruntime_too_old_for_fused_attention_is_told_to_rebuild"]),
+    "an engine is built from a fused-attention graph": (
+        "export/tensorrt.py", 'if manifest.vision.attention == "fused":', "if False:",
+        ["tests/test_tensorrt.py::test_engine_without_tensorrt_is_one_clear_error"]),
+    "a target Jaccard keeps the least harmful parts float": (
+        "calib/sensitivity.py", "key=lambda part: (alone[part], position[part]))",
+        "key=lambda part: (-alone[part], position[part]))",
+        ["tests/test_calib.py::test_a_target_jaccard_keeps_the_fewest_most_harmful_parts_float"]),
 }
 
 

@@ -65,7 +65,11 @@ def test_the_command_line_maps_each_flag_to_its_stage(tmp_path, monkeypatch):
     options = seen["options"]
     assert options.reducer == ReducerConfig(method="none")  # reducer flags mean nothing to the unreduced graph
     assert options.llm == LlmOptions("auto") and options.int8 is None
-    assert options.engine.target == "server" and options.engine.build_here
+    assert options.engine.target == "server" and options.engine.build_here and options.graph.opset == 18
+
+    seen.clear()  # fused attention is asked for by its opset
+    CliRunner().invoke(main, ["build", "some/model", "--out", str(tmp_path / "o"), "--no-llm", "--opset", "23"])
+    assert seen["options"].graph.opset == 23
 
 
 def test_a_bad_combination_is_one_line_before_the_model_is_touched(tmp_path, monkeypatch):
@@ -78,6 +82,8 @@ def test_a_bad_combination_is_one_line_before_the_model_is_touched(tmp_path, mon
         (["--target", "server", "--batch-max", "2", "--max-batch", "4"], "exceeds the graph's exported limit"),
         (["--target", "server", "--precision", "int8", "--calibration", "c.json", "--calibration-method", "per-token"],
          "TensorRT builds INT8 from an explicit Q/DQ graph"),
+        (["--precision", "int8", "--calibration", "c.json", "--int8-float-layers", "1", "--int8-target-jaccard", "0.9"],
+         "not both"),
     ]:
         result = CliRunner().invoke(main, ["build", "some/model", "--out", str(tmp_path / "o"), "--no-llm", *args])
         assert result.exit_code not in (0, 1) and message in result.output, (args, result.output)

@@ -146,10 +146,69 @@ def test_calibrate_cli(llava_dir, folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped broken.jpg" in result.output and "INT8 vs FP32 (prumerge)" in result.output
     data = json.loads((tmp_path / "r.json").read_text())["prumerge"]
+    assert data["calibration_method"] == "minmax" and data["calibration_images"] == 7  # the record a build writes
+    data = data["agreement"]
     # the printed line and the JSON report say the same (the numbers themselves are checked in the INT8 build test)
     assert f"mean Jaccard {data['mean_jaccard']:.3f}" in result.output
     assert f"latency fp32/int8 {data['latency_ratio']:.2f}x" in result.output and np.isfinite(data["latency_ratio"])
     assert json.loads((tmp_path / "c.json").read_text())["coverage"] == 0.9
+
+
+def test_a_target_jaccard_keeps_the_fewest_most_harmful_parts_float():
+    """The choice behind ``--int8-target-jaccard``: nothing float when all-INT8 meets the target (one probe); else
+    each part measured alone, then the fewest of the most harmful kept float (binary search over how many), listed
+    in the tower's order; every part float, said so, when even that misses."""
+    from prumerge.calib.sensitivity import choose_float_parts
+
+    harm = {"embeddings": 0.01, "layer 0": 0.08, "layer 1": 0.02, "layer 2": 0.03, "layer 10": 0.05, "layer 11": 0.0}
+    seen = []
+
+    def probe(float_parts):
+        seen.append(float_parts)
+        return 1.0 - sum(h for part, h in harm.items() if part not in float_parts)
+
+    assert choose_float_parts(list(harm), probe, 0.8, log=lambda m: None).parts == [] and len(seen) == 1
+    seen.clear()
+    choice = choose_float_parts(list(harm), probe, 0.9, log=lambda m: None)
+    # all-INT8 1 - 0.19 = 0.81; layer 0 (0.08) float: 0.89; with layer 10 (0.05) too: 0.94
+    assert choice.parts == ["layer 0", "layer 10"] and choice.reached == pytest.approx(0.94)
+    assert choice.probes == len(seen) <= 1 + len(harm) + 1 + 3  # all, each alone, all float, binary search over 1..6
+    assert choice.alone["layer 0"] == pytest.approx(0.92) and choice.sensitivity()[1] == ["layer 0", 0.92]
+    assert all(list(p) == sorted(p, key=list(harm).index) for p in seen)  # every probe names parts in tower order
+    unreachable = choose_float_parts(list(harm), lambda parts: 0.5, 0.9, log=lambda m: None)
+    assert unreachable.parts == list(harm) and unreachable.reached == 0.5
+
+
+def test_int8_target_jaccard_build_records_its_choice_and_keeps_those_layers_float(llava_dir, folder, tmp_path):
+    """A build with a target records the target, each encoder layer's measured agreement alone and the layers kept
+    float; no node of a float layer reads a quantised tensor; the agreement reached is the build's own record, and
+    it meets the target unless every layer was kept float."""
+    import onnx
+
+    images = CalibrationSet.from_folder(folder)
+    cal = calibrate_budget(str(llava_dir), images, coverage=0.8).write(tmp_path / "cal.json")
+    manifest = build_artifact(str(llava_dir), tmp_path / "t", BuildOptions(
+        llm=None, int8=Int8Options(target_jaccard=0.999), calibration=str(cal)))
+    record = Manifest.read(tmp_path / "t").vision.int8
+    assert record == manifest.vision.int8 and record.target_jaccard == 0.999
+    parts = ["embeddings", "layer 0", "layer 1", "layer 2"]  # the tiny tower: patch embedding and three layers
+    if record.sensitivity:  # all-INT8 missed the target: every part was measured alone
+        assert [part for part, _ in record.sensitivity] == parts
+    assert record.agreement.mean_jaccard >= 0.999 or record.float_parts == parts
+    graph = onnx.load(str(tmp_path / "t" / "vision.onnx")).graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    quantised = {}  # tower part -> does each of its weight MatMuls / Convs read a de-quantised weight
+    for node in graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        part = next((f"layer {k}" for k in range(3) if f"encoder.layers.{k}" in scopes),
+                    "embeddings" if "patch_embedding" in scopes else None)
+        if node.op_type in ("MatMul", "Conv") and part is not None:
+            source = produced_by.get(node.input[1])
+            quantised.setdefault(part, set()).add(source is not None and source.op_type == "DequantizeLinear")
+    assert sorted(quantised) == parts  # layer 2: only the q/k projections selection reads
+    for part, kinds in quantised.items():
+        assert kinds == ({False} if part in record.float_parts else {True}), (part, kinds)
+    assert "kept float for a target Jaccard of 0.999" in record.line()
 
 
 def test_int8_float_layers_keep_the_selection_path_float(artifact_factory):

@@ -89,6 +89,49 @@ def test_the_language_model_is_a_fresh_copy_each_call():
     assert torch.equal(second.model.embed_tokens.weight, original)
 
 
+def test_the_gguf_conversion_is_kept_once_and_read_back_not_redone(tmp_path, monkeypatch):
+    """The de-quantised SmolLM2 is converted by one process and read back by the next (the ~30 s GGUF parse, once
+    per machine): an entry that did not finish or was damaged is converted again, never read; other GGUF content is
+    another entry; a cache that cannot be written still gives the model."""
+    from conftest import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prumerge.demovlm.smollm2 import cached_conversion
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PRUMERGE_CACHE", str(cache))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"first")
+    calls = []
+
+    def convert(path):
+        calls.append(path)
+        torch.manual_seed(len(calls))
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return LlamaForCausalLM(config).eval(), tiny_tokenizer()
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+    converted, _ = cached_conversion(gguf, convert)
+    read, tokenizer = cached_conversion(gguf, convert)
+    assert len(calls) == 1 and same(converted, read) and tokenizer("ab").input_ids
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    (entry / "complete").unlink()  # as a process killed while writing would leave it
+    cached_conversion(gguf, convert)
+    assert len(calls) == 2
+    (entry / "model.safetensors").write_bytes(b"damaged")
+    again, _ = cached_conversion(gguf, convert)
+    assert len(calls) == 3 and same(cached_conversion(gguf, convert)[0], again) and len(calls) == 3
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [entry.name]  # no staging folder left behind
+    gguf.write_bytes(b"second")
+    cached_conversion(gguf, convert)
+    assert len(calls) == 4
+    monkeypatch.setenv("PRUMERGE_CACHE", str(gguf))  # a file: nothing can be kept there
+    assert cached_conversion(gguf, convert)[0] is not None and len(calls) == 5
+
+
 def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
     from prumerge.demovlm.train import encode_scenes, new_trainer
 
@@ -245,3 +288,29 @@ def test_a_resumed_run_draws_the_batches_the_whole_run_would_have(setup, tmp_pat
         _resumable(tmp_path, 402, 600, 0)
     with pytest.raises(SystemExit, match="has steps 600, not 800"):
         _resumable(tmp_path, 300, 800, 0)
+
+
+def test_a_continuation_starts_from_the_run_it_names_in_full_precision(tmp_path):
+    """``--init DIR`` starts from DIR's weights, its LoRA in fp32 from the optimizer state where saved (the committed
+    file is fp16: starting from it would lose what the first stage learned below fp16's resolution), keeps DIR's
+    record without its per-step losses, and refuses a directory with no run or the output directory itself."""
+    from safetensors.torch import save_file
+
+    from prumerge.demovlm.train import RESUME_FILE, _init_record, _trained_weights
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fine = torch.tensor([[1.0 + 2 ** -14]])  # rounds to 1.0 in fp16
+    save_file({"linear_1.weight": torch.ones(1, 1)}, str(run / "projector.safetensors"))
+    save_file({"layer.lora_A": fine.half()}, str(run / "lora.safetensors"))
+    torch.save({"optimizer": {}, "lora": {"layer.lora_A": fine}}, run / RESUME_FILE)
+    (run / "training.json").write_text(json.dumps({"steps_run": 600, "cpu_seconds": 10.0, "losses": [3.0, 1.0]}))
+    projector, lora, _ = _trained_weights(run)
+    assert torch.equal(lora["layer.lora_A"], fine) and torch.equal(projector["linear_1.weight"], torch.ones(1, 1))
+    (run / RESUME_FILE).unlink()
+    assert not torch.equal(_trained_weights(run)[1]["layer.lora_A"].float(), fine)  # the fp16 file, where no state
+    assert _init_record(run, tmp_path / "next") == {"steps_run": 600, "cpu_seconds": 10.0}
+    with pytest.raises(SystemExit, match="is --out itself"):
+        _init_record(run, run)
+    with pytest.raises(SystemExit, match="holds no training run"):
+        _init_record(tmp_path / "next", tmp_path / "other")

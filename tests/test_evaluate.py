@@ -138,6 +138,15 @@ def test_an_int8_build_command_rebuilds_the_form_that_was_measured(tmp_path, mon
     assert seen["int8"] == Int8Options(method="per-token", float_layers=2)
     row["build"]["int8_calibration_method"] = "minmax"
     assert "--calibration-method" not in budget.build_command(row)  # the default needs no flag
+    row["build"].update(int8_float_layers=0, int8_target_jaccard=0.9)  # layers chosen by a target: the target again
+    seen.clear()
+    CliRunner().invoke(main, shlex.split(budget.build_command(row, out=str(tmp_path / "p")))[1:] + ["--no-llm"])
+    assert seen["int8"] == Int8Options(method="minmax", target_jaccard=0.9)
+    plain = _row("p", "prumerge", 0.8, 100)
+    plain["build"].update(opset=18, attention="plain")
+    assert "--opset" not in budget.build_command(plain)  # the default needs no flag
+    plain["build"].update(opset=23, attention="fused")  # fused attention was measured: built again
+    assert "--opset 23" in budget.build_command(plain)
 
 
 def test_build_command_of_a_fixed_count_method_gives_its_counts_not_a_capacity(tmp_path, monkeypatch):

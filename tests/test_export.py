@@ -75,6 +75,43 @@ def test_manifest_records_what_was_built(artifact_factory):
     assert dynamic["vision"]["outputs"][0]["shape"] == ["batch", "num_tokens_max", 64]
 
 
+def test_opset_23_fuses_attention_and_keeps_the_selection(artifact_factory):
+    """``--opset 23`` writes each full encoder layer's attention as ONNX's fused Attention op (one onnxruntime
+    kernel): the same counts and indices as the default plain form, tokens within the fp32 rule; TensorRT's op check
+    names what its parser lacks (the default passes it)."""
+    import collections
+
+    from prumerge.artifact.manifest import Manifest
+
+    fused_dir = artifact_factory("llava", "prumerge", "padded", opset=23)
+    plain_dir = artifact_factory("llava", "prumerge", "padded")
+    fused, plain = (Manifest.read(d).vision for d in (fused_dir, plain_dir))
+    assert (fused.opset, fused.attention, plain.opset, plain.attention) == (23, "fused", 18, "plain")
+
+    def ops(directory):
+        return collections.Counter(n.op_type for n in onnx.load(str(directory / "vision.onnx")).graph.node)
+
+    # the tiny tower's layers 0 and 1; the last layer is only the q/k projections PruMerge reads
+    assert ops(fused_dir)["Attention"] == 2 and ops(plain_dir)["Attention"] == 0
+    assert plain.tensorrt["10.3"].ok and fused.tensorrt["10.3"].unsupported == ["Attention"]
+    assert fused.tensorrt["10.3"].violations == ["opset 23 is newer than TensorRT 10.3 parses (20)"]
+    pixels = synthetic_pixels(16, 112, seed=7)
+    a, b = (VisionSession.open(d).run_pixels(pixels) for d in (fused_dir, plain_dir))
+    assert np.array_equal(a.num_tokens, b.num_tokens) and np.array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.tokens, b.tokens, rtol=0, atol=1e-4)
+
+
+def test_an_onnxruntime_too_old_for_fused_attention_is_told_to_rebuild(artifact_factory, monkeypatch):
+    """The device install allows onnxruntime 1.20; the fused Attention op (``--opset 23``) needs 1.23: one line naming
+    both ways out, before onnxruntime's own missing-kernel message. The default plain form opens on any of them."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    with pytest.raises(ArtifactError, match=r"onnxruntime 1\.22\.1 cannot run .*rebuild the artifact with --opset 18"):
+        VisionSession.open(artifact_factory("llava", "prumerge", "padded", opset=23))
+    VisionSession.open(artifact_factory("llava", "prumerge", "padded"))
+
+
 def test_verify_passes_and_reports(artifact_factory):
     report = verify_artifact(artifact_factory("clip", "prumerge+", "dynamic"), images=3)
     assert report["reference"]["ok"] and report["hashes"] == "ok"

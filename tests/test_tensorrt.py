@@ -225,6 +225,11 @@ def test_engine_without_tensorrt_is_one_clear_error(artifact_factory, tmp_path):
         build_engine(tmp_path / "v.onnx", tmp_path / "v.engine", INPUTS, EngineOptions())
     result = CliRunner().invoke(main, ["engine", str(artifact_factory("llava", "prumerge", "padded")), "--target", "server"])
     assert result.exit_code == 8 and "TensorRT is not installed" in result.output
+    # a graph built with fused attention (--opset 23): refused in one line, before TensorRT is looked for
+    result = CliRunner().invoke(main, ["engine", str(artifact_factory("llava", "prumerge", "padded", opset=23)),
+                                       "--target", "server"])
+    assert result.exit_code not in (0, 1) and "rebuild it for TensorRT with --target (or --opset 18)" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_tensorrt_provider_without_engine_or_tensorrt(artifact_factory):

@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import PruMergeError
+from .artifact.contract import PLAIN_OPSET
 from .artifact.manifest import Int8Record
 
 
@@ -115,7 +116,9 @@ def build_options(func):
         click.option("--output", type=click.Choice(["padded", "dynamic"]), default="padded", show_default=True,
                      help="padded: static [B, K_max, D] (TensorRT 10.3 / JetPack 6); dynamic: token axis trimmed to the batch's longest count"),
         click.option("--max-tokens", type=int, default=None, help="capacity K_max (default: enough for the method on this grid)"),
-        click.option("--opset", type=int, default=18, show_default=True),
+        click.option("--opset", type=int, default=PLAIN_OPSET, show_default=True,
+                     help="ONNX opset of the vision graph; 23 or later writes attention as ONNX's fused Attention op "
+                          "(onnxruntime >= 1.23, not TensorRT 10.3)"),
         click.option("--fp16", is_flag=True, help="export fp16 weights (the reducer still computes in fp32)"),
         click.option("--batch-max", type=int, default=16, show_default=True, help="largest batch the graph accepts"),
         click.option("--attention", type=click.Choice(["official", "per_head"]), default="official", show_default=True),
@@ -146,6 +149,10 @@ def build_options(func):
                           "(onnxruntime only; keeps the selection closest)"),
         click.option("--int8-float-layers", type=click.IntRange(0), default=0, show_default=True,
                      help="INT8: keep the tower's last K encoder layers float (K=1: what feeds token selection)"),
+        click.option("--int8-target-jaccard", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="INT8: keep float the fewest tower parts (patch embedding, encoder layers), most harmful "
+                          "first (each measured quantised alone on the calibration set), that keep this mean Jaccard "
+                          "of fp32's selection"),
         click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
         image_size_option(),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
@@ -173,6 +180,7 @@ def _options_from(kwargs, base: str | None = None, vision_tower: str | None = No
         engine = EngineOptions.for_target(target or "server", build_here=build_engine, **overrides)
     calibration = kwargs.pop("calibration")
     int8_method, float_layers = kwargs.pop("calibration_method"), kwargs.pop("int8_float_layers")
+    target_jaccard = kwargs.pop("int8_target_jaccard")
     return BuildOptions(
         reducer=ReducerConfig(method=method, capacity=kwargs.pop("max_tokens"), **reducer),
         graph=GraphOptions(contract=kwargs.pop("output"), opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"),
@@ -182,7 +190,8 @@ def _options_from(kwargs, base: str | None = None, vision_tower: str | None = No
         source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower),
         llm=None if no_llm else LlmOptions(precision=llm_precision or "auto", provider=llm_provider),
         engine=engine,
-        int8=Int8Options(method=int8_method, float_layers=float_layers) if overrides.get("precision") == "int8" else None,
+        int8=Int8Options(method=int8_method, float_layers=float_layers, target_jaccard=target_jaccard)
+        if overrides.get("precision") == "int8" else None,
         calibration=str(calibration) if calibration else None,
     )
 
@@ -296,9 +305,11 @@ def engine(directory, target, **kwargs):
 @click.option("--report-json", type=click.Path(path_type=Path), default=None)
 @click.option("--calibration-method", type=click.Choice(Int8Record.METHODS), default="minmax", show_default=True)
 @click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--int8-target-jaccard", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="--report: keep float the fewest tower parts that reach this mean Jaccard (as build does)")
 @image_size_option()
 def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, histogram, report, report_json,
-              calibration_method, int8_target, image_size):
+              calibration_method, int8_target, int8_target_jaccard, image_size):
     """Token counts per method over IMAGES (a folder), the capacity for --coverage, and an optional INT8 report."""
     from rich.console import Console
     from rich.table import Table
@@ -337,8 +348,13 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
 
         results = {}
         for method in budget.methods:
-            result = results[method] = int8_report(model, dataset, method, calibration_method, int8_target, image_size=image_size)
-            click.echo(f"INT8 vs FP32 ({method}): mean Jaccard {result.mean_jaccard:.3f} (min {result.min_jaccard:.3f}), "
+            record = results[method] = int8_report(model, dataset, method, calibration_method, int8_target,
+                                                   image_size=image_size, target_jaccard=int8_target_jaccard,
+                                                   log=lambda line: click.echo(f"  {line}", err=True))
+            result = record.agreement
+            kept = (f" with {', '.join(record.float_parts) or 'no part'} float"
+                    if int8_target_jaccard else "")
+            click.echo(f"INT8 vs FP32 ({method}{kept}): mean Jaccard {result.mean_jaccard:.3f} (min {result.min_jaccard:.3f}), "
                        f"identical selections {100 * result.identical_selection:.0f}%, mean |count diff| "
                        f"{result.mean_count_diff:.2f}, mean cosine {result.mean_cosine:.4f}, "
                        f"latency fp32/int8 {result.latency_ratio:.2f}x")

@@ -19,6 +19,14 @@ PADDING_INDEX = -2
 CLS_TOKEN_INDEX = -3
 CONTEXTUAL_TOKEN_INDEX = -4
 
+# The vision graph's default opset, for every target: attention as plain MatMul / Softmax / MatMul. From opset 23 the
+# exporter writes each encoder layer's scaled_dot_product_attention as one ONNX Attention node instead (onnxruntime
+# >= 1.23 runs it as one kernel; onnxruntime's own transformer optimizer cannot fuse the plain form). Measured side by
+# side on this 2-core CPU the fused kernel is slower on ViT-L/14-336 (1556 vs 1458 ms, bench/bench_export.py) and 4 %
+# faster on DINOv2-S, and TensorRT 10.3 (JetPack 6) cannot parse it: fused attention is --opset 23, for where it
+# measures faster. The build's command line repeats any other opset.
+PLAIN_OPSET = 18
+
 
 @dataclasses.dataclass
 class VisionOutput:

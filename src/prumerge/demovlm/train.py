@@ -382,17 +382,23 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
 def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: int, lr: float, lora_rank: int,
           mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3,
           stop_after: int | None = None, feature_layer: int = -7, align_steps: int = 0, align_weight: float = 0.0,
-          lora_targets: tuple | None = None, resume: int | None = None) -> dict:
+          lora_targets: tuple | None = None, resume: int | None = None, init: Path | None = None) -> dict:
     """Train for ``steps`` of a cosine schedule; ``stop_after``: end after that many of them (the schedule is still
     the one of ``steps``, so a run stopped early is reproduced exactly by the same two numbers).
 
     ``resume``: continue the run already in ``out`` from its step ``resume`` (its weights, record and, when it saved
     one, optimizer state), on the same schedule and the same data order (the random draws of the steps already run
     are replayed), so a run stopped for time can be finished later instead of started again. Without a saved
-    optimizer state (runs before it was saved) AdamW's moments start afresh at that step; the record says which."""
+    optimizer state (runs before it was saved) AdamW's moments start afresh at that step; the record says which.
+
+    ``init``: start from another run's trained weights instead of a fresh projector and LoRA (a continuation stage:
+    its own schedule, usually a lower ``lr``, and with another ``seed`` scenes the first run never saw); no alignment
+    stage (that exists to start a fresh projector). The record keeps that run's record as ``init`` and adds its CPU
+    and wall time to the totals, so the committed weights say everything that made them."""
     cpu_start, wall_start = time.process_time(), time.time()
     out.mkdir(parents=True, exist_ok=True)
     prior = _resumable(out, resume, steps, seed) if resume else None
+    start = _init_record(init, out) if init is not None and prior is None else None
     with tempfile.TemporaryDirectory() as scratch:
         setup = prepare(Path(scratch), seed, feature_layer)
     train_cache = encode_scenes(setup.encoder, train_scenes, shapes_qa.TRAIN_SEED + 100 * seed, setup.prompts, log=log)
@@ -402,17 +408,17 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         f"{len(held_cache.samples)} held-out questions; "
         f"mean visual tokens {counts} ({time.time() - wall_start:.0f} s)")
     state = None
-    if prior is None:
+    if prior is not None:
+        projector, lora, state = _trained_weights(out)
+        trainer = new_trainer(setup, lora_rank, seed, projector, lora)
+        align_steps, align_log = prior.get("align_steps", align_steps), prior["align_losses"]  # as it ran (0 after --init)
+    elif start is not None:
+        projector, lora, _ = _trained_weights(init)
+        trainer = new_trainer(setup, lora_rank, seed, projector, lora)
+        align_steps, align_log, lora_targets = 0, [], tuple(start.get("lora_targets") or ())
+    else:
         trainer = new_trainer(setup, lora_rank, seed, lora_targets=lora_targets)
         align_log = align(trainer, train_cache, align_steps, lr, random.Random(seed), log) if align_steps else []
-    else:
-        from safetensors.torch import load_file
-
-        state = torch.load(out / RESUME_FILE, weights_only=True) if (out / RESUME_FILE).is_file() else None
-        lora = load_file(str(out / "lora.safetensors")) if (out / "lora.safetensors").is_file() else {}
-        lora = state["lora"] if state and state["lora"] else lora  # fp32 where saved (the committed file is fp16)
-        trainer = new_trainer(setup, lora_rank, seed, load_file(str(out / "projector.safetensors")), lora)
-        align_log = prior["align_losses"]
     params = trainer.parameters()
     groups = [{"params": list(trainer.projector.parameters()), "peak": lr}]
     if trainer.lora:
@@ -455,13 +461,15 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         "bf16_autocast": bf16, "mean_visual_tokens": counts, "vision_feature_layer": feature_layer,
         "align_steps": align_steps, "align_weight": align_weight, "align_losses": align_log,
         "lora_targets": list(lora_targets or ()) or None,
-        "cpu_seconds": round(time.process_time() - cpu_start + (prior or {}).get("cpu_seconds", 0), 1),
-        "wall_seconds": round(time.time() - wall_start + (prior or {}).get("wall_seconds", 0), 1),
+        "cpu_seconds": round(time.process_time() - cpu_start + (prior or start or {}).get("cpu_seconds", 0), 1),
+        "wall_seconds": round(time.time() - wall_start + (prior or start or {}).get("wall_seconds", 0), 1),
         "torch_threads": torch.get_num_threads(), "history": history, "losses": [round(x, 4) for x in losses],
         "interrupted_after": interrupted,
     }
     if resumed:
         record["resumed"] = resumed
+    if start is not None or (prior or {}).get("init"):
+        record["init"] = start if start is not None else prior["init"]
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -498,6 +506,28 @@ def _resumable(out: Path, step: int, steps: int, seed: int) -> dict:
         if prior.get(name) != want:
             raise SystemExit(f"--resume {step}: the run in {out} has {name} {prior.get(name)!r}, not {want!r}")
     return prior
+
+
+def _trained_weights(run: Path) -> tuple[dict, dict, dict | None]:
+    """A run's projector and LoRA (fp32 from its optimizer state where saved: the committed LoRA file is fp16), and
+    that state (None where the run predates it)."""
+    from safetensors.torch import load_file
+
+    state = torch.load(run / RESUME_FILE, weights_only=True) if (run / RESUME_FILE).is_file() else None
+    lora = load_file(str(run / "lora.safetensors")) if (run / "lora.safetensors").is_file() else {}
+    lora = state["lora"] if state and state["lora"] else lora
+    return load_file(str(run / "projector.safetensors")), lora, state
+
+
+def _init_record(init: Path, out: Path) -> dict:
+    """The record of the run ``init`` names (without its per-step losses), or a one-line exit: a continuation starts
+    from a finished run's weights, never from the directory it is about to overwrite."""
+    path = init / "training.json"
+    if not path.is_file() or not (init / "projector.safetensors").is_file():
+        raise SystemExit(f"--init: {init} holds no training run (training.json and projector.safetensors)")
+    if init.resolve() == out.resolve():
+        raise SystemExit(f"--init: {init} is --out itself; continue a stopped run there with --resume")
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "losses"}
 
 
 def _train_step(trainer, optimizer, params, stream, cache, steps, step, bf16, align_weight, losses) -> None:
@@ -589,6 +619,8 @@ def main(argv=None) -> None:
                         help="comma-separated linear layer names of the LLM that get a LoRA")
     parser.add_argument("--resume", type=int, default=None, metavar="STEP",
                         help="continue the run in --out from its step STEP (same schedule, same data order)")
+    parser.add_argument("--init", type=Path, default=None, metavar="DIR",
+                        help="start from the trained weights in DIR: a continuation stage on its own schedule (no alignment)")
     parser.add_argument("--measure", type=int, default=0, metavar="SCENES",
                         help="only measure the weights in --out on the first SCENES held-out scenes (fp32) and add "
                              "the result to its training.json as the slice the tests check")
@@ -605,7 +637,7 @@ def main(argv=None) -> None:
                    parse_mix(args.mix), args.eval_every, args.seed, log=lambda m: print(m, flush=True), bf16=not args.fp32,
                    lora_lr_ratio=args.lora_lr_ratio, stop_after=args.stop_after, feature_layer=args.feature_layer,
                    align_steps=args.align_steps, align_weight=args.align_weight,
-                   lora_targets=tuple(args.lora_targets.split(",")), resume=args.resume)
+                   lora_targets=tuple(args.lora_targets.split(",")), resume=args.resume, init=args.init)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..artifact.contract import ADAPTIVE_METHODS
+from ..artifact.contract import ADAPTIVE_METHODS, PLAIN_OPSET
 from ..errors import InputError
 
 # the reducer options' defaults (``ReducerConfig``'s; a test keeps the two equal): only others go on the command
@@ -61,6 +61,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
         for name, value in (facts.get("reducer_options") or {}).items():
             if name in REDUCER_DEFAULTS and value != REDUCER_DEFAULTS[name]:
                 args += ["--" + name.replace("_", "-"), str(value)]
+    if facts.get("opset") not in (None, PLAIN_OPSET):  # e.g. 23: fused attention
+        args += ["--opset", str(facts["opset"])]
     if facts.get("output") == "dynamic":
         args += ["--output", "dynamic"]
     if facts.get("precision") == "fp16":
@@ -71,6 +73,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
             args += ["--calibration-method", facts["int8_calibration_method"]]
         if facts.get("int8_float_layers"):
             args += ["--int8-float-layers", str(facts["int8_float_layers"])]
+        if facts.get("int8_target_jaccard"):
+            args += ["--int8-target-jaccard", f"{facts['int8_target_jaccard']:g}"]
     if facts.get("llm_precision"):
         args += ["--llm-precision", str(facts["llm_precision"])]
     if facts.get("image_size"):

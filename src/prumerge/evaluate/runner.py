@@ -81,8 +81,9 @@ def _file_hash(manifest: Manifest, directory: str, name: str) -> str | None:
 
 def _build_facts(manifest: Manifest, graph) -> dict:
     return {"source": manifest.source.model, "revision": manifest.source.revision, "method": graph.method,
-            "capacity": graph.capacity, "precision": graph.precision,
+            "capacity": graph.capacity, "precision": graph.precision, "opset": graph.opset, "attention": graph.attention,
             "int8_float_layers": graph.int8.float_layers if graph.int8 else None,
+            "int8_target_jaccard": graph.int8.target_jaccard if graph.int8 else None,
             "int8_calibration_method": graph.int8.calibration_method if graph.int8 else None,
             "llm_precision": manifest.llm.precision, "image_size": manifest.reducer.image_size,
             "output": graph.contract, "reducer_options": dict(manifest.reducer.options or {})}

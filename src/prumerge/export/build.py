@@ -200,8 +200,23 @@ def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int
     step(f"quantising {VISION_FILE} to INT8 (" + ("activation scales per token at run time, MatMulInteger"
                                                    if int8.method == "per-token" else
                                                    f"{int8.method} calibration on {len(pixels)} images, {target} Q/DQ") + ")")
+    choice = None
+    if int8.target_jaccard is not None:
+        from ..calib.sensitivity import float_parts_for_target
+
+        step(f"choosing the tower parts to keep float for a mean Jaccard of {int8.target_jaccard:g} with fp32")
+        probes = stage / ".int8-probes"
+        probes.mkdir()
+        choice = float_parts_for_target(fp32_dir / VISION_FILE, probes, pixels, int8.method, target,
+                                        int8.target_jaccard, log=lambda line: step(f"  {line}"))
+        shutil.rmtree(probes)
+        if choice.reached < int8.target_jaccard:
+            step(f"  the target is not reached even with every tower part float ({choice.reached:.3f}); "
+                 "building that, its agreement recorded")
     info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target=target,
-                           float_layers=int8.float_layers)
+                           float_layers=int8.float_layers, float_parts=choice.parts if choice else ())
+    if choice is not None:
+        info = dataclasses.replace(info, target_jaccard=float(int8.target_jaccard), sensitivity=choice.sensitivity())
     check_onnx(stage / VISION_FILE)
     step("comparing INT8 with fp32 on the calibration set")
     info = dataclasses.replace(info, agreement=agreement(session_outputs(fp32_dir / VISION_FILE, pixels),
@@ -217,7 +232,7 @@ def _vision_graph(encoder, path: Path, options: GraphOptions, step: Progress) ->
     import onnx
 
     from .checks import check_onnx, op_support_all
-    from .graph import INPUT_NAME, Contract, export_onnx, output_shapes, simplify
+    from .graph import INPUT_NAME, Contract, attention_form, export_onnx, output_shapes, simplify
     from .validate import require, synthetic_pixels
 
     contract = Contract.parse(options.contract)
@@ -243,6 +258,7 @@ def _vision_graph(encoder, path: Path, options: GraphOptions, step: Progress) ->
         format="onnx",
         method=method,
         opset=next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        attention=attention_form(graph.graph),
         precision=precision,
         contract=contract.value,
         batch_max=options.batch_max,

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..model.encoder import PruMergeEncoder
-from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES
+from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES, PLAIN_OPSET
 from ..errors import ConfigError, ExportError
 
-DEFAULT_OPSET = 18
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # a graph holding one of these runs fused attention
 EXTERNAL_DATA_BYTES = 64 << 20  # larger graphs keep weights in vision.onnx.data
 
 
@@ -72,6 +72,11 @@ def max_opset() -> int:
     return min(max(known), onnx.defs.onnx_opset_version())
 
 
+def attention_form(graph) -> str:
+    """``"fused"`` when the graph computes attention in a fused op, else ``"plain"`` (MatMul, Softmax, MatMul)."""
+    return "fused" if any(node.op_type in ATTENTION_OPS for node in graph.node) else "plain"
+
+
 def check_opset(opset: int) -> None:
     """One line for an opset the exporter cannot write (checked before the model is loaded)."""
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= max_opset():
@@ -82,10 +87,11 @@ def export_onnx(
     encoder: PruMergeEncoder,
     path: Path,
     contract: Contract = Contract.PADDED,
-    opset: int = DEFAULT_OPSET,
+    opset: int = PLAIN_OPSET,
     batch_max: int = 64,
 ) -> Path:
-    """Export with ``torch.onnx.export(dynamo=True)``; the batch axis is dynamic (1..batch_max)."""
+    """Export with ``torch.onnx.export(dynamo=True)``; the batch axis is dynamic (1..batch_max). ``opset`` >= 23
+    writes attention as ONNX's fused ``Attention`` op (see ``artifact.contract.PLAIN_OPSET``)."""
     check_opset(opset)
     if batch_max < 1:
         raise ConfigError(f"batch_max must be >= 1, got {batch_max}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..artifact.contract import PLAIN_OPSET
 from ..errors import ConfigError
 from ..reduce.config import Method, ReducerConfig
 
@@ -37,7 +38,7 @@ class GraphOptions:
     """The exported vision graph(s): contract, opset, precision, batch limit, input size, checks."""
 
     contract: str = "padded"  # padded: static [B, K, D] (TensorRT 10.3); dynamic: token axis trimmed
-    opset: int = 18
+    opset: int = PLAIN_OPSET  # 23 and later: attention as ONNX's fused Attention op (the constant says when)
     fp16: bool = False  # fp16 weights; the reducer still computes in fp32
     batch_max: int = 16
     validate_images: int = 4  # images onnxruntime is compared with PyTorch on
@@ -83,6 +84,8 @@ class Int8Options:
 
     method: str = "minmax"
     float_layers: int = 0  # also keep the tower's last K encoder layers float (selection stays closer)
+    # keep float the fewest encoder layers (by measured harm) that reach this mean Jaccard with fp32's selection
+    target_jaccard: float | None = None
 
     def __post_init__(self) -> None:
         from ..calib.int8 import CALIBRATION_METHODS
@@ -90,6 +93,13 @@ class Int8Options:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"unknown calibration method {self.method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
         _count(self.float_layers, "int8 float_layers", 0)
+        if self.target_jaccard is not None:
+            if isinstance(self.target_jaccard, bool) or not isinstance(self.target_jaccard, (int, float)) \
+                    or not 0 < self.target_jaccard <= 1:
+                raise ConfigError(f"int8 target Jaccard must be a number in (0, 1], got {self.target_jaccard!r}")
+            if self.float_layers:
+                raise ConfigError("give --int8-float-layers or --int8-target-jaccard, not both (the target chooses "
+                                  "which layers stay float)")
 
 
 @dataclasses.dataclass(frozen=True)

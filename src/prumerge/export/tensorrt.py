@@ -308,6 +308,10 @@ def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dic
     manifest = Manifest.read(directory)
     manifest.verify_files(directory)
     check_batch(options, manifest.vision.batch_max)
+    if manifest.vision.attention == "fused":
+        raise ConfigError(f"{directory}'s vision graph computes attention with ONNX's fused Attention op (opset "
+                          f"{manifest.vision.opset}, built for onnxruntime), which TensorRT 10.3's ONNX parser does not "
+                          "take: rebuild it for TensorRT with --target (or --opset 18), then build the engine")
     partial = directory / f".{ENGINE_FILE}.partial"
     try:
         from ..artifact.node_stages import expand

@@ -59,6 +59,8 @@ class VisionSession(VisionSessionBase):
             from .tensorrt import TensorRTSession  # the artifact's own engine, not onnxruntime's TensorRT EP
 
             return TensorRTSession(directory, manifest, spec)
+        if spec.attention == "fused":
+            _require_fused_attention(directory)
         session, used = _ort_session(inside(directory, spec.file), provider, profile_dir)
         _check_io(session, spec, directory)
         return cls(directory, manifest, spec, session, used)
@@ -92,6 +94,23 @@ class VisionSession(VisionSessionBase):
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(bool)": "bool",
               "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
+
+FUSED_ATTENTION_ONNXRUNTIME = (1, 23)  # the first onnxruntime with a kernel for ONNX's Attention op (opset 23)
+
+
+def _require_fused_attention(directory: Path) -> None:
+    """One line before onnxruntime's own (a missing-kernel message about node names) when this onnxruntime is too
+    old for the graph's fused attention: the device install allows onnxruntime 1.20 (JetPack's wheels lag)."""
+    import re
+
+    import onnxruntime as ort
+
+    version = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
+    if version < FUSED_ATTENTION_ONNXRUNTIME:
+        raise ArtifactError(f"{directory}: the vision graph computes attention with ONNX's fused Attention op (opset 23), "
+                            f"which onnxruntime {ort.__version__} cannot run (1.23 or newer can): upgrade onnxruntime, "
+                            "or rebuild the artifact with --opset 18")
 
 
 def _check_io(session, spec, directory: Path) -> None:
