@@ -185,7 +185,7 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
                 target_jaccard: float | None = None, log=print) -> Int8Record:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set:
     the INT8 record a build would write (its ``agreement`` with ``latency_ratio`` measured here). ``target_jaccard``:
-    first choose the encoder layers to keep float, as the build does."""
+    first choose the tower parts to keep float, as the build does."""
     import tempfile
 
     from ..model.encoder import PruMergeEncoder

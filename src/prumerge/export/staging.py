@@ -206,15 +206,18 @@ def staged_directory(target: str | os.PathLike, force: bool = False, kind: str =
             remove_stale(target)
             if target.exists() and not force:  # an interrupted replace was just restored
                 raise ArtifactError(f"{target} already exists (restored from an interrupted replace); pass --force to replace it")
-            staging = scratch_directory(target, "partial")
-            if kind != "artifact":  # mark it so that a later --force of the same command may replace it
-                (staging / OWNED_MARKER).write_text(f"written by prumerge; --force of the same command may replace it\nkind: {kind}\n")
             try:
+                staging = scratch_directory(target, "partial")
+                if kind != "artifact":  # mark it so that a later --force of the same command may replace it
+                    (staging / OWNED_MARKER).write_text(f"written by prumerge; --force of the same command may replace it\nkind: {kind}\n")
                 yield staging
                 _apply_umask(staging)
                 _replace(target, staging, force, kind)
-            except BaseException:  # a failed build or a refused rename: nothing of ours is left
-                shutil.rmtree(staging, ignore_errors=True)
+            except BaseException:  # a failed build, a refused rename, a signal: nothing of ours is left
+                # by this process's name, not the variable: a SIGTERM can land after mkdtemp made the directory and
+                # before it was assigned (seen under load: the staging directory outlived the signal)
+                for mine in target.parent.glob(glob.escape(f".{target.name}.partial-{os.getpid()}-") + "*"):
+                    shutil.rmtree(mine, ignore_errors=True)
                 raise
     except OSError as exc:  # read-only or full disk, permissions: one line naming the file, not a traceback
         raise ArtifactError(f"building {target} failed: {exc.strerror or exc} ({exc.filename or target})") from exc
