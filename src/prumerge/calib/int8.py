@@ -185,7 +185,7 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
                 target_jaccard: float | None = None, log=print) -> Int8Record:
     """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set:
     the INT8 record a build would write (its ``agreement`` with ``latency_ratio`` measured here). ``target_jaccard``:
-    first choose the tower parts to keep float, as the build does."""
+    first choose the tower parts to keep float, as the build does (``float_layers`` is the other way)."""
     import tempfile
 
     from ..model.encoder import PruMergeEncoder
@@ -198,14 +198,12 @@ def int8_report(model: str, images, method: str = "prumerge", calibration_method
     with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         export_onnx(encoder, fp32, "padded", batch_max=8)
-        choice = None
-        if target_jaccard is not None:
-            from .sensitivity import float_parts_for_target
+        if target_jaccard is None:
+            record = quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers)
+        else:
+            from .sensitivity import quantize_to_target
 
-            choice = float_parts_for_target(fp32, Path(scratch), pixels, calibration_method, target, target_jaccard, log)
-        record = quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers,
-                                 float_parts=choice.parts if choice else ())
+            record = quantize_to_target(fp32, int8, pixels, calibration_method, target, target_jaccard, log)
         result = agreement(session_outputs(fp32, pixels), session_outputs(int8, pixels))
         result.latency_ratio = latency_ratio(fp32, int8, pixels)
-    return dataclasses.replace(record, agreement=result, target_jaccard=target_jaccard,
-                               sensitivity=choice.sensitivity() if choice else [])
+    return dataclasses.replace(record, agreement=result)

@@ -17,6 +17,7 @@ parts) on 28 photos on 2 CPU cores; a 24-layer ViT-L at 336 px takes far longer 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,8 @@ def choose_float_parts(parts: list, probe: Callable[[tuple], float], target: flo
     order = sorted(parts, key=lambda part: (alone[part], position[part]))  # most harmful (lowest alone) first
     best = (list(parts), measure(parts))
     if best[1] < target:
-        log(f"every part float: mean Jaccard {best[1]:.3f}, still below the target")
+        log(f"every part float: mean Jaccard {best[1]:.3f}, still below the target; building that, its agreement "
+            "recorded")
         return FloatChoice(list(parts), best[1], alone, count)
     low, high = 1, len(parts)  # invariant: keeping order[:high] float meets the target
     while low < high:
@@ -91,3 +93,16 @@ def float_parts_for_target(fp32_path: Path, scratch: Path, pixels: np.ndarray, m
         return agreement(reference, session_outputs(probe_path, pixels)).mean_jaccard
 
     return choose_float_parts(tower_parts(fp32_path), probe, target_jaccard, log)
+
+
+def quantize_to_target(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str, target: str,
+                       target_jaccard: float, log=print):
+    """:func:`~prumerge.calib.int8.quantize_vision` with the parts :func:`float_parts_for_target` chose kept float
+    (its probes in a scratch folder beside ``int8_path``, removed after), the record carrying the target and each
+    part's measured agreement: what the build writes and ``calibrate --report`` prints, from one place."""
+    from .int8 import quantize_vision
+
+    with tempfile.TemporaryDirectory(prefix=".int8-probes-", dir=int8_path.parent) as scratch:
+        choice = float_parts_for_target(fp32_path, Path(scratch), pixels, method, target, target_jaccard, log)
+    record = quantize_vision(fp32_path, int8_path, pixels, method, target=target, float_parts=choice.parts)
+    return dataclasses.replace(record, target_jaccard=float(target_jaccard), sensitivity=choice.sensitivity())

@@ -62,7 +62,7 @@ def cached_conversion(gguf: Path, convert):
 
     Why: transformers' GGUF path parses the file three times (config, weights, tokenizer: 49k vocabulary strings
     each time) and rebuilds llama.cpp's tensor-name map per tensor, ~30 s on 2 cores, in every process that needs
-    the model (each test worker, each demo run); the saved folder loads in ~2 s. One process converts while others
+    the model (each test worker, each demo run); the saved folder loads in ~0.3 s (measured). One process converts while others
     wait on a lock; the folder appears by one rename, so a reader never sees half of it; where the cache cannot be
     written (read-only home) the conversion is simply not kept."""
     import fcntl

@@ -200,23 +200,15 @@ def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int
     step(f"quantising {VISION_FILE} to INT8 (" + ("activation scales per token at run time, MatMulInteger"
                                                    if int8.method == "per-token" else
                                                    f"{int8.method} calibration on {len(pixels)} images, {target} Q/DQ") + ")")
-    choice = None
-    if int8.target_jaccard is not None:
-        from ..calib.sensitivity import float_parts_for_target
+    if int8.target_jaccard is None:
+        info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target=target,
+                               float_layers=int8.float_layers)
+    else:  # the choice logs each probe, and says so when even every part float misses the target
+        from ..calib.sensitivity import quantize_to_target
 
         step(f"choosing the tower parts to keep float for a mean Jaccard of {int8.target_jaccard:g} with fp32")
-        probes = stage / ".int8-probes"
-        probes.mkdir()
-        choice = float_parts_for_target(fp32_dir / VISION_FILE, probes, pixels, int8.method, target,
-                                        int8.target_jaccard, log=lambda line: step(f"  {line}"))
-        shutil.rmtree(probes)
-        if choice.reached < int8.target_jaccard:
-            step(f"  the target is not reached even with every tower part float ({choice.reached:.3f}); "
-                 "building that, its agreement recorded")
-    info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target=target,
-                           float_layers=int8.float_layers, float_parts=choice.parts if choice else ())
-    if choice is not None:
-        info = dataclasses.replace(info, target_jaccard=float(int8.target_jaccard), sensitivity=choice.sensitivity())
+        info = quantize_to_target(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target,
+                                  int8.target_jaccard, log=lambda line: step(f"  {line}"))
     check_onnx(stage / VISION_FILE)
     step("comparing INT8 with fp32 on the calibration set")
     info = dataclasses.replace(info, agreement=agreement(session_outputs(fp32_dir / VISION_FILE, pixels),

@@ -84,7 +84,7 @@ class Int8Options:
 
     method: str = "minmax"
     float_layers: int = 0  # also keep the tower's last K encoder layers float (selection stays closer)
-    # keep float the fewest encoder layers (by measured harm) that reach this mean Jaccard with fp32's selection
+    # keep float the fewest tower parts (by measured harm) that reach this mean Jaccard with fp32's selection
     target_jaccard: float | None = None
 
     def __post_init__(self) -> None:
