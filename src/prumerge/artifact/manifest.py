@@ -554,6 +554,8 @@ class LLMSection(Section):
     image_marker: str | None = None
     kv_share_buffer: bool | None = None  # the decoder writes into one preallocated KV buffer (GQA), no copy per step
     logits: str | None = None  # "last": one row per step (LM head on the last position only); "all"/None: every row
+    # an int8 KV cache's record (prumerge.export.kv_cache): {dtype, scales, rotary_envelope, calibration}; None: float
+    kv_cache: dict | None = None
 
     def check(self, where: str) -> None:
         _integer(self.hidden_size, f"{where}.hidden_size", 1, 1 << 16)
@@ -570,6 +572,10 @@ class LLMSection(Section):
         _choice(self.kv_dtype, f"{where}.kv_dtype", _DTYPES, optional=True)
         _choice(self.embeds_dtype, f"{where}.embeds_dtype", _DTYPES, optional=True)
         _choice(self.logits, f"{where}.logits", ("last", "all"), optional=True)
+        if self.kv_cache is not None and (not isinstance(self.kv_cache, dict) or self.kv_cache.get("dtype") != "int8"
+                                          or self.kv_dtype != "int8"):
+            raise ArtifactError(f"manifest field {where}.kv_cache must record an int8 cache (dtype \"int8\") of a "
+                                "decoder whose kv_dtype is int8")
         if self.prompt_format is not None:
             fmt = self.prompt_format
             try:

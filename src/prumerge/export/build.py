@@ -52,7 +52,7 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
         if options.int8 is not None:
             vision = _quantize(vision, encoder, stage, calibration, options.int8, options.engine is not None, step)
         baseline = _baseline_graph(checkpoint, encoder, stage, options, step)
-        llm = _language_model(checkpoint, encoder, stage, options, llm_precision, step)
+        llm = _language_model(checkpoint, encoder, stage, options, llm_precision, calibration, step)
         if options.engine is not None:
             vision = _tensorrt(stage, vision, options.engine, step)
         step("writing manifest")
@@ -120,7 +120,8 @@ def _baseline_graph(checkpoint, encoder, stage: Path, options: BuildOptions, ste
     return _vision_graph(plain, stage / BASELINE_FILE, options.graph, step)
 
 
-def _language_model(checkpoint, encoder, stage: Path, options: BuildOptions, precision: str | None, step: Progress) -> dict | None:
+def _language_model(checkpoint, encoder, stage: Path, options: BuildOptions, precision: str | None, calibration,
+                    step: Progress) -> dict | None:
     """The decoder (when a precision is asked for), else what is known of the LLM without converting it."""
     if not _has_llm(encoder, options):
         return None
@@ -129,12 +130,42 @@ def _language_model(checkpoint, encoder, stage: Path, options: BuildOptions, pre
         from .llm import build_llm
 
         step(f"converting the language model to an {precision} ONNX decoder (onnxruntime-genai builder)")
-        llm = build_llm(checkpoint, options.source.revision, config, stage, precision, options.llm.provider)
+        visual, images = None, None
+        if options.llm.kv_cache == "int8":
+            visual, images = _kv_calibration_tokens(encoder, stage, calibration)
+            step(f"then an int8 KV cache, calibrated on {len(visual)} prompts (the vision graphs' tokens for "
+                 f"{images['used']} calibration images)")
+        llm = build_llm(checkpoint, options.source.revision, config, stage, precision, options.llm.provider,
+                        kv_visual=visual, kv_images=images)
     else:
         llm = _llm_facts(config)
     if llm["hidden_size"] != encoder.output_width:
         raise ConfigError(f"the LLM's hidden size is {llm['hidden_size']} but the vision graph gives {encoder.output_width}-wide tokens")
     return llm
+
+
+KV_CALIBRATION_IMAGES = 8
+
+
+def _kv_calibration_tokens(encoder, stage: Path, calibration) -> tuple[list, dict]:
+    """(one image's visual tokens per calibration prompt, their source): the build's calibration images (the
+    calibration file's set, else synthetic ones) through the artifact's own vision graph and, when built, its
+    unreduced baseline graph, as the runtime will feed them."""
+    from ..calib.images import CalibrationSet
+    from ..runtime.vision import VisionSession
+
+    images = CalibrationSet.from_source(calibration.source) if calibration is not None \
+        else CalibrationSet.synthetic(KV_CALIBRATION_IMAGES)
+    import dataclasses
+
+    images = dataclasses.replace(images, images=images.images[:KV_CALIBRATION_IMAGES])
+    pixels = images.pixels(encoder.preprocess_config())
+    visual = []
+    for name in (VISION_FILE, BASELINE_FILE):
+        if (stage / name).is_file():
+            out = VisionSession.from_graph(stage / name, batch_max=1).run_pixels(pixels)
+            visual += [out.image(b).astype("float32") for b in range(len(pixels))]
+    return visual, dict(images.source, used=len(pixels))
 
 
 def _tensorrt(stage: Path, vision: GraphSection, engine, step: Progress) -> GraphSection:

@@ -184,8 +184,13 @@ def prompt_format(hf_dir: Path) -> tuple[str, bool]:
     return fmt, bool(adds_bos and not starts_with_bos)
 
 
-def build_llm(source: str, revision: str | None, config, stage: Path, precision: str, provider: str) -> dict:
-    """Build ``stage/llm/`` and return the manifest's ``llm`` section (measured from the built decoder)."""
+def build_llm(source: str, revision: str | None, config, stage: Path, precision: str, provider: str,
+              kv_visual: list | None = None, kv_images: dict | None = None) -> dict:
+    """Build ``stage/llm/`` and return the manifest's ``llm`` section (measured from the built decoder).
+
+    ``kv_visual`` (a list, possibly empty): the decoder keeps an int8 KV cache calibrated on prompts holding these
+    visual tokens (one image's each; text alone when empty), see :mod:`prumerge.export.kv_cache`; ``kv_images``
+    says where they came from. None: the builder's float cache."""
     import numpy as np
     import onnx
     from safetensors import safe_open
@@ -212,7 +217,7 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     logits_dims = next(o for o in decoder.output if o.name == "logits").type.tensor_type.shape.dim
     eos = genai.get("eos_token_id")
     shutil.rmtree(work)
-    return {
+    section = {
         "directory": LLM_DIR,
         "builder": "onnxruntime-genai",
         "precision": precision,
@@ -243,3 +248,9 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
         # "last": the logits output is [batch, 1, vocab] whatever the step's length (prune_lm_head)
         "logits": "last" if len(logits_dims) == 3 and logits_dims[1].dim_value == 1 else "all",
     }
+    if kv_visual is not None:
+        from .kv_cache import int8_kv_cache
+
+        section["kv_cache"] = int8_kv_cache(stage, section, kv_visual, kv_images or {})
+        section["kv_dtype"] = "int8"
+    return section

@@ -38,7 +38,9 @@ class OnnxDecoder:
         try:
             self.session = ort.InferenceSession(str(inside(base, spec.decoder)), options, providers=wanted)
         except Exception as exc:
-            raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec.decoder}: {exc}") from exc
+            hint = (" (its KV cache is int8: this onnxruntime's GroupQueryAttention may not take a quantised cache; "
+                    "upgrade onnxruntime or rebuild with --llm-kv-cache float)") if spec.kv_dtype == "int8" else ""
+            raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec.decoder}{hint}: {exc}") from exc
         try:
             self.embeddings = np.load(inside(base, spec.embeddings), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -1,0 +1,158 @@
+"""An int8 KV cache for the builder's decoder, its per-channel scales calibrated on the artifact's own prompts.
+
+Why: after a long prompt (576 visual tokens and more) a decode step is mostly GroupQueryAttention reading the fp32
+cache. Measured on the demo's SmolLM2-135M int4, 2 cores (``bench/bench_llamacpp.py --also``): 16.1 vs 25.5 ms per
+token after 2000 positions (1.58x; 1.19x after 620, 1.14x after 60). It is not the default because onnxruntime's
+CPU kernel computes a prefill over an int8 cache slower (0.71x at 589 positions, 0.87x at 40 and 160), which a
+one-word answer after a long prompt pays and a long answer repays; and because answers move a little: 11 of 288
+held-out PruMerge answers changed (accuracy 0.819 vs 0.844; all tokens 0.906 either way).
+
+What is calibrated is what the cache will hold: the keys (after rotary) and values of prompts made the way the
+runtime makes them, visual tokens from the artifact's own vision graph(s) inside the chat format, then greedy text.
+Scales are static (onnxruntime's CPU kernel takes per-tensor or per-channel ones, not per-token), so each channel's
+scale is its largest magnitude over those prompts / 127. A key channel is scaled by its rotary pair's norm: rotary
+rotates the pair (d, d + head_size/2) by an angle that grows with position, so ``|k_d|`` reaches that norm at
+positions a short calibration prompt never rotates to (onnxruntime-genai's calibration tool does the same).
+
+The form written is the one onnxruntime-genai's builder writes for ``kv_cache_quant_scheme=int8_per_channel``
+(checked against its output for SmolLM2: the three attributes, inputs 12 and 13 named ``model.layers.N.attn.k_scale``
+/ ``v_scale`` of ``kv_heads x head_size`` floats, int8 cache inputs and outputs). It is written into the decoder the
+build already has rather than by a second builder run, which would convert the whole model again (66 s for
+SmolLM2; minutes for a 7B model) to change these few fields; the builder's own calibration tool also needs token-id
+inputs, and this decoder takes embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ExportError
+
+KV_QMAX = 127.0  # symmetric int8: the largest calibrated magnitude maps to 127 (the kernel clamps to [-128, 127])
+CALIBRATION_QUESTIONS = ("Describe the picture in detail.", "What colour is the largest object?",
+                         "How many objects are there?", "Is there a person in the image? Answer yes or no.")
+GENERATED_TOKENS = 24  # greedy text after each prompt: the cache holds generated positions too
+MIN_SCALE = 1e-8  # a channel that was zero on every prompt still needs a positive scale
+
+
+def calibration_prompts(pipeline, visual: Sequence[np.ndarray]) -> tuple[list, int]:
+    """(prompt embeddings [T, D] as the runtime builds them: one image's tokens and a question in the chat format,
+    text alone when there are no visual tokens; the number of visual tokens placed in them)."""
+    from ..runtime.llm import Stopwatch
+
+    prompts, placed = [], 0
+    for i, tokens in enumerate(visual or [None] * len(CALIBRATION_QUESTIONS)):
+        question = CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)]
+        text = question if tokens is None else f"{pipeline.marker}\n{question}"
+        embeds, counts = pipeline.build_prompt([], text, True, Stopwatch(), visual=None if tokens is None else [tokens])
+        prompts.append(embeds)
+        placed += sum(counts)
+    return prompts, placed
+
+
+def rotary_envelope(keys: np.ndarray, interleaved: bool) -> np.ndarray:
+    """``|k|`` bounded for every position: each channel replaced by the norm of its rotary pair. ``keys`` [..., D]."""
+    half = keys.shape[-1] // 2
+    if interleaved:  # pairs (2i, 2i + 1)
+        norm = np.sqrt(keys[..., 0::2] ** 2 + keys[..., 1::2] ** 2)
+        return np.repeat(norm, 2, axis=-1)
+    norm = np.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2)  # pairs (i, i + D/2)
+    return np.concatenate([norm, norm], axis=-1)
+
+
+def measure_ranges(decoder, prompts: Sequence[np.ndarray], interleaved: bool,
+                   generated: int = GENERATED_TOKENS) -> tuple[np.ndarray, np.ndarray, int]:
+    """(key magnitudes [layers, kv_heads * head_size] (rotary envelope), value magnitudes (same shape), positions
+    seen): the largest over every position of every prompt and its greedy continuation, read from the cache."""
+    layers = decoder.layers
+    width = decoder.kv_shape[0] * decoder.kv_shape[1]
+    keys, values = np.zeros((layers, width), np.float32), np.zeros((layers, width), np.float32)
+    positions = 0
+    for embeds in prompts:
+        room = min(generated, decoder.context_length - embeds.shape[0])
+        cache = decoder.start()  # grown by concatenation: every position stays readable
+        logits, cache = decoder.step(embeds, cache)
+        for _ in range(max(room - 1, 0)):
+            logits, cache = decoder.step(decoder.embed([int(np.argmax(logits))]), cache)
+        positions += cache.length
+        for layer, (past_key, past_value) in enumerate(zip(decoder.io.past_keys, decoder.io.past_values)):
+            k = cache.values[past_key].numpy()[0].astype(np.float32)  # [kv_heads, T, head_size]
+            v = cache.values[past_value].numpy()[0].astype(np.float32)
+            keys[layer] = np.maximum(keys[layer], rotary_envelope(k, interleaved).max(axis=1).reshape(-1))
+            values[layer] = np.maximum(values[layer], np.abs(v).max(axis=1).reshape(-1))
+    if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+        raise ExportError("the KV cache calibration saw NaN or Inf in the decoder's keys/values; build with --llm-kv-cache float")
+    return keys, values, positions
+
+
+def quantize_cache(model_path: Path, key_scales: np.ndarray, value_scales: np.ndarray) -> int:
+    """Rewrite the decoder at ``model_path`` (weights stay in its external data file) to keep an int8 cache with
+    these per-layer, per-channel scales; returns the number of attention nodes rewritten."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    if len(nodes) != len(key_scales):
+        raise ExportError(f"{model_path}: {len(nodes)} GroupQueryAttention nodes for {len(key_scales)} layers of "
+                          "calibrated scales; an int8 KV cache needs the builder's GQA decoder (--llm-kv-cache float)")
+    cache_io = set()
+    for layer, node in enumerate(nodes):
+        names = (f"model.layers.{layer}.attn.k_scale", f"model.layers.{layer}.attn.v_scale")
+        for name, scale in zip(names, (key_scales[layer], value_scales[layer])):
+            graph.initializer.append(numpy_helper.from_array(np.maximum(scale, MIN_SCALE).astype(np.float32), name))
+        while len(node.input) < 12:
+            node.input.append("")
+        del node.input[12:]
+        node.input.extend(names)
+        kept = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                                      helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                                      helper.make_attribute("kv_cache_bit_width", 8)])
+        cache_io.update((node.input[3], node.input[4], node.output[1], node.output[2]))
+    for value in list(graph.input) + list(graph.output):
+        if value.name in cache_io:
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    onnx.save(model, str(model_path))
+    return len(nodes)
+
+
+def int8_kv_cache(directory: Path, section: dict, visual: Sequence[np.ndarray], images: dict) -> dict:
+    """Calibrate and write the int8 cache into the float decoder ``section`` describes (``directory`` holds its
+    ``llm/``); returns the manifest's ``llm.kv_cache`` record. ``visual``: one image's tokens per prompt, from the
+    artifact's vision graph(s); ``images``: where they came from (recorded)."""
+    import onnx
+
+    from ..artifact.manifest import LLMSection, inside
+    from ..runtime.llm import OnnxDecoder, ensure_tokenizers
+    from ..runtime.pipeline import Pipeline
+
+    spec = LLMSection.from_dict(section, "llm")
+    base = inside(directory, spec.directory)
+    decoder = OnnxDecoder(directory, spec)
+    tokenizer = ensure_tokenizers().from_file(str(inside(base, spec.tokenizer)))
+    pipeline = Pipeline(None, decoder, tokenizer, spec, graph=_Width(spec.hidden_size))
+    graph = onnx.load(str(inside(base, spec.decoder)), load_external_data=False).graph
+    interleaved = any(a.name == "rotary_interleaved" and a.i for n in graph.node if n.op_type == "GroupQueryAttention"
+                      for a in n.attribute)
+    prompts, placed = calibration_prompts(pipeline, visual)
+    keys, values, positions = measure_ranges(decoder, prompts, interleaved)
+    del decoder, pipeline  # the session's file is rewritten next
+    quantize_cache(inside(base, spec.decoder), keys / KV_QMAX, values / KV_QMAX)
+    return {"dtype": "int8", "scales": "per_channel", "rotary_envelope": True,
+            "calibration": {"prompts": len(prompts), "visual_tokens": int(placed), "positions": positions,
+                            "images": images}}
+
+
+class _Width:
+    """What a ``Pipeline`` reads of a vision graph section when there is none: the tokens' width."""
+
+    method = "calibration"
+
+    def __init__(self, width: int) -> None:
+        self.output_width = width
