@@ -20,8 +20,8 @@ if _WORKERS > 1:
 # The test files that take longest (seconds of one worker, measured on 2 idle cores), started first: the workers
 # take whole files (--dist loadfile) in collection order, so a long file collected last leaves the other worker idle
 # at the end. Only the order changes; a file not listed keeps its place after these.
-LONGEST_FILES = {"test_realweights.py": 135, "test_smollm2.py": 118, "test_demovlm.py": 101, "test_bad_input.py": 83,
-                 "test_export.py": 52, "test_visionzip_divprune.py": 38, "test_profile.py": 33}
+LONGEST_FILES = {"test_realweights.py": 173, "test_smollm2.py": 141, "test_bad_input.py": 108, "test_demovlm.py": 96,
+                 "test_export.py": 85, "test_pipeline.py": 63, "test_visionzip_divprune.py": 48, "test_profile.py": 44}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -78,25 +78,48 @@ def tiny_llava(seed=0, **vision_overrides):
     return LlavaForConditionalGeneration(config).eval()
 
 
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory):
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)``'s directory, made once per test run for every xdist worker: a session fixture runs once per
+    worker, so each worker built its own copy of every checkpoint and artifact its files asked for. The first worker
+    to ask makes it (into a scratch name, renamed when complete) under a lock; the others wait, then read it."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    path = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            scratch = root / f".{name}.making"
+            shutil.rmtree(scratch, ignore_errors=True)
+            make(scratch)
+            scratch.rename(path)
+    return path
+
+
+def _save_clip(path):
     import torch
     from transformers import CLIPVisionModel
 
     torch.manual_seed(1)
-    model = CLIPVisionModel(tiny_vision_config()).eval()
-    path = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(path)
-    return path
+    CLIPVisionModel(tiny_vision_config()).eval().save_pretrained(path)
+
+
+def _save_llava(path):
+    tiny_llava().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    return shared(tmp_path_factory, "clip", _save_clip)
 
 
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory):
-    model = tiny_llava()
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return shared(tmp_path_factory, "llava", _save_llava)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +129,8 @@ def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
     from prumerge.export.options import BuildOptions, GraphOptions, LlmOptions
     from prumerge.reduce.config import ReducerConfig
 
+    import hashlib
+
     cache = {}
     models = {"clip": clip_dir, "llava": llava_dir}
 
@@ -114,11 +139,10 @@ def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
         """``graph``: GraphOptions fields (fp16, baseline, slim, ...)."""
         key = (model, method, output, llm_precision, max_tokens, llm_kv_cache, tuple(sorted(graph.items())))
         if key not in cache:
-            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{method}-{output}"
             options = BuildOptions(ReducerConfig(method=method, capacity=max_tokens), GraphOptions(contract=output, **graph),
                                    llm=LlmOptions(llm_precision, kv_cache=llm_kv_cache) if llm_precision else None)
-            build_artifact(str(models[model]), out, options)
-            cache[key] = out
+            name = f"{model}-{method}-{output}-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}"
+            cache[key] = shared(tmp_path_factory, name, lambda path: build_artifact(str(models[model]), path, options))
         return cache[key]
 
     return make

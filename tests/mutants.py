@@ -264,6 +264,10 @@ MUTANTS = {
     "int8 KV cache calibrated without the visual tokens": (
         "export/kv_cache.py", "text = question if tokens is None else", "tokens = None\n        text = question if tokens is None else",
         ["tests/test_pipeline.py::test_an_int8_kv_cache_is_calibrated_written_and_decodes_like_the_float_one"]),
+    "a template's rendering reused for other special tokens": (
+        "export/llm.py", "key = json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map], sort_keys=True, default=str)",
+        "key = json.dumps([tokenizer.chat_template], sort_keys=True, default=str)",
+        ["tests/test_bad_input.py::test_a_template_renders_once_per_process_and_a_changed_one_again"]),
 }
 
 

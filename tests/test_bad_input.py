@@ -274,6 +274,29 @@ def test_a_chat_template_that_loops_for_ever_is_stopped(tmp_path, monkeypatch):
     assert llm.prompt_format(tmp_path / "fine")[0] == "USER: {prompt} ASSISTANT:"
 
 
+def test_a_template_renders_once_per_process_and_a_changed_one_again(tmp_path, monkeypatch):
+    """The rendering child runs once per (template, special tokens): a second build of the same checkpoint reuses
+    it, and a checkpoint whose template or special tokens differ gets its own."""
+    from conftest import tiny_tokenizer
+
+    import prumerge.export.llm as llm
+
+    calls = []
+    real = llm.render_chat_template
+    monkeypatch.setattr(llm, "render_chat_template", lambda d: calls.append(d) or real(d))
+    monkeypatch.setattr(llm, "_RENDERED", {})
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "a-again")
+    tokenizer.chat_template = "{{ eos_token }}" + tokenizer.chat_template  # another template, the same tokens
+    tokenizer.save_pretrained(tmp_path / "b")
+    tokenizer.eos_token = "<unk>"  # the same template, another token
+    tokenizer.save_pretrained(tmp_path / "c")
+    formats = [llm.prompt_format(tmp_path / name)[0] for name in ("a", "a-again", "b", "c")]
+    assert formats == ["USER: {prompt} ASSISTANT:"] * 2 + ["</s>USER: {prompt} ASSISTANT:", "<unk>USER: {prompt} ASSISTANT:"]
+    assert [d.name for d in calls] == ["a", "b", "c"]
+
+
 def test_unwritable_out_is_one_clear_error(tmp_path, clip_dir):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")

@@ -167,13 +167,22 @@ def render_chat_template(hf_dir: Path) -> str | None:
     return data.get("rendered")
 
 
+# (chat template, special tokens) -> its rendering: what the template sees is exactly these, so a process that builds
+# several artifacts of one checkpoint (PruMerge and PruMerge+, fp32 and INT8) starts the child (~4 s) once
+_RENDERED: dict = {}
+
+
 def prompt_format(hf_dir: Path) -> tuple[str, bool]:
     """(format with ``{prompt}``, whether the runtime must prepend BOS), from the checkpoint's chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    fmt = None
-    rendered = render_chat_template(hf_dir) if tokenizer.chat_template else None
+    fmt = rendered = None
+    if tokenizer.chat_template:
+        key = json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map], sort_keys=True, default=str)
+        if key not in _RENDERED:
+            _RENDERED[key] = render_chat_template(hf_dir)
+        rendered = _RENDERED[key]
     if isinstance(rendered, str) and rendered.count(_SENTINEL) == 1:
         fmt = rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
     fmt = fmt or LLAVA15_FORMAT
