@@ -151,13 +151,13 @@ def _kv_calibration_tokens(encoder, stage: Path, calibration) -> tuple[list, dic
     """(one image's visual tokens per calibration prompt, their source): the build's calibration images (the
     calibration file's set, else synthetic ones) through the artifact's own vision graph and, when built, its
     unreduced baseline graph, as the runtime will feed them."""
+    import dataclasses
+
     from ..calib.images import CalibrationSet
     from ..runtime.vision import VisionSession
 
     images = CalibrationSet.from_source(calibration.source) if calibration is not None \
         else CalibrationSet.synthetic(KV_CALIBRATION_IMAGES)
-    import dataclasses
-
     images = dataclasses.replace(images, images=images.images[:KV_CALIBRATION_IMAGES])
     pixels = images.pixels(encoder.preprocess_config())
     visual = []

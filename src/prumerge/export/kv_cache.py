@@ -84,7 +84,8 @@ def measure_ranges(decoder, prompts: Sequence[np.ndarray], interleaved: bool,
             keys[layer] = np.maximum(keys[layer], rotary_envelope(k, interleaved).max(axis=1).reshape(-1))
             values[layer] = np.maximum(values[layer], np.abs(v).max(axis=1).reshape(-1))
     if not (np.isfinite(keys).all() and np.isfinite(values).all()):
-        raise ExportError("the KV cache calibration saw NaN or Inf in the decoder's keys/values; build with --llm-kv-cache float")
+        raise ExportError("the KV cache calibration saw NaN or Inf in the decoder's keys/values; build without "
+                          "--llm-kv-cache int8")
     return keys, values, positions
 
 
@@ -99,7 +100,8 @@ def quantize_cache(model_path: Path, key_scales: np.ndarray, value_scales: np.nd
     nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if len(nodes) != len(key_scales):
         raise ExportError(f"{model_path}: {len(nodes)} GroupQueryAttention nodes for {len(key_scales)} layers of "
-                          "calibrated scales; an int8 KV cache needs the builder's GQA decoder (--llm-kv-cache float)")
+                          "calibrated scales; an int8 KV cache needs the builder's GQA decoder (build without "
+                          "--llm-kv-cache int8)")
     cache_io = set()
     for layer, node in enumerate(nodes):
         names = (f"model.layers.{layer}.attn.k_scale", f"model.layers.{layer}.attn.v_scale")

@@ -39,7 +39,7 @@ class OnnxDecoder:
             self.session = ort.InferenceSession(str(inside(base, spec.decoder)), options, providers=wanted)
         except Exception as exc:
             hint = (" (its KV cache is int8: this onnxruntime's GroupQueryAttention may not take a quantised cache; "
-                    "upgrade onnxruntime or rebuild with --llm-kv-cache float)") if spec.kv_dtype == "int8" else ""
+                    "upgrade onnxruntime or rebuild without --llm-kv-cache int8)") if spec.kv_dtype == "int8" else ""
             raise ArtifactError(f"onnxruntime cannot load the LLM decoder {base / spec.decoder}{hint}: {exc}") from exc
         try:
             self.embeddings = np.load(inside(base, spec.embeddings), mmap_mode="r", allow_pickle=False)
