@@ -228,10 +228,9 @@ def main() -> None:
     also = onnx_side(args.also, args.threads, args.steps, args.repeats) if args.also else None
     theirs = llamacpp_side(Path(folder) / SMOLLM2_GGUF, args.threads, args.steps, args.repeats)
     print(f"\n{args.threads} threads each; median of {args.repeats}; decode over {args.steps} greedy tokens")
-    kv = {"ours": ours["kv"], "also": also["kv"] if also else None}
-    extra = (f" --also, KV {kv['also']} ms | llama.cpp ms | onnxruntime ahead | --also ahead |", "---:|---:|---:|---:|") \
+    extra = (f" --also, KV {also['kv']} ms | llama.cpp ms | onnxruntime ahead | --also ahead |", "---:|---:|---:|---:|") \
         if also else (" llama.cpp ms | onnxruntime ahead |", "---:|---:|")
-    print(f"| | onnxruntime, KV {kv['ours']} ms |{extra[0]}")
+    print(f"| | onnxruntime, KV {ours['kv']} ms |{extra[0]}")
     print(f"|---|---:|{extra[1]}")
     rows = [(f"prefill {n} positions", "prefill", n, 1) for n in PREFILL] + \
         [(f"decode per token after {c} positions", "decode", c, 2) for c in CONTEXTS]

@@ -254,8 +254,8 @@ MUTANTS = {
         "key=lambda part: (-alone[part], position[part]))",
         ["tests/test_calib.py::test_a_target_jaccard_keeps_the_fewest_most_harmful_parts_float"]),
     "int8 KV cache scales 10x too small (values clip)": (
-        "export/kv_cache.py", "quantize_cache(inside(base, spec.decoder), keys / KV_QMAX, values / KV_QMAX)",
-        "quantize_cache(inside(base, spec.decoder), keys / KV_QMAX / 10, values / KV_QMAX / 10)",
+        "export/kv_cache.py", "quantize_cache(model, path, keys / KV_QMAX, values / KV_QMAX)",
+        "quantize_cache(model, path, keys / KV_QMAX / 10, values / KV_QMAX / 10)",
         ["tests/test_pipeline.py::test_an_int8_kv_cache_is_calibrated_written_and_decodes_like_the_float_one"]),
     "int8 KV cache keys scaled by their own range, not their rotary pair's": (
         "export/kv_cache.py", "    norm = np.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2)  # pairs (i, i + D/2)\n    return np.concatenate([norm, norm], axis=-1)",

@@ -78,7 +78,8 @@ SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
 
 @functools.lru_cache(maxsize=None)
 def _smol_format(checkpoint):
-    """The checkpoint's prompt format, once (rendering the chat template is a child process: ~10 s each)."""
+    """The checkpoint's prompt format, once per test process (prompt_format keeps the rendering itself; this also
+    keeps the tokenizer load out of each prompt)."""
     from prumerge.export.llm import prompt_format
 
     return prompt_format(checkpoint)[0]
@@ -163,8 +164,22 @@ def fp32_continuations(smol):
     return out
 
 
+@pytest.fixture(scope="module")
+def predictions(smol, fp32_continuations):
+    """``predictions(name)``: that decoder's teacher-forced top-1 on each of fp32's continuations, computed once
+    (int4's and int4-kv8's are read by two tests each)."""
+    _, _, decoders, _ = smol
+
+    @functools.lru_cache(maxsize=None)
+    def of(name):
+        return [_teacher_forced(decoders[name], ids + continuation, len(ids))
+                for ids, continuation in fp32_continuations.values()]
+
+    return of
+
+
 @pytest.mark.parametrize("precision,floor", [("int4", 0.65), ("int4-kv8", 0.65), ("int8", 0.9)])
-def test_smollm2_quantised_agrees_with_fp32(smol, fp32_continuations, precision, floor):
+def test_smollm2_quantised_agrees_with_fp32(fp32_continuations, predictions, precision, floor):
     """Teacher-forced top-1 agreement with fp32 (transformers, the whole model) on fp32's own greedy continuations
     (stopped at EOS).
 
@@ -173,10 +188,8 @@ def test_smollm2_quantised_agrees_with_fp32(smol, fp32_continuations, precision,
     135M model is fragile under 4-bit weights; the floors sit below the measurements and far above what a broken
     quantisation or KV cache gives (about 0.1).
     """
-    _, _, decoders, _ = smol
     agree = total = 0
-    for ids, continuation in fp32_continuations.values():
-        predicted = _teacher_forced(decoders[precision], ids + continuation, len(ids))
+    for predicted, (_, continuation) in zip(predictions(precision), fp32_continuations.values()):
         agree += sum(p == c for p, c in zip(predicted, continuation))
         total += len(continuation)
     ratio = agree / total
@@ -184,16 +197,13 @@ def test_smollm2_quantised_agrees_with_fp32(smol, fp32_continuations, precision,
     assert ratio >= floor
 
 
-def test_smollm2_int8_kv_cache_predicts_what_the_float_cache_does(smol, fp32_continuations):
+def test_smollm2_int8_kv_cache_predicts_what_the_float_cache_does(smol, predictions):
     """The int8 KV cache against the same int4 decoder's float cache, teacher-forced on fp32's continuations:
     top-1 agreement (measured 0.922, 118/128): the cache's own error only, not int4's."""
     _, _, decoders, _ = smol
     assert decoders["int4-kv8"].kv_dtype == np.int8
     agree = total = 0
-    for ids, continuation in fp32_continuations.values():
-        sequence = ids + continuation
-        a = _teacher_forced(decoders["int4"], sequence, len(ids))
-        b = _teacher_forced(decoders["int4-kv8"], sequence, len(ids))
+    for a, b in zip(predictions("int4"), predictions("int4-kv8")):
         agree += sum(x == y for x, y in zip(a, b))
         total += len(a)
     print(f"int8 KV cache vs float cache, teacher-forced top-1 agreement: {agree / total:.3f} ({agree}/{total})")

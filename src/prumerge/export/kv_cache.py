@@ -89,13 +89,12 @@ def measure_ranges(decoder, prompts: Sequence[np.ndarray], interleaved: bool,
     return keys, values, positions
 
 
-def quantize_cache(model_path: Path, key_scales: np.ndarray, value_scales: np.ndarray) -> int:
-    """Rewrite the decoder at ``model_path`` (weights stay in its external data file) to keep an int8 cache with
-    these per-layer, per-channel scales; returns the number of attention nodes rewritten."""
+def quantize_cache(model, model_path: Path, key_scales: np.ndarray, value_scales: np.ndarray) -> None:
+    """Rewrite the decoder ``model`` (loaded from ``model_path`` without its weights, which stay in their external
+    data file) to keep an int8 cache with these per-layer, per-channel scales, and save it there."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if len(nodes) != len(key_scales):
@@ -121,7 +120,6 @@ def quantize_cache(model_path: Path, key_scales: np.ndarray, value_scales: np.nd
         if value.name in cache_io:
             value.type.tensor_type.elem_type = TensorProto.INT8
     onnx.save(model, str(model_path))
-    return len(nodes)
 
 
 def int8_kv_cache(directory: Path, section: dict, visual: Sequence[np.ndarray], images: dict) -> dict:
@@ -139,13 +137,14 @@ def int8_kv_cache(directory: Path, section: dict, visual: Sequence[np.ndarray], 
     decoder = OnnxDecoder(directory, spec)
     tokenizer = ensure_tokenizers().from_file(str(inside(base, spec.tokenizer)))
     pipeline = Pipeline(None, decoder, tokenizer, spec, graph=_Width(spec.hidden_size))
-    graph = onnx.load(str(inside(base, spec.decoder)), load_external_data=False).graph
-    interleaved = any(a.name == "rotary_interleaved" and a.i for n in graph.node if n.op_type == "GroupQueryAttention"
-                      for a in n.attribute)
+    path = inside(base, spec.decoder)
+    model = onnx.load(str(path), load_external_data=False)
+    interleaved = any(a.name == "rotary_interleaved" and a.i for n in model.graph.node
+                      if n.op_type == "GroupQueryAttention" for a in n.attribute)
     prompts, placed = calibration_prompts(pipeline, visual)
     keys, values, positions = measure_ranges(decoder, prompts, interleaved)
     del decoder, pipeline  # the session's file is rewritten next
-    quantize_cache(inside(base, spec.decoder), keys / KV_QMAX, values / KV_QMAX)
+    quantize_cache(model, path, keys / KV_QMAX, values / KV_QMAX)
     return {"dtype": "int8", "scales": "per_channel", "rotary_envelope": True,
             "calibration": {"prompts": len(prompts), "visual_tokens": int(placed), "positions": positions,
                             "images": images}}
