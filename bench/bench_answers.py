@@ -1,11 +1,13 @@
-"""Answer-level evidence for the README: the demo VLM's held-out accuracy with all 256 tokens, PruMerge, PruMerge+
-and an INT8 vision graph, with visual tokens and TTFT for each, from one `prumerge-export evaluate` run.
+"""Answer-level evidence for the README: the demo VLM's accuracy with all 256 tokens, PruMerge, PruMerge+ and an
+INT8 vision graph, with visual tokens and TTFT for each, on both splits of the question language: the held-out
+wordings and scene style (never trained on; every artifact) and the trained wordings (the fp32 artifacts), one
+`prumerge-export evaluate` run each, printed side by side.
 
 Builds (through the CLI, as a user would) the demo checkpoint, an artifact with PruMerge + the unreduced baseline,
 one with PruMerge+, and two INT8 PruMerge artifacts (static, calibrated on 64 generated training-stream scenes, and
-per-token, compared on them); writes an
-evaluation set from a seed used nowhere in training (``shapes_qa.EVAL_SEED``) and a hand-made POPE-style yes/no
-file; runs `evaluate` over every configuration and prints each command it ran. Outputs land in ``--work``
+per-token, compared on them); writes the
+two evaluation sets from a seed used nowhere in training (``shapes_qa.EVAL_SEED``) and a POPE-style yes/no file
+from the held-out one; runs `evaluate` over every configuration and prints each command it ran. Outputs land in ``--work``
 (artifacts, answer files) and ``--docs`` (the JSON summary and the accuracy-vs-TTFT PNG).
 
 Then the README's profile table and inspect picture: the demo model on four real photos (scikit-image's).
@@ -71,30 +73,49 @@ def main() -> None:
                str(work / "calibration.json"), "--precision", "int8", "--calibration-method", "per-token")
         artifacts.append(per_token)
 
-    evalset = work / "evalset"
-    if not (evalset / "questions.jsonl").is_file():
-        shapes_qa.write_question_file(evalset, args.scenes, seed=shapes_qa.EVAL_SEED)
-    pope = evalset / "pope.jsonl"  # POPE-style: one present and one absent (adversarial) object per image
-    lines = []
-    for i, scene in enumerate(shapes_qa.scenes(args.scenes, shapes_qa.EVAL_SEED)):
-        for j, q in enumerate(x for x in scene.questions if x.category == "exists"):
-            lines.append({"question_id": f"pope-{i:05d}-{j}", "image": f"images/{i:05d}.png", "text": q.text,
-                          "answer": q.answer, "category": "adversarial"})
-    pope.write_text("".join(json.dumps(line) + "\n" for line in lines))
-
     args.docs.mkdir(parents=True, exist_ok=True)
-    sh("prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(evalset / "questions.jsonl"),
-       "--out", str(work / "answers"), "--json", str(args.docs / "evaluate-demo.json"),
-       "--plot", str(args.docs / "evaluate-demo.png"))
+    # both splits of the language, one evaluate run each: the held-out wordings and scene style (never trained on;
+    # what a new user's questions resemble) with every artifact, the trained wordings with the fp32 ones
+    reports = {}
+    for split, outputs, chosen in (("heldout", ("evaluate-demo.json", "evaluate-demo.png"), artifacts),
+                                   ("train", ("evaluate-demo-trained.json", None), artifacts[:2])):
+        evalset = work / f"evalset-{split}"
+        if not (evalset / "questions.jsonl").is_file():
+            shapes_qa.write_question_file(evalset, args.scenes, seed=shapes_qa.EVAL_SEED, split=split)
+        plot = ["--plot", str(args.docs / outputs[1])] if outputs[1] else []
+        sh("prumerge-export", "evaluate", *map(str, chosen), "--questions", str(evalset / "questions.jsonl"),
+           "--out", str(work / f"answers-{split}"), "--json", str(args.docs / outputs[0]), *plot)
+        reports[split] = json.loads((args.docs / outputs[0]).read_text())
+    evalset = work / "evalset-heldout"
     for ratio in ("0.97", "0.90"):  # choosing by budget: answered from the answer files just written (no model runs)
         command = ["prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(evalset / "questions.jsonl"),
-                   "--out", str(work / "answers"), "--min-accuracy-ratio", ratio]
+                   "--out", str(work / "answers-heldout"), "--min-accuracy-ratio", ratio]
         print("$ " + shlex.join(command), flush=True)
         subprocess.run(command)
+    pope = evalset / "pope.jsonl"  # POPE-style: the held-out split's yes/no questions (adversarial negatives)
+    lines = [{**json.loads(line), "category": "adversarial"} for line in (evalset / "questions.jsonl").read_text().splitlines()
+             if json.loads(line)["answer"] in ("yes", "no")]
+    pope.write_text("".join(json.dumps({**line, "question_id": f"pope-{line['question_id']}"}) + "\n" for line in lines))
     sh("prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(pope), "--out", str(work / "answers-pope"),
        "--json", str(args.docs / "evaluate-demo-pope.json"))
+    print(side_by_side(reports))
     if not args.no_pictures:
         pictures(work, demo, plus, args.docs)
+
+
+def side_by_side(reports: dict) -> str:
+    """Accuracy and x full per configuration, one column pair per split (the README's table)."""
+    labels = [r["configuration"] for r in reports["heldout"]["configurations"]]
+    head = "| configuration | " + " | ".join(f"{s} accuracy | {s} x full" for s in reports) + " |"
+    rows = [head, "|---|" + "---:|" * (2 * len(reports))]
+    for label in labels:
+        cells = []
+        for report in reports.values():
+            row = next((r for r in report["configurations"] if r["configuration"] == label), {})
+            cells += [f"{row['accuracy']:.3f} ({row['questions']} q)" if "accuracy" in row else "-",
+                      f"{row['accuracy_ratio']:.3f}" if "accuracy_ratio" in row else "-"]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")  # real photos shipped in scikit-image

@@ -1,5 +1,5 @@
 """PruMerge, PruMerge+, VisionZip and DivPrune compared where users decide: one `prumerge-export evaluate` run of
-the demo VLM over its held-out questions, VisionZip and DivPrune built at PruMerge's and PruMerge+'s mean token
+the demo VLM over its held-out-wording questions (`evalset-heldout`), VisionZip and DivPrune built at PruMerge's and PruMerge+'s mean token
 counts on this set (equal budgets), every method inside the same exported graph and contract.
 
 Reuses ``--work`` from ``bench/bench_answers.py`` (its demo checkpoint, ``demo`` artifact with the unreduced
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     work, checkpoint = args.work, args.work / "demo-checkpoint"
     for needed in (checkpoint, work / "demo" / "manifest.json", work / "demo-plus" / "manifest.json",
-                   work / "evalset" / "questions.jsonl"):
+                   work / "evalset-heldout" / "questions.jsonl"):
         if not needed.exists():
             raise SystemExit(f"{needed} is missing: run python bench/bench_answers.py --work {work} first")
     artifacts = [work / "demo", work / "demo-plus"]
@@ -58,10 +58,10 @@ def main() -> None:
         artifacts += [zip_dir, div_dir]
         per_budget.append((budget, zip_dir, div_dir))
     args.docs.mkdir(parents=True, exist_ok=True)
-    sh("prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(work / "evalset" / "questions.jsonl"),
+    sh("prumerge-export", "evaluate", *map(str, artifacts), "--questions", str(work / "evalset-heldout" / "questions.jsonl"),
        "--out", str(work / "answers-reducers"), "--json", str(args.docs / "evaluate-reducers.json"),
        "--plot", str(args.docs / "evaluate-reducers.png"))
-    images = [arg for path in sorted((work / "evalset" / "images").iterdir())[:8] for arg in ("--images", str(path))]
+    images = [arg for path in sorted((work / "evalset-heldout" / "images").iterdir())[:8] for arg in ("--images", str(path))]
     for i, (budget, zip_dir, div_dir) in enumerate(per_budget):
         base = [str(work / "demo"), str(work / "demo-plus")] if i == 0 else []
         sh("prumerge-export", "profile", *base, str(zip_dir), str(div_dir), *images, "--runs", "3",

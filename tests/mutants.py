@@ -68,7 +68,7 @@ MUTANTS = {
         "tie = np.ones(len(rows), dtype=bool)",
         ["tests/test_checkpoints.py::test_per_token_validation_explains_only_near_ties"]),
     "answers of another artifact resumed": (
-        "evaluate/questions.py", 'if meta.get("artifact_sha256") != artifact_sha256:', "if False:",
+        "evaluate/questions.py", 'if record["metadata"].get("artifact_sha256") != artifact_sha256:', "if False:",
         ["tests/test_evaluate.py::test_an_interrupted_answer_file_resumes_from_its_whole_lines"]),
     "question images may leave their folder": (
         "evaluate/questions.py", "if root not in file.parents:", "if False:",
@@ -162,7 +162,8 @@ MUTANTS = {
         "export/verify.py", "not 1 <= images <= MAX_VERIFY_IMAGES:", "not isinstance(images, int):",
         ["tests/test_bad_input.py::test_sizes_and_counts_are_bounded_up_front"]),
     "calibrate --out checked after the model pass": (
-        "cli.py", '    _writable_file(out, "--out")  # checked before the model pass, not after it\n', "",
+        "cli.py", '    _outputs(("--out", out), ("--histogram", histogram), ("--report-json", report_json), pictures=("--histogram",),',
+        '    _outputs(("--histogram", histogram), ("--report-json", report_json), pictures=("--histogram",),',
         ["tests/test_bad_input.py::test_command_arguments_are_one_line_before_any_work"]),
     "entry model does not pass a leaving client on to the decode": (
         "triton/models/bls_model.py", "                self.cancels.cancel(key)\n", "",
@@ -234,7 +235,7 @@ MUTANTS = {
         "runtime/llm.py", '                shared.binding.bind_output(self.io.logits, "cpu")', "                pass",
         ["tests/test_pipeline.py::test_a_decoder_built_before_the_lm_head_was_pruned_still_generates"]),
     "the SmolLM2 cache reads an entry that never finished": (
-        "demovlm/smollm2.py", "if (folder / _COMPLETE).is_file():", "if folder.is_dir():",
+        "demovlm/smollm2.py", "if (folder / _COMPLETE).is_file() and not untrusted(folder)", "if folder.is_dir() and not untrusted(folder)",
         ["tests/test_demovlm.py::test_the_gguf_conversion_is_kept_once_and_read_back_not_redone"]),
     "a continuation starts from the fp16 LoRA file": (
         "demovlm/train.py", 'lora = state["lora"] if state and state["lora"] else lora\n', "\n",
@@ -268,6 +269,101 @@ MUTANTS = {
         "export/llm.py", "key = json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map], sort_keys=True, default=str)",
         "key = json.dumps([tokenizer.chat_template], sort_keys=True, default=str)",
         ["tests/test_bad_input.py::test_a_template_renders_once_per_process_and_a_changed_one_again"]),
+    "an output may be one of the command's inputs": (
+        "outputs.py", "    if target in read:\n", "    if False:\n",
+        ["tests/test_hostile_outputs.py::test_evaluate_refuses_every_output_onto_an_input_or_into_an_artifact"]),
+    "an output may land inside an artifact": (
+        "outputs.py", "    if artifact is not None:\n", "    if False:\n",
+        ["tests/test_hostile_outputs.py::test_evaluate_refuses_every_output_onto_an_input_or_into_an_artifact"]),
+    "a picture of any suffix is accepted until the run ends": (
+        "outputs.py", "if flag in pictures and path.suffix.lower() not in PICTURE_SUFFIXES:", "if False:",
+        ["tests/test_hostile_outputs.py::test_evaluate_refuses_every_output_onto_an_input_or_into_an_artifact"]),
+    "a budget that cannot choose is refused only after the run": (
+        "cli.py", "    budget.check_request(ttft_budget_ms, min_accuracy_ratio, [c.method for c in configs])  # before any answer\n", "",
+        ["tests/test_hostile_outputs.py::test_budgets_that_cannot_choose_are_refused_before_any_answer"]),
+    "an answer file is truncated before it is checked": (
+        "evaluate/questions.py", "        if not tail.startswith(b'{\"question_id\"') or not (answers or not whole):", "        if False:",
+        ["tests/test_hostile_outputs.py::test_a_file_evaluate_did_not_write_is_refused_and_left_as_it_was"]),
+    "a damaged answer line is a traceback": (
+        "evaluate/questions.py", '        problem = "not JSON" if record is None else _record_problem(record)', "        problem = None",
+        ["tests/test_hostile_outputs.py::test_damaged_lines_are_one_error_naming_file_and_line"]),
+    "answers are written through a link": (
+        "evaluate/questions.py", "    if path.is_symlink():\n        raise", "    if False:\n        raise",
+        ["tests/test_hostile_outputs.py::test_answer_files_are_never_written_through_a_link"]),
+    "two evaluate runs write one answer folder": (
+        "evaluate/questions.py", "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
+        ["tests/test_hostile_outputs.py::test_one_evaluate_at_a_time_per_answer_folder"]),
+    "answers are reused by question id alone": (
+        "evaluate/runner.py", "done = {qid: r for qid, r in done.items() if r[\"metadata\"].get(\"question_key\") == keys.get(qid)}",
+        "pass",
+        ["tests/test_hostile_outputs.py::test_evaluate_answers_again_when_the_question_behind_an_id_changed"]),
+    "an answer is not tied to its image": (
+        "evaluate/questions.py", "text = json.dumps([question.text, _IMAGE_HASHES[cache], int(max_new_tokens)])",
+        "text = json.dumps([question.text, int(max_new_tokens)])",
+        ["tests/test_hostile_outputs.py::test_an_answer_is_tied_to_its_question_text_image_and_settings"]),
+    "two labels share an answer file": (
+        "evaluate/runner.py", 'c if (c.isascii() and c.isalnum()) or c in "-." else f"_{ord(c):x}_"',
+        'c if c.isalnum() or c in "-._" else "_"',
+        ["tests/test_hostile_outputs.py::test_answer_file_names_are_injective"]),
+    "x full printed against a reference at chance": (
+        "evaluate/runner.py", "    if full[\"accuracy\"] < chance + RATIO_MIN_MARGIN:", "    if False:",
+        ["tests/test_evaluate.py::test_x_full_is_withheld_where_the_full_token_answers_are_near_chance_or_few"]),
+    "a ratio withheld still chooses": (
+        "evaluate/budget.py", "    if min_accuracy_ratio is not None and withheld:", "    if False:",
+        ["tests/test_evaluate.py::test_x_full_is_withheld_where_the_full_token_answers_are_near_chance_or_few"]),
+    "a flag for INT8 is ignored on a float build": (
+        "cli.py", "              if given and overrides.get(\"precision\") != \"int8\"]", "              if False]",
+        ["tests/test_hostile_outputs.py::test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line"]),
+    "NaN passes as a Jaccard": (
+        "cli.py", "        if not math.isfinite(number):", "        if False:",
+        ["tests/test_hostile_outputs.py::test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line"]),
+    "a fused-attention graph gets a TensorRT script": (
+        "export/options.py", "if self.engine is not None and self.graph.opset > PLAIN_OPSET:", "if False:",
+        ["tests/test_hostile_outputs.py::test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line"]),
+    "the chosen build line drops the int8 KV cache": (
+        "evaluate/budget.py", '        args += ["--llm-kv-cache", "int8"]', "        pass",
+        ["tests/test_hostile_outputs.py::test_the_chosen_build_line_keeps_the_int8_kv_cache_it_measured"]),
+    "the Triton hint pastes an unquoted path": (
+        "cli.py", "{shlex.join(['tritonserver', '--model-repository', str(facts['model_repository'])])}",
+        "tritonserver --model-repository {facts['model_repository']}",
+        ["tests/test_hostile_outputs.py::test_the_triton_hint_quotes_the_repository_path_and_small_files_are_copies"]),
+    "Triton hard-links the manifest": (
+        "triton/repository.py", "    if source.stat().st_size >= LINK_FROM_BYTES:", "    if True:",
+        ["tests/test_hostile_outputs.py::test_the_triton_hint_quotes_the_repository_path_and_small_files_are_copies"]),
+    "training spins forever on fewer scenes than a batch": (
+        "demovlm/train.py", "    if train_scenes < batch:\n        raise", "    if False:\n        raise",
+        ["tests/test_demovlm.py::test_training_settings_no_run_can_use_are_one_line_before_anything_is_made"]),
+    "training overwrites an existing run": (
+        "demovlm/train.py", "    if resume is None and not force and ((out / RECORD).is_file()", "    if False and ((out / RECORD).is_file()",
+        ["tests/test_demovlm.py::test_training_settings_no_run_can_use_are_one_line_before_anything_is_made"]),
+    "the conversion cache loads altered weights": (
+        "demovlm/smollm2.py", "and not untrusted(folder) and _hashes_match(folder):", "and not untrusted(folder):",
+        ["tests/test_demovlm.py::test_the_conversion_cache_trusts_only_its_owner_and_its_recorded_hashes"]),
+    "a shared conversion cache is trusted": (
+        "demovlm/smollm2.py", "    problem = untrusted(root)\n", "    problem = None\n",
+        ["tests/test_demovlm.py::test_the_conversion_cache_trusts_only_its_owner_and_its_recorded_hashes"]),
+    "the decoder is run whatever the manifest says of it": (
+        "runtime/llm.py", "        check_decoder_io(self.session, spec, base / spec.decoder)\n", "",
+        ["tests/test_hostile_manifests.py"]),
+    "NaN logits decode into an empty answer": (
+        "runtime/llm.py", "    if not np.isfinite(rows).all():", "    if False:",
+        ["tests/test_hostile_manifests.py::test_non_finite_logits_are_refused_not_decoded_into_an_empty_answer"]),
+    "the image sizes of a manifest are not cross-checked": (
+        "artifact/manifest.py", "        if len({v if isinstance(v, tuple) else (v, v) for v in sizes.values()}) != 1:", "        if False:",
+        ["tests/test_hostile_manifests.py"]),
+    "the vision graph's input shape is not compared with the manifest": (
+        "runtime/vision.py", "    if len(actual) != len(want.shape) or any(", "    if False and any(",
+        ["tests/test_hostile_manifests.py"]),
+    "a reducer section is not checked": (
+        "artifact/manifest.py", "        if self.grid * self.grid != self.num_patches or self.image_size // self.patch_size != self.grid:",
+        "        if False:", ["tests/test_hostile_manifests.py"]),
+    "INT8 float parts are any strings": (
+        "artifact/manifest.py", "            if not re.fullmatch(", "            if False and not re.fullmatch(",
+        ["tests/test_hostile_manifests.py::test_int8_float_parts_must_be_measured_tower_parts"]),
+    "a held-out wording reaches training": (
+        "shapes_qa.py", '        self.instructions = [text for text, where in INSTRUCTIONS if where == split]',
+        '        self.instructions = [text for text, where in INSTRUCTIONS]',
+        ["tests/test_shapes_qa.py::test_held_out_wordings_and_style_never_reach_the_training_split"]),
 }
 
 

@@ -132,6 +132,52 @@ def test_the_gguf_conversion_is_kept_once_and_read_back_not_redone(tmp_path, mon
     assert cached_conversion(gguf, convert)[0] is not None and len(calls) == 5
 
 
+def test_the_conversion_cache_trusts_only_its_owner_and_its_recorded_hashes(tmp_path, monkeypatch):
+    """Round three: an entry with altered (valid) weights loaded silently; a world-writable cache was trusted; the
+    lock followed a link. Now: altered entries are converted again, a shared cache is neither read nor written, and
+    a link at the lock path is never followed."""
+    from conftest import tiny_tokenizer
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prumerge.demovlm.smollm2 import cached_conversion
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PRUMERGE_CACHE", str(cache))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights")
+    calls = []
+
+    def convert(path):
+        calls.append(path)
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return LlamaForCausalLM(config).eval(), tiny_tokenizer()
+
+    original, _ = cached_conversion(gguf, convert)
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    weights = load_file(str(entry / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0  # altered weights, still a valid file
+    save_file(weights, str(entry / "model.safetensors"), metadata={"format": "pt"})
+    got, _ = cached_conversion(gguf, convert)
+    assert len(calls) == 2 and torch.equal(got.state_dict()[name], original.state_dict()[name])
+
+    cache.chmod(0o777)  # a shared cache: another user could have written any entry
+    with pytest.warns(UserWarning, match="group or others may write it"):
+        cached_conversion(gguf, convert)
+    assert len(calls) == 3
+    cache.chmod(0o700)
+
+    outside = tmp_path / "outside"
+    for lock in cache.glob("*.lock"):
+        lock.unlink()
+        lock.symlink_to(outside)
+    cached_conversion(gguf, convert)
+    assert not outside.exists()  # the link was not followed (nothing created where it points)
+
+
 def test_a_few_training_steps_lower_the_loss_through_projector_and_lora(setup):
     from prumerge.demovlm.train import encode_scenes, new_trainer
 
@@ -218,16 +264,17 @@ def test_prompt_ids_are_what_the_runtime_sends(setup):
 
 
 def test_committed_weights_still_answer_as_recorded(setup):
-    """The committed projector + LoRA on the fixed held-out slice recorded at training time (fp32): within one
-    question of the record for each token set."""
+    """The committed projector + LoRA on the fixed held-out slice recorded at training time (fp32; the held-out
+    wordings and scene style, never trained on): within one question of the record for each token set."""
     from prumerge.demovlm.train import measure
 
     record = assemble.trained_record()
     if record is None:
         pytest.fail("demovlm/weights/training.json is missing: the committed weights have no record")
     recorded = record["heldout_slice"]
+    assert recorded["split"] == "heldout"
     got = measure(assemble.WEIGHTS, recorded["scenes"], recorded["seed"], token_sets=("none", "prumerge"),
-                  log=lambda m: None, setup=setup)
+                  log=lambda m: None, setup=setup, split=recorded["split"])
     assert got["questions"] == recorded["questions"]
     for name in ("none", "prumerge"):
         assert abs(got[name] - recorded[name]) <= 1 / recorded["questions"] + 1e-9, (name, got[name], recorded[name])
@@ -314,3 +361,65 @@ def test_a_continuation_starts_from_the_run_it_names_in_full_precision(tmp_path)
         _init_record(run, run)
     with pytest.raises(SystemExit, match="holds no training run"):
         _init_record(tmp_path / "next", tmp_path / "other")
+
+
+def test_training_settings_no_run_can_use_are_one_line_before_anything_is_made(tmp_path, monkeypatch):
+    """Round three: --batch above --train-scenes spun forever ignoring SIGTERM; --steps -1 was accepted; a bad --mix,
+    an --out that is a file, an existing run at --out, a damaged record or truncated weights for --init gave
+    tracebacks or overwrote a trained projector. Each is now a one-line exit before --out is made."""
+    from safetensors.torch import save_file
+
+    from prumerge.demovlm import train
+    from prumerge.demovlm.train import main
+
+    def prepared(*_args, **_kwargs):
+        raise AssertionError("the run was prepared (a minute of encoding) before its settings were checked")
+
+    monkeypatch.setattr(train, "prepare", prepared)
+    run = tmp_path / "run"  # an existing run: a record and trained weights
+    run.mkdir()
+    (run / "training.json").write_text(json.dumps({"history": [], "steps_run": 3, "steps": 10, "seed": 0}))
+    save_file({"w": torch.ones(2)}, str(run / "projector.safetensors"))
+    projector = (run / "projector.safetensors").read_bytes()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "training.json").write_text("{not json")
+    (damaged / "projector.safetensors").write_bytes(projector)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "training.json").write_text(json.dumps({"history": []}))
+    (truncated / "projector.safetensors").write_bytes(projector[: len(projector) // 2])
+    (tmp_path / "file").write_text("x")
+    new = tmp_path / "new"
+    cases = [
+        (["--out", new, "--batch", "16", "--train-scenes", "8"], "fewer than --batch"),
+        (["--out", new, "--steps", "-1"], "--steps must be >= 1"),
+        (["--out", new, "--mix", "none=abc"], "must be a number"),
+        (["--out", new, "--mix", "none=0,prumerge=0"], "at least one above 0"),
+        (["--out", new, "--stop-after", "0"], "--stop-after"),
+        (["--out", new, "--lr", "nan"], "--lr must be > 0"),
+        (["--out", tmp_path / "file"], "is a file"),
+        (["--out", run], "already holds a training run"),
+        (["--out", new, "--init", damaged], "not a readable training record"),
+        (["--out", new, "--init", truncated], "weights cannot be read"),
+        (["--out", run, "--resume", "3", "--steps", "10", "--seed", "1"], "has seed"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+        assert message in str(exit_.value.code), (args, exit_.value.code)
+        assert not new.exists(), args
+    assert (run / "projector.safetensors").read_bytes() == projector  # never overwritten
+    with pytest.raises(SystemExit, match="fewer than --batch"):  # and the batch stream itself never spins
+        next(train.batches(train.Cache({}, [], [], [object()] * 3), 8, {"none": 1.0}, __import__("random").Random(0)))
+
+
+def test_a_stopped_run_says_which_signal_stopped_it():
+    import os
+    import signal
+
+    from prumerge.demovlm.train import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal == signal.SIGINT

@@ -27,7 +27,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 THIRD_PARTY_BUILD = {"torch", "transformers", "safetensors", "onnxscript", "onnxslim", "onnxruntime_genai", "peft",
                      "huggingface_hub", "torchvision"}
 DEVICE_SIDE = ("prumerge.artifact", "prumerge.runtime", "prumerge.profile", "prumerge.evaluate", "prumerge.triton",
-               "prumerge.shapes_qa")
+               "prumerge.shapes_qa", "prumerge.serve", "prumerge.outputs")
 RULES = {
     # module prefix: forbidden import prefixes, beyond the table (third-party as top-level names)
     **{room: tuple(THIRD_PARTY_BUILD) for room in DEVICE_SIDE},

@@ -74,9 +74,10 @@ def test_published_layout_builds_verifies_and_matches_torch_on_real_photos(dinov
     encoder = PruMergeEncoder.from_pretrained(dinov2_s, method=method)
     result = validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider")
     assert result.counts_identical and result.indices_identical
+    # the guarantee, not one CPU's count: every token off the fp32 tolerance is at a near-tie the reference shows
+    # (how many there are depends on onnxruntime's kernels for this CPU: one on an AVX2 machine, three on AVX-512)
     assert result.unexplained == 0, result.summary()
-    # measured (bench/bench_near_ties.py): PruMerge 834/834 tokens exact; PruMerge+ 3786/3787 exact, one near-tie
-    assert result.near_ties <= 2 and result.tokens_exact >= result.tokens - 2
+    assert result.tokens - result.tokens_exact <= result.near_ties, result.summary()
 
 
 @pytest.mark.parametrize("method,options", [("visionzip", {}), ("divprune", {"diverse_tokens": 34})])
@@ -92,7 +93,7 @@ def test_fixed_count_methods_match_torch_on_real_photos(dinov2_s, pixels, tmp_pa
     encoder = PruMergeEncoder.from_pretrained(dinov2_s, method=method, **options)
     result = validate_against(encoder, got, pixels, "fp32", "CPUExecutionProvider")
     assert result.counts_identical and result.indices_identical, result.summary()
-    assert result.unexplained == 0 and result.tokens_exact == result.tokens, result.summary()
+    assert result.unexplained == 0 and result.tokens - result.tokens_exact <= result.near_ties, result.summary()
     assert got.num_tokens.tolist() == [64 if method == "visionzip" else 34] * len(pixels)
 
 

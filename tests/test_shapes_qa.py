@@ -35,43 +35,96 @@ def test_each_object_is_drawn_in_its_colour_where_the_labels_say():
             assert np.abs(got - np.array(shapes_qa.COLORS[thing.color])).max() <= 20, (thing, got)
 
 
-def _expected(question: str, things: list, size: int) -> str:
-    """An independent reading of each question template against the scene's objects."""
-    if m := re.fullmatch(r"What color is the (\w+)\?", question):
-        (hit,) = [t for t in things if t.shape == m[1]]
+def _one(words, text: str) -> str:
+    found = [w for w in words if re.search(rf"\b{w}s?\b", text)]
+    assert len(found) == 1, (words, text)
+    return found[0]
+
+
+def _expected(question: shapes_qa.Question, things: list, size: int) -> str:
+    """An independent reading of a question, by the words it holds, against the scene's objects."""
+    text, kind = question.text, question.kind
+    colours, shapes = list(shapes_qa.COLORS), list(shapes_qa.SHAPES)
+    if kind == "color":
+        (hit,) = [t for t in things if t.shape == _one(shapes, text)]
         return hit.color
-    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-        (hit,) = [t for t in things if t.color == m[1]]
+    if kind == "color_all":
+        assert not any(re.search(rf"\b{w}", text) for w in colours + shapes), text
+        assert len({t.color for t in things}) == 1
+        return things[0].color
+    if kind == "shape":
+        (hit,) = [t for t in things if t.color == _one(colours, text)]
         return hit.shape
-    if question == "How many objects are there?":
-        return str(len(things))
-    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
-        return str(sum(t.shape == m[1] for t in things))
-    if m := re.fullmatch(r"Is there (a|an) (\w+) (\w+)\?", question):
-        assert m[1] == ("an" if m[2] == "orange" else "a")  # "an orange", "a red"
-        return "yes" if any(t.color == m[2] and t.shape == m[3] for t in things) else "no"
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (?:on the left or on the right|at the top or at the bottom)\?", question):
-        (hit,) = [t for t in things if t.color == m[1] and t.shape == m[2]]
-        if "left" in question:
+    if kind == "count":
+        named = [w for w in shapes if re.search(rf"\b{w}s\b", text)]
+        return str(sum(t.shape == named[0] for t in things) if named else len(things))
+    if kind == "exists":
+        colour, shape = _one(colours, text), _one(shapes, text)
+        if m := re.search(r"\b(a|an) (\w+) ", text):
+            assert m[1] == ("an" if m[2] == "orange" else "a")  # "an orange", "a red"
+        return "yes" if any(t.color == colour and t.shape == shape for t in things) else "no"
+    if kind in ("side", "height"):
+        (hit,) = [t for t in things if t.color == _one(colours, text) and t.shape == _one(shapes, text)]
+        if kind == "side":
+            assert re.search(r"(?i)\bleft\b", text) and re.search(r"(?i)\bright\b", text)
             assert abs(hit.cx - size / 2) > 0.1 * size  # clearly on one side
             return "left" if hit.cx < size / 2 else "right"
+        assert re.search(r"(?i)\btop\b", text) and re.search(r"(?i)\bbottom\b", text)
         assert abs(hit.cy - size / 2) > 0.1 * size
         return "top" if hit.cy < size / 2 else "bottom"
-    if m := re.fullmatch(r"Which is bigger, the (\w+) or the (\w+)\?", question):
-        (a,) = [t for t in things if t.shape == m[1]]
-        (b,) = [t for t in things if t.shape == m[2]]
+    if kind in ("bigger", "smaller"):
+        named = [w for w in shapes if re.search(rf"\b{w}\b", text)]
+        a, b = ([t for t in things if t.shape == w] for w in named)
+        (a,), (b,) = a, b
         assert max(a.radius, b.radius) > 1.5 * min(a.radius, b.radius)  # clearly bigger
-        return a.shape if a.radius > b.radius else b.shape
+        small = re.search(r"small|tin", text) is not None
+        assert small == (kind == "smaller"), text
+        big, little = (a, b) if a.radius > b.radius else (b, a)
+        return little.shape if small else big.shape
     raise AssertionError(f"unknown question {question!r}")
 
 
 def test_every_answer_is_right_and_unambiguous():
-    categories = set()
-    for scene in shapes_qa.scenes(150, seed=5):
+    for split in shapes_qa.SPLITS:
+        categories, kinds = set(), set()
+        for scene in shapes_qa.scenes(150, seed=5, split=split):
+            size = scene.image.width
+            for q in scene.questions:
+                assert q.answer == _expected(q, scene.things, size), (q, scene.things)
+                categories.add(q.category)
+                kinds.add(q.kind)
+        assert categories == set(shapes_qa.CATEGORIES) and kinds == set(shapes_qa.WORDINGS), split
+
+
+def _template(text: str) -> re.Pattern:
+    """A wording template as a pattern that its filled questions (with or without an instruction) match."""
+    parts = re.split(r"(\{\w+\})", text)
+    body = "".join(r"[\w' ]+?" if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile(body + r"(?: .+)?")
+
+
+def test_held_out_wordings_and_style_never_reach_the_training_split():
+    """At least a third of every type's wordings is held out; a training question never matches a held-out template
+    exactly (instruction included), and no training scene is drawn in the held-out style."""
+    for category in shapes_qa.CATEGORIES:
+        kinds = [k for k, c in shapes_qa.CATEGORY_OF.items() if c == category]
+        split = [where for k in kinds for _, where in shapes_qa.WORDINGS[k]]
+        assert len(split) >= 15 and split.count("heldout") / len(split) >= 0.3, category
+    held_instructions = [t for t, where in shapes_qa.INSTRUCTIONS if where == "heldout"]
+    styles = set()
+    for scene in shapes_qa.scenes(200, seed=6, split="train"):
+        styles.add(scene.style)
         for q in scene.questions:
-            assert q.answer == _expected(q.text, scene.things, shapes_qa.SIZE), (q, scene.things)
-            categories.add(q.category)
-    assert categories == set(shapes_qa.CATEGORIES)
+            own = [t for t, w in shapes_qa.WORDINGS[q.kind] if w == "train" and _template(t).fullmatch(q.text)]
+            assert own, q
+            held = [t for t, w in shapes_qa.WORDINGS[q.kind] if w == "heldout" and _template(t).fullmatch(q.text)
+                    and not any(_template(o).fullmatch(q.text) for o in own)]
+            assert not held, (q, held)
+            assert not any(q.text.endswith(i) for i in held_instructions), q
+    assert styles == set(shapes_qa.TRAIN_STYLES)
+    held = list(shapes_qa.scenes(6, seed=6, split="heldout"))
+    assert [s.style == shapes_qa.HELDOUT_STYLE for s in held] == [False, True] * 3
+    assert held[1].image.size == (shapes_qa.HELDOUT_STYLE_SIZE,) * 2
 
 
 def test_yes_and_no_are_balanced_and_no_has_adversarial_negatives():
@@ -81,7 +134,7 @@ def test_yes_and_no_are_balanced_and_no_has_adversarial_negatives():
             if q.category == "exists":
                 answers.append(q.answer)
                 if q.answer == "no":
-                    color, shape = re.fullmatch(r"Is there an? (\w+) (\w+)\?", q.text).groups()
+                    color, shape = _one(shapes_qa.COLORS, q.text), _one(shapes_qa.SHAPES, q.text)
                     adversarial += any(t.color == color or t.shape == shape for t in scene.things)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     assert adversarial == answers.count("no")

@@ -66,16 +66,27 @@ def _console():
     return Console(stderr=True)
 
 
-def _writable_file(path: Path | None, what: str) -> None:
-    """Refuse an output path that cannot take a file before any work is done (not after it)."""
-    if path is None:
-        return
-    from .errors import InputError
+class _Fraction(click.FloatRange):
+    """A number in (0, 1]; NaN, which every range comparison lets through, is refused too."""
 
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise InputError(f"{what} {path}: folder {path.parent} does not exist")
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number in (0, 1]", param, ctx)
+        return number
+
+
+FRACTION = _Fraction(0, 1, min_open=True)
+
+
+def _outputs(*outputs, inputs=(), folders=(), pictures=()) -> None:
+    """Refuse, before any work, an output that cannot be written, would overwrite an input of the command or lands
+    in an artifact (``prumerge.outputs``)."""
+    from .outputs import check_outputs
+
+    check_outputs(outputs, inputs, folders, pictures)
 
 
 def engine_tuning_options() -> list:
@@ -153,7 +164,7 @@ def build_options(func):
                           "(onnxruntime only; keeps the selection closest)"),
         click.option("--int8-float-layers", type=click.IntRange(0), default=0, show_default=True,
                      help="INT8: keep the tower's last K encoder layers float (K=1: what feeds token selection)"),
-        click.option("--int8-target-jaccard", type=click.FloatRange(0, 1, min_open=True), default=None,
+        click.option("--int8-target-jaccard", type=FRACTION, default=None,
                      help="INT8: keep float the fewest tower parts (patch embedding, encoder layers), most harmful "
                           "first (each measured quantised alone on the calibration set), that keep this mean Jaccard "
                           "of fp32's selection"),
@@ -186,6 +197,19 @@ def _options_from(kwargs, base: str | None = None, vision_tower: str | None = No
     calibration = kwargs.pop("calibration")
     int8_method, float_layers = kwargs.pop("calibration_method"), kwargs.pop("int8_float_layers")
     target_jaccard = kwargs.pop("int8_target_jaccard")
+    # a flag that its stage would ignore is refused, not silently dropped (an fp32 build "with" a Jaccard target)
+    unused = [flag for flag, given in (("--calibration-method", int8_method != "minmax"),
+                                       ("--int8-float-layers", bool(float_layers)),
+                                       ("--int8-target-jaccard", target_jaccard is not None))
+              if given and overrides.get("precision") != "int8"]
+    if unused:
+        raise click.UsageError(f"{', '.join(unused)} apply to an INT8 vision graph only: add --precision int8 "
+                               "--calibration FILE, or leave them out")
+    unused = [flag for flag, given in (("--llm-precision", llm_precision is not None),
+                                       ("--llm-kv-cache", llm_kv_cache != "float"),
+                                       ("--llm-provider", llm_provider != "cpu")) if given and no_llm]
+    if unused:
+        raise click.UsageError(f"{', '.join(unused)} apply to the language model, and --no-llm builds none")
     return BuildOptions(
         reducer=ReducerConfig(method=method, capacity=kwargs.pop("max_tokens"), **reducer),
         graph=GraphOptions(contract=kwargs.pop("output"), opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"),
@@ -279,8 +303,10 @@ def triton(artifact, out, instances, llm_instances, max_inflight, max_batch, max
                             ort_tensorrt=ort_tensorrt)
     facts = write_repository(artifact, out, options, force=force)
     click.echo(json.dumps(facts, indent=2))
-    click.echo(f"serve it: tritonserver --model-repository {facts['model_repository']}  (CPU: add --model-config-name=cpu)",
-               err=True)
+    import shlex
+
+    click.echo(f"serve it: {shlex.join(['tritonserver', '--model-repository', str(facts['model_repository'])])}  "
+               "(CPU: add --model-config-name=cpu)", err=True)
 
 
 @main.command()
@@ -311,7 +337,7 @@ def engine(directory, target, **kwargs):
 @click.option("--report-json", type=click.Path(path_type=Path), default=None)
 @click.option("--calibration-method", type=click.Choice(Int8Record.METHODS), default="minmax", show_default=True)
 @click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--int8-target-jaccard", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--int8-target-jaccard", type=FRACTION, default=None,
               help="--report: keep float the fewest tower parts that reach this mean Jaccard (as build does)")
 @image_size_option()
 def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, histogram, report, report_json,
@@ -330,10 +356,10 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
         raise click.BadParameter("give at least one method (prumerge, prumerge+)", param_hint="--methods")
-    _writable_file(out, "--out")  # checked before the model pass, not after it
-    _writable_file(histogram, "--histogram")
-    _writable_file(report_json, "--report-json")
     dataset = CalibrationSet.from_folder(images, limit, seed) if images is not None else CalibrationSet.synthetic(synthetic, seed)
+    # checked before the model pass, not after it; never onto the images read, the folder or the model
+    _outputs(("--out", out), ("--histogram", histogram), ("--report-json", report_json), pictures=("--histogram",),
+             inputs=[images, Path(model), *(sorted(Path(images).rglob("*")) if images is not None and Path(images).is_dir() else ())])
     for item in dataset.skipped:
         click.secho(f"skipped {item['file']}: {item['reason']}", fg="yellow", err=True)
     budget = calibrate_budget(model, dataset, method_list, coverage, image_size=image_size)
@@ -402,7 +428,7 @@ def inspect(target, as_json, model, method, out, image_size):
     from .heatmap import render
 
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
-    _writable_file(out, "--out")
+    _outputs(("--out", out), inputs=[target, Path(model)], pictures=("--out",))
     encoder = None
     from .artifact.contract import ADAPTIVE_METHODS
     from .artifact.manifest import MANIFEST_NAME
@@ -474,8 +500,7 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
 
     from .profile.runner import resolve_methods
 
-    _writable_file(json_out, "--json")  # before the runs, not after them
-    _writable_file(plot_out, "--plot")
+    _outputs(("--json", json_out), ("--plot", plot_out), inputs=[*images, *artifacts], pictures=("--plot",))
     method_list = list(resolve_methods(list(artifacts), [m.strip() for m in (methods or "").split(",") if m.strip()]))
     per_method = warmup + runs * (len(images) + synthetic)
     with Progress(console=Console(stderr=True), transient=True) as bar:
@@ -534,6 +559,28 @@ def _print_run_summary(result) -> None:
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (127.0.0.1: this machine only)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-queue", type=click.IntRange(0, 10000), default=8, show_default=True,
+              help="requests that may wait behind the running one; more are answered 429 with Retry-After")
+@click.option("--images-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="allow image_url paths inside this folder (default: data: URLs only)")
+@click.option("--allow-remote-images", is_flag=True, help="fetch http(s) image URLs (refused by default)")
+@click.option("--model-name", default=None, help="the model id clients see (default: the artifact folder's name)")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--expect-sha256", default=None, help="refuse the artifact unless its manifest has this sha256")
+def serve(artifact, host, port, max_queue, images_dir, allow_remote_images, model_name, provider, expect_sha256):
+    """Serve ARTIFACT with OpenAI's chat-completions API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+    from .serve.app import serve as run_server
+    from .serve.openai_api import ImagePolicy
+
+    click.echo(f"serving {artifact} on http://{host}:{port}/v1 (OpenAI chat completions)", err=True)
+    run_server(artifact, host=host, port=port, max_queue=max_queue, model_name=model_name, provider=provider,
+               expect_sha256=expect_sha256, policy=ImagePolicy(images_dir=images_dir, allow_remote=allow_remote_images))
+
+
+@main.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--questions", required=True, type=click.Path(path_type=Path),
               help="LLaVA question file (JSON lines: question_id, image, text, optional answer, category)")
@@ -558,12 +605,11 @@ def evaluate(artifacts, questions, images, methods, out, limit, max_new_tokens, 
     from .evaluate import budget, report as eval_report
     from .evaluate.runner import configurations, evaluate as run_evaluation
 
-    _writable_file(json_out, "--json")
-    _writable_file(plot_out, "--plot")
     method_list = [m.strip() for m in (methods or "").split(",") if m.strip()] or None
     if methods is not None and not method_list:
         raise click.BadParameter("give at least one method", param_hint="--methods")
     configs = configurations(list(artifacts), method_list)
+    budget.check_request(ttft_budget_ms, min_accuracy_ratio, [c.method for c in configs])  # before any answer
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         tasks = {}
@@ -574,7 +620,7 @@ def evaluate(artifacts, questions, images, methods, out, limit, max_new_tokens, 
             bar.update(tasks[label], advance=n)
 
         result = run_evaluation(list(artifacts), questions, images, method_list, out, provider, max_new_tokens, limit,
-                                progress=advance)
+                                progress=advance, reports=(("--json", json_out), ("--plot", plot_out)))
     rows = result["configurations"]
     console = Console()
     console.print(eval_report.table(rows, title=f"{questions}: {result['question_count']} questions, {len(configs)} configurations"))
@@ -603,7 +649,7 @@ def demo(out, force, scenes, max_new_tokens, **kwargs):
     it never trained on, with and without PruMerge, beside the right answers."""
     import dataclasses
 
-    from .demo import demo_scenes
+    from .demo import ASKABLE, demo_scenes, read_stamp, reusable_artifact, weights_digest, write_stamp
     from .demovlm.assemble import DESCRIPTION, build_checkpoint
     from .evaluate.scoring import score
     from .export.staging import staged_directory
@@ -617,12 +663,20 @@ def demo(out, force, scenes, max_new_tokens, **kwargs):
         raise click.BadParameter("the demo answers questions: it needs its LLM", param_hint="--no-llm")
     out = Path(out)
     checkpoint = out.parent / f"{out.name}-checkpoint"
-    if force or not (checkpoint / "config.json").is_file():
+    weights = weights_digest()
+    if force or not (checkpoint / "config.json").is_file() or read_stamp(checkpoint).get("weights") != weights:
         with staged_directory(checkpoint, force=True, kind="checkpoint") as stage:
             build_checkpoint(stage)
+            write_stamp(stage, weights=weights)
     if options.method is not Method.NONE:  # the demo answers with and without PruMerge
         options = dataclasses.replace(options, graph=dataclasses.replace(options.graph, baseline=True))
-    manifest = _build(str(checkpoint), out, options, force)
+    manifest = None if force else reusable_artifact(out, checkpoint, repr(options))
+    if manifest is not None:
+        click.echo(f"reusing {out}: built from these weights and options, every file matches its hash "
+                   "(--force rebuilds it)", err=True)
+    else:
+        manifest = _build(str(checkpoint), out, options, force)
+        write_stamp(checkpoint, options=repr(options), manifest_sha256=manifest.sha256)
     _print_manifest_summary(manifest, out)
     shown = demo_scenes(scenes)
     result = VisionSession.open(out).run([s.image for s in shown])
@@ -644,6 +698,7 @@ def demo(out, force, scenes, max_new_tokens, **kwargs):
                 right[pipeline.method] += ok
                 click.echo(f"  [{answer.method}] answer {answer.text.strip()!r} {'right' if ok else 'WRONG'}  "
                            f"({answer.visual_tokens[0]} visual tokens, TTFT {answer.timings_ms['ttft']:.0f} ms)")
+    click.echo(f"what it can be asked: {ASKABLE}")
     click.echo("demo accuracy on these {} questions: {}".format(
         asked, ", ".join(f"[{m}] {n}/{asked}" for m, n in right.items())))
     click.secho("held-out accuracy over hundreds of questions: `prumerge-export evaluate` (README, \"Answers\")",

@@ -75,10 +75,72 @@ def build_demo_checkpoint(path: str | Path, seed: int = 0, vision: dict | None =
 
 
 DEMO_SEED = 3  # neither the training stream nor evaluate's held-out one
+# what a newcomer can ask the demo VLM: its question types, in the words of its held-out split
+ASKABLE = ("what colour a shape is (or all the shapes are), what shape a coloured object is, how many objects or "
+           "circles/squares/triangles/stars there are, whether there is e.g. a red star, whether an object is on the "
+           "left or right / at the top or bottom, which of two shapes is bigger or smaller; one-word answers, about "
+           "coloured circles, squares, triangles and stars")
 
 
 def demo_scenes(count: int = 4):
-    """``count`` generated scenes (image, questions with right answers) the demo VLM never trained on."""
+    """``count`` generated scenes (image, questions with right answers) the demo VLM never trained on, asked in
+    wordings it never trained on either (``shapes_qa``'s held-out split), as a new user would word them."""
     from .shapes_qa import scenes
 
-    return list(scenes(count, DEMO_SEED))
+    return list(scenes(count, DEMO_SEED, split="heldout"))
+
+
+STAMP_FILE = "prumerge-demo.json"  # in the demo's checkpoint folder: what the checkpoint and artifact were made from
+
+
+def weights_digest() -> str:
+    """sha256 over the committed demo weights and their record: a new release's weights rebuild the demo."""
+    import hashlib
+
+    from .demovlm.assemble import LORA_FILE, PROJECTOR_FILE, RECORD_FILE, WEIGHTS
+
+    digest = hashlib.sha256()
+    for name in (PROJECTOR_FILE, LORA_FILE, RECORD_FILE):
+        path = WEIGHTS / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+    return digest.hexdigest()
+
+
+def read_stamp(checkpoint: Path) -> dict:
+    """The demo's stamp in ``checkpoint`` (``{}`` when absent or unreadable: then nothing is reused)."""
+    import json
+
+    try:
+        stamp = json.loads((Path(checkpoint) / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def write_stamp(checkpoint: Path, **fields) -> None:
+    import json
+
+    stamp = {**read_stamp(checkpoint), **fields}
+    partial = Path(checkpoint) / f".{STAMP_FILE}.partial"
+    partial.write_text(json.dumps(stamp, indent=1))
+    partial.replace(Path(checkpoint) / STAMP_FILE)
+
+
+def reusable_artifact(out: Path, checkpoint: Path, options_key: str):
+    """The manifest of the demo artifact at ``out`` when a second ``demo`` may answer with it as it is: built by
+    the demo from the same committed weights and the same options, its manifest the one the demo wrote, and every
+    file still matching its hash. None otherwise (then the build runs, and refuses an existing ``out`` without
+    ``--force`` as every build does)."""
+    from .artifact.manifest import Manifest
+    from .errors import ArtifactError
+
+    stamp = read_stamp(checkpoint)
+    if not (out / "manifest.json").is_file() or stamp.get("weights") != weights_digest() \
+            or stamp.get("options") != options_key or not stamp.get("manifest_sha256"):
+        return None
+    try:
+        manifest = Manifest.read(out)
+        manifest.verify_files(out, expect_sha256=stamp["manifest_sha256"])
+    except ArtifactError:
+        return None
+    return manifest

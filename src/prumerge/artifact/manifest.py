@@ -277,6 +277,13 @@ class Int8Record(Section):
         _integer(self.float_layers, f"{where}.float_layers", 0, 4096)
         _number(self.seconds, f"{where}.seconds", 0.0, 1e7)
         _strings(self.float_parts, f"{where}.float_parts")
+        import re
+
+        measured = {r[0] for r in self.sensitivity if isinstance(r, list) and r}
+        for part in self.float_parts:
+            if not re.fullmatch(r"embeddings|layer (0|[1-9]\d{0,3})", part) or (measured and part not in measured):
+                raise ArtifactError(f"manifest field {where}.float_parts names {part!r}, not a tower part "
+                                    "(\"embeddings\" or \"layer N\") that was measured")
         _number(self.target_jaccard, f"{where}.target_jaccard", 0.0, 1.0, optional=True)
         if not isinstance(self.sensitivity, list) or not all(
                 isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in self.sensitivity):
@@ -424,6 +431,21 @@ class ReducerSection(Section):
     cls_token_index: int = -3  # VisionZip's CLS token
     contextual_token_index: int = -4  # VisionZip's merged contextual tokens
 
+    def check(self, where: str) -> None:
+        if not isinstance(self.options, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in self.options.items()):
+            raise ArtifactError(f"manifest field {where}.options must map option names to plain values")
+        _integer(self.num_patches, f"{where}.num_patches", 1, 1 << 20)
+        _integer(self.grid, f"{where}.grid", 1, 4096)
+        _integer(self.patch_size, f"{where}.patch_size", 1, 4096)
+        _integer(self.image_size, f"{where}.image_size", 1, 16384)
+        _integer(self.feature_layer, f"{where}.feature_layer", -4096, 4096)
+        for name in ("extra_token_index", "padding_index", "cls_token_index", "contextual_token_index"):
+            _integer(getattr(self, name), f"{where}.{name}", -64, -1)
+        if self.grid * self.grid != self.num_patches or self.image_size // self.patch_size != self.grid:
+            raise ArtifactError(f"manifest section {where} is inconsistent: a {self.grid}x{self.grid} grid of "
+                                f"{self.patch_size}-px patches is not {self.num_patches} patches of a {self.image_size}-px image")
+
 
 @dataclasses.dataclass
 class ValidationSection(Section):
@@ -522,6 +544,10 @@ class GraphSection(Section):
             raise ArtifactError(f"manifest field {where}.inputs[0].shape must be [batch, 3, size, size], got {shape}")
         if self.engine is not None:
             self.engine = EngineFacts.parse(self.engine, f"{where}.engine")
+        if self.node_stages is not None and (not isinstance(self.node_stages, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v)
+                for k, v in self.node_stages.items())):
+            raise ArtifactError(f"manifest field {where}.node_stages must map stage names to lists of node names")
 
 
 @dataclasses.dataclass
@@ -589,9 +615,13 @@ class LLMSection(Section):
             for name in ("directory", "embeddings", "tokenizer"):
                 if not isinstance(getattr(self, name), str) or not getattr(self, name):
                     raise ArtifactError(f"manifest field {where}.{name} must be a path in the artifact")
-            for name in ("num_layers", "num_kv_heads", "head_size", "context_length", "kv_dtype", "embeds_dtype"):
+            for name in ("num_layers", "num_kv_heads", "head_size", "context_length", "kv_dtype", "embeds_dtype",
+                         "prompt_format"):
                 if getattr(self, name) is None:
                     raise ArtifactError(f"manifest field {where}.{name} is required with a decoder")
+            if not isinstance(self.image_marker, str) or not self.image_marker:
+                raise ArtifactError(f"manifest field {where}.image_marker must be the prompt's image placeholder")
+            _choice(self.add_bos, f"{where}.add_bos", (True, False), optional=True)
             self.io = DecoderIO.parse(self.io, f"{where}.io", self.num_layers)
 
 
@@ -617,6 +647,19 @@ class Manifest:
         for name, section in _SECTIONS.items():
             setattr(self, name, section.from_dict(getattr(self, name), name))
         self.preprocess = _preprocess(self.preprocess)
+        if not isinstance(self.files, dict) or not all(
+                isinstance(name, str) and isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
+                and len(meta["sha256"]) == 64 and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool)
+                and meta["bytes"] >= 0 for name, meta in self.files.items()):
+            raise ArtifactError("manifest field files must map each file name to its bytes and sha256")
+        # the image size is recorded by three owners (reducer, preprocessing, each graph's input): they must agree
+        sizes = {"reducer.image_size": self.reducer.image_size, "preprocess.image_size": self.preprocess.image_size}
+        for name, graph in (("vision", self.vision), ("baseline", self.baseline)):
+            if graph is not None:
+                sizes[f"{name}.inputs[0].shape"] = tuple(graph.inputs[0].shape[2:])
+        if len({v if isinstance(v, tuple) else (v, v) for v in sizes.values()}) != 1:
+            raise ArtifactError("the manifest's image sizes disagree (" + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                                + "): it does not describe one artifact")
 
     @property
     def validation(self) -> ValidationSection | None:

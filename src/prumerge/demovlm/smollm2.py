@@ -64,7 +64,13 @@ def cached_conversion(gguf: Path, convert):
     each time) and rebuilds llama.cpp's tensor-name map per tensor, ~30 s on 2 cores, in every process that needs
     the model (each test worker, each demo run); the saved folder loads in ~0.3 s (measured). One process converts while others
     wait on a lock; the folder appears by one rename, so a reader never sees half of it; where the cache cannot be
-    written (read-only home) the conversion is simply not kept."""
+    written (read-only home) the conversion is simply not kept.
+
+    Trust: weights read back from a folder are as good as the folder's owner. A cache root (or entry) that another
+    user owns, or that group or others may write, is never read nor written (the conversion is redone and not
+    kept, with a warning), as the Triton cancel board refuses a shared directory; the lock file is opened without
+    following a link; and each entry records its files' sha256 when written, checked before it is read, so an entry
+    altered afterwards is converted again, never loaded."""
     import fcntl
     import hashlib
     import shutil
@@ -78,13 +84,23 @@ def cached_conversion(gguf: Path, convert):
     root = cache_root()
     folder = root / f"{gguf.stem}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f"{folder.name}.lock", "a")
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return convert(gguf)
+    problem = untrusted(root)
+    if problem:
+        import warnings
+
+        warnings.warn(f"the conversion cache {root} is not used: {problem}", stacklevel=2)
+        return convert(gguf)
+    try:
+        lock = os.fdopen(os.open(root / f"{folder.name}.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o600), "a")
     except OSError:
         return convert(gguf)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / _COMPLETE).is_file():
+        if (folder / _COMPLETE).is_file() and not untrusted(folder) and _hashes_match(folder):
             try:
                 return _read(folder)
             except Exception:  # noqa: BLE001 - a damaged cache entry is converted again, never trusted
@@ -95,6 +111,7 @@ def cached_conversion(gguf: Path, convert):
             staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            _write_hashes(staging)
             (staging / _COMPLETE).write_text("")
             if folder.exists():
                 shutil.rmtree(folder)  # our own damaged entry (under the lock)
@@ -103,6 +120,56 @@ def cached_conversion(gguf: Path, convert):
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         return model, tokenizer
+
+
+_HASHES = "sha256.json"
+
+
+def untrusted(folder: Path) -> str | None:
+    """Why weights in ``folder`` cannot be trusted (None when they can): a link, another user's folder, or one that
+    group or others may write."""
+    import stat
+
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return "it is a link or not a folder"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return f"it belongs to another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"group or others may write it (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _file_hashes(folder: Path) -> dict:
+    import hashlib
+
+    out = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_HASHES, _COMPLETE)):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        out[path.name] = digest.hexdigest()
+    return out
+
+
+def _write_hashes(folder: Path) -> None:
+    import json
+
+    (folder / _HASHES).write_text(json.dumps(_file_hashes(folder), indent=1))
+
+
+def _hashes_match(folder: Path) -> bool:
+    import json
+
+    try:
+        recorded = json.loads((folder / _HASHES).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and bool(recorded) and recorded == _file_hashes(folder)
 
 
 def _read(folder: Path):

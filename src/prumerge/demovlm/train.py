@@ -163,14 +163,16 @@ def patch_labels(things: list, patches: int, size: int = shapes_qa.SIZE) -> torc
         side, height = t.side(size), t.height(size)
         label = torch.tensor([ALIGN_COLORS.index(t.color), ALIGN_SHAPES.index(t.shape),
                               ALIGN_SIDES.index(side) if side else -1, ALIGN_HEIGHTS.index(height) if height else -1,
-                              ALIGN_SIZES.index("big" if t.big else "small")])
+                              ALIGN_SIZES.index("big" if t.big(size) else "small")])
         for p in np.flatnonzero(share > 0):
             out[p] = label if centre[p] and share[p] >= 0.5 else -1
     return out
 
 
-def encode_scenes(encoder, count: int, seed: int, prompts: PromptIds, batch: int = 32, log=print) -> Cache:
-    """Generate ``count`` scenes from ``seed``, encode each once (the three token sets), and tokenise its questions."""
+def encode_scenes(encoder, count: int, seed: int, prompts: PromptIds, batch: int = 32, log=print,
+                  split: str = "train") -> Cache:
+    """Generate ``count`` scenes from ``seed`` worded from ``split`` (``shapes_qa.SPLITS``), encode each once (the
+    three token sets), and tokenise its questions."""
     from ..reduce.config import Method, ReducerConfig
     from ..runtime.preprocess import preprocess_batch
 
@@ -193,9 +195,9 @@ def encode_scenes(encoder, count: int, seed: int, prompts: PromptIds, batch: int
 
     conversations, labels = [], []
     order = np.random.default_rng(seed + 7)
-    for i, scene in enumerate(shapes_qa.scenes(count, seed)):
+    for i, scene in enumerate(shapes_qa.scenes(count, seed, split=split)):
         images.append(scene.image)
-        labels.append(patch_labels(scene.things, encoder.num_patches))
+        labels.append(patch_labels(scene.things, encoder.num_patches, scene.image.width))
         for q in scene.questions:
             samples.append(Sample(i, *prompts(q.text, q.answer), q.category))
         turns = [(q.text, q.answer) for q in (scene.questions[j] for j in order.permutation(len(scene.questions)))]
@@ -287,6 +289,8 @@ def batches(cache: Cache, size: int, mix: dict, rng: random.Random):
     with the ``mix`` probabilities; images shuffled each epoch."""
     order = list(range(len(cache.conversations)))
     names, weights = list(mix), list(mix.values())
+    if len(order) < size:  # one pass could never fill a batch: the loop below would spin for ever without yielding
+        raise SystemExit(f"--train-scenes {len(order)} is fewer than --batch {size}: no batch could be drawn")
     while True:
         rng.shuffle(order)
         for i in range(0, len(order) - size + 1, size):
@@ -358,7 +362,7 @@ def new_trainer(setup: Setup, lora_rank: int, seed: int, projector: dict | None 
 
 
 def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, token_sets=TOKEN_SETS, log=print,
-            setup: Setup | None = None) -> dict:
+            setup: Setup | None = None, split: str = "heldout") -> dict:
     """Held-out accuracy (fp32, greedy = teacher-forced argmax) of the weights in ``weights`` on the first
     ``scenes`` scenes of ``seed``: the slice the committed weights' record is checked against."""
     from safetensors.torch import load_file
@@ -369,11 +373,11 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
         layer = feature_layer(weights) if (weights / RECORD_FILE).is_file() else None
         with tempfile.TemporaryDirectory() as scratch:
             setup = prepare(Path(scratch), feature_layer=layer)
-    cache = encode_scenes(setup.encoder, scenes, seed, setup.prompts, log=log)
+    cache = encode_scenes(setup.encoder, scenes, seed, setup.prompts, log=log, split=split)
     lora = load_file(str(weights / "lora.safetensors")) if (weights / "lora.safetensors").is_file() else {}
     rank = next((int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_A")), 0)
     trainer = new_trainer(setup, rank, 0, load_file(str(weights / "projector.safetensors")), lora)
-    out = {"scenes": scenes, "seed": seed, "questions": len(cache.samples)}
+    out = {"scenes": scenes, "seed": seed, "split": split, "questions": len(cache.samples)}
     for name in token_sets:
         out[name], out[f"{name}_by_category"] = trainer.accuracy(cache, name)
     return out
@@ -382,7 +386,8 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
 def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: int, lr: float, lora_rank: int,
           mix: dict, eval_every: int, seed: int, log=print, bf16: bool = True, lora_lr_ratio: float = 0.3,
           stop_after: int | None = None, feature_layer: int = -7, align_steps: int = 0, align_weight: float = 0.0,
-          lora_targets: tuple | None = None, resume: int | None = None, init: Path | None = None) -> dict:
+          lora_targets: tuple | None = None, resume: int | None = None, init: Path | None = None,
+          force: bool = False) -> dict:
     """Train for ``steps`` of a cosine schedule; ``stop_after``: end after that many of them (the schedule is still
     the one of ``steps``, so a run stopped early is reproduced exactly by the same two numbers).
 
@@ -394,15 +399,32 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     ``init``: start from another run's trained weights instead of a fresh projector and LoRA (a continuation stage:
     its own schedule, usually a lower ``lr``, and with another ``seed`` scenes the first run never saw); no alignment
     stage (that exists to start a fresh projector). The record keeps that run's record as ``init`` and adds its CPU
-    and wall time to the totals, so the committed weights say everything that made them."""
+    and wall time to the totals, so the committed weights say everything that made them.
+
+    Everything a run could be refused for is checked before ``out`` is made or anything is prepared: the numbers,
+    the mix, ``out`` (a finished or stopped run there is kept unless ``force``; ``--resume`` continues it), and
+    the records and weights ``resume`` / ``init`` read."""
     cpu_start, wall_start = time.process_time(), time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    check_settings(steps=steps, train_scenes=train_scenes, heldout_scenes=heldout_scenes, batch=batch, lr=lr,
+                   lora_rank=lora_rank, mix=mix, eval_every=eval_every, stop_after=stop_after,
+                   lora_lr_ratio=lora_lr_ratio, resume=resume)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a folder")
+    if resume is None and not force and ((out / RECORD).is_file() or (out / "projector.safetensors").is_file()):
+        raise SystemExit(f"--out {out} already holds a training run; continue it with --resume STEP, or pass --force "
+                         "to train a new one over it")
     prior = _resumable(out, resume, steps, seed) if resume else None
     start = _init_record(init, out) if init is not None and prior is None else None
+    if prior is not None:
+        _trained_weights(out)  # readable before anything is prepared
+    elif start is not None:
+        _trained_weights(init)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         setup = prepare(Path(scratch), seed, feature_layer)
     train_cache = encode_scenes(setup.encoder, train_scenes, shapes_qa.TRAIN_SEED + 100 * seed, setup.prompts, log=log)
-    held_cache = encode_scenes(setup.encoder, heldout_scenes, shapes_qa.HELDOUT_SEED, setup.prompts, log=log)
+    held_cache = encode_scenes(setup.encoder, heldout_scenes, shapes_qa.HELDOUT_SEED, setup.prompts, log=log,
+                               split="heldout")
     counts = {name: float(np.mean([len(f) for f in train_cache.features[name]])) for name in TOKEN_SETS}
     log(f"cached {len(train_cache.conversations)} training conversations ({len(train_cache.samples)} questions) / "
         f"{len(held_cache.samples)} held-out questions; "
@@ -433,11 +455,11 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
     step_start = time.time()
-    interrupted = None
+    interrupted = stopped_by = None
     with StopRequest() as stop:
         for step in range(resume or 0, min(steps, stop_after or steps)):
             if stop.requested:  # SIGINT / SIGTERM: end between steps, keep what was trained, say so in the record
-                interrupted = step
+                interrupted, stopped_by = step, stop.signal
                 log(f"stop requested: ending after step {step}")
                 break
             _train_step(trainer, optimizer, params, stream, train_cache, steps, step, bf16, align_weight, losses)
@@ -456,21 +478,22 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
     record = {
         "seed": seed, "steps": steps, "stop_after": stop_after, "steps_run": len(losses), "batch": batch, "lr": lr, "lora_lr": lr * lora_lr_ratio, "lora_rank": lora_rank,
         "mix": mix, "conversations": "every question of an image in one sequence (first turn as run sends it), then a caption turn",
+        "wordings": "shapes_qa train split (held-out wordings and scene style never trained on)",
         "train_scenes": train_scenes, "train_questions": len(train_cache.samples), "train_seed": shapes_qa.TRAIN_SEED + 100 * seed,
         "heldout_scenes": heldout_scenes, "heldout_questions": len(held_cache.samples), "heldout_seed": shapes_qa.HELDOUT_SEED,
-        "bf16_autocast": bf16, "mean_visual_tokens": counts, "vision_feature_layer": feature_layer,
+        "heldout_split": "heldout", "bf16_autocast": bf16, "mean_visual_tokens": counts, "vision_feature_layer": feature_layer,
         "align_steps": align_steps, "align_weight": align_weight, "align_losses": align_log,
         "lora_targets": list(lora_targets or ()) or None,
         "cpu_seconds": round(time.process_time() - cpu_start + (prior or start or {}).get("cpu_seconds", 0), 1),
         "wall_seconds": round(time.time() - wall_start + (prior or start or {}).get("wall_seconds", 0), 1),
         "torch_threads": torch.get_num_threads(), "history": history, "losses": [round(x, 4) for x in losses],
-        "interrupted_after": interrupted,
+        "interrupted_after": interrupted, "interrupted_by_signal": stopped_by,
     }
     if resumed:
         record["resumed"] = resumed
     if start is not None or (prior or {}).get("init"):
         record["init"] = start if start is not None else prior["init"]
-    (out / "training.json").write_text(json.dumps(record, indent=1))
+    _atomic(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=1)))
     return record
 
 
@@ -498,10 +521,10 @@ def _align_images(rng: random.Random, cache: Cache, images: int = 32) -> list:
 def _resumable(out: Path, step: int, steps: int, seed: int) -> dict:
     """The record of the run in ``out`` if it can be continued from ``step``: it ran exactly that many steps of the
     same schedule and seed (anything else would not be that run continued)."""
-    path = out / "training.json"
+    path = out / RECORD
     if not path.is_file() or not (out / "projector.safetensors").is_file():
         raise SystemExit(f"--resume: {out} holds no training run (training.json and projector.safetensors)")
-    prior = json.loads(path.read_text())
+    prior = _read_record(path, "--resume")
     for name, want in (("steps_run", step), ("steps", steps), ("seed", seed)):
         if prior.get(name) != want:
             raise SystemExit(f"--resume {step}: the run in {out} has {name} {prior.get(name)!r}, not {want!r}")
@@ -513,21 +536,39 @@ def _trained_weights(run: Path) -> tuple[dict, dict, dict | None]:
     that state (None where the run predates it)."""
     from safetensors.torch import load_file
 
-    state = torch.load(run / RESUME_FILE, weights_only=True) if (run / RESUME_FILE).is_file() else None
-    lora = load_file(str(run / "lora.safetensors")) if (run / "lora.safetensors").is_file() else {}
-    lora = state["lora"] if state and state["lora"] else lora
-    return load_file(str(run / "projector.safetensors")), lora, state
+    try:
+        state = torch.load(run / RESUME_FILE, weights_only=True) if (run / RESUME_FILE).is_file() else None
+        lora = load_file(str(run / "lora.safetensors")) if (run / "lora.safetensors").is_file() else {}
+        lora = state["lora"] if state and state["lora"] else lora
+        return load_file(str(run / "projector.safetensors")), lora, state
+    except Exception as exc:  # safetensors' and torch's errors for a truncated or foreign file have no common base
+        raise SystemExit(f"{run}: its weights cannot be read ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                         "the run is damaged") from None
 
 
 def _init_record(init: Path, out: Path) -> dict:
     """The record of the run ``init`` names (without its per-step losses), or a one-line exit: a continuation starts
     from a finished run's weights, never from the directory it is about to overwrite."""
-    path = init / "training.json"
+    path = init / RECORD
     if not path.is_file() or not (init / "projector.safetensors").is_file():
         raise SystemExit(f"--init: {init} holds no training run (training.json and projector.safetensors)")
     if init.resolve() == out.resolve():
         raise SystemExit(f"--init: {init} is --out itself; continue a stopped run there with --resume")
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "losses"}
+    return {k: v for k, v in _read_record(path, "--init").items() if k != "losses"}
+
+
+RECORD = "training.json"
+
+
+def _read_record(path: Path, flag: str) -> dict:
+    """A run's record, or a one-line exit naming the file."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SystemExit(f"{flag}: {path} is not a readable training record ({exc.__class__.__name__})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("history", []), list):
+        raise SystemExit(f"{flag}: {path} is not a training record (not a JSON object with a history)")
+    return record
 
 
 def _train_step(trainer, optimizer, params, stream, cache, steps, step, bf16, align_weight, losses) -> None:
@@ -553,14 +594,14 @@ class StopRequest:
         import signal
         import threading
 
-        self.requested, self._previous = False, {}
+        self.requested, self.signal, self._previous = False, None, {}
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
                 self._previous[number] = signal.signal(number, self._request)
         return self
 
-    def _request(self, *_) -> None:
-        self.requested = True
+    def _request(self, number, _frame) -> None:
+        self.requested, self.signal = True, number
 
     def __exit__(self, *_) -> None:
         import signal
@@ -572,19 +613,28 @@ class StopRequest:
 RESUME_FILE = "resume.pt"  # AdamW's moments and the fp32 LoRA, for --resume; never committed with the weights
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(partial)`` then rename over ``path``: a run killed mid-save leaves the previous file whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    partial.replace(path)
+
+
 def save_weights(trainer: Trainer, out: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     from safetensors.torch import save_file
 
     from .lora import lora_state
 
-    save_file({k: v.detach().contiguous() for k, v in trainer.projector.state_dict().items()}, str(out / "projector.safetensors"))
+    projector = {k: v.detach().contiguous() for k, v in trainer.projector.state_dict().items()}
+    _atomic(out / "projector.safetensors", lambda p: save_file(projector, str(p)))
     if trainer.lora:
         # fp16 halves the committed file; the slice the tests check is measured from the stored file
-        save_file({k: (v.half() if k.endswith(("lora_A", "lora_B")) else v).contiguous()
-                   for k, v in lora_state(trainer.lm).items()}, str(out / "lora.safetensors"))
+        lora = {k: (v.half() if k.endswith(("lora_A", "lora_B")) else v).contiguous()
+                for k, v in lora_state(trainer.lm).items()}
+        _atomic(out / "lora.safetensors", lambda p: save_file(lora, str(p)))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "lora": lora_state(trainer.lm) if trainer.lora else {}},
-                   out / RESUME_FILE)
+        state = {"optimizer": optimizer.state_dict(), "lora": lora_state(trainer.lm) if trainer.lora else {}}
+        _atomic(out / RESUME_FILE, lambda p: torch.save(state, p))
 
 
 def parse_mix(text: str) -> dict:
@@ -593,8 +643,33 @@ def parse_mix(text: str) -> dict:
         name, _, weight = part.partition("=")
         if name not in TOKEN_SETS:
             raise SystemExit(f"--mix: unknown token set {name!r} (one of {', '.join(TOKEN_SETS)})")
-        mix[name] = float(weight or 1)
+        try:
+            mix[name] = float(weight or 1)
+        except ValueError:
+            raise SystemExit(f"--mix: the weight of {name} must be a number, not {weight!r}") from None
     return mix
+
+
+def check_settings(steps, train_scenes, heldout_scenes, batch, lr, lora_rank, mix, eval_every, stop_after,
+                   lora_lr_ratio, resume) -> None:
+    """One-line exits for settings no run can use, before anything is prepared (a minute of encoding used to come
+    first). A batch is drawn from one shuffled pass over the training scenes, so fewer scenes than a batch would
+    never yield one: that run used to spin forever."""
+    for name, value, low in (("--steps", steps, 1), ("--train-scenes", train_scenes, 1), ("--batch", batch, 1),
+                             ("--heldout-scenes", heldout_scenes, 1), ("--lora-rank", lora_rank, 0),
+                             ("--eval-every", eval_every, 0)):
+        if value < low:
+            raise SystemExit(f"{name} must be >= {low}, got {value}")
+    if stop_after is not None and not 1 <= stop_after <= steps:
+        raise SystemExit(f"--stop-after must be in 1..--steps ({steps}), got {stop_after}")
+    if resume is not None and not 1 <= resume < steps:
+        raise SystemExit(f"--resume must be in 1..{steps - 1}, got {resume}")
+    if not (lr > 0 and math.isfinite(lr)) or not (lora_lr_ratio >= 0 and math.isfinite(lora_lr_ratio)):
+        raise SystemExit(f"--lr must be > 0 and --lora-lr-ratio >= 0, got {lr} and {lora_lr_ratio}")
+    if train_scenes < batch:
+        raise SystemExit(f"--train-scenes {train_scenes} is fewer than --batch {batch}: no batch could be drawn")
+    if not all(w >= 0 and math.isfinite(w) for w in mix.values()) or not sum(mix.values()) > 0:
+        raise SystemExit(f"--mix weights must be >= 0 with at least one above 0, got {mix}")
 
 
 def main(argv=None) -> None:
@@ -621,6 +696,7 @@ def main(argv=None) -> None:
                         help="continue the run in --out from its step STEP (same schedule, same data order)")
     parser.add_argument("--init", type=Path, default=None, metavar="DIR",
                         help="start from the trained weights in DIR: a continuation stage on its own schedule (no alignment)")
+    parser.add_argument("--force", action="store_true", help="train a new run over the one already in --out")
     parser.add_argument("--measure", type=int, default=0, metavar="SCENES",
                         help="only measure the weights in --out on the first SCENES held-out scenes (fp32) and add "
                              "the result to its training.json as the slice the tests check")
@@ -637,8 +713,11 @@ def main(argv=None) -> None:
                    parse_mix(args.mix), args.eval_every, args.seed, log=lambda m: print(m, flush=True), bf16=not args.fp32,
                    lora_lr_ratio=args.lora_lr_ratio, stop_after=args.stop_after, feature_layer=args.feature_layer,
                    align_steps=args.align_steps, align_weight=args.align_weight,
-                   lora_targets=tuple(args.lora_targets.split(",")), resume=args.resume, init=args.init)
+                   lora_targets=tuple(args.lora_targets.split(",")), resume=args.resume, init=args.init,
+                   force=args.force)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}))
+    if record.get("interrupted_by_signal"):  # saved and recorded, but stopped: not a finished run's exit status
+        raise SystemExit(128 + int(record["interrupted_by_signal"]))
 
 
 if __name__ == "__main__":

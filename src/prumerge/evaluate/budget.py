@@ -17,17 +17,33 @@ REDUCER_DEFAULTS = {"attention": "official", "order": "official", "merge_weights
                     "neighbors": 32, "min_keep": 1, "dominant_tokens": 54, "contextual_tokens": 10, "diverse_tokens": 64}
 
 
+def check_request(ttft_budget_ms: float | None, min_accuracy_ratio: float | None, methods=None) -> None:
+    """Refuse a budget that cannot choose, before any question is answered: a TTFT budget that is not a positive
+    finite number of ms, a ratio outside (0, 1.5] (NaN included), or a ratio with no full-token configuration
+    (``methods``: the methods being evaluated) to take it against."""
+    import math
+
+    if ttft_budget_ms is not None and not (ttft_budget_ms > 0 and math.isfinite(ttft_budget_ms)):
+        raise InputError(f"--ttft-budget-ms must be a positive number of ms, got {ttft_budget_ms}")
+    if min_accuracy_ratio is not None and not 0 < min_accuracy_ratio <= 1.5:
+        raise InputError(f"--min-accuracy-ratio must be in (0, 1.5], got {min_accuracy_ratio}")
+    if min_accuracy_ratio is not None and methods is not None and "none" not in methods:
+        raise InputError("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built "
+                         "with --baseline or --method none) as its reference")
+
+
 def choose(rows: list, ttft_budget_ms: float | None = None, min_accuracy_ratio: float | None = None) -> dict:
     """The chosen summary row (see :func:`runner.summarize`), or one :class:`InputError` saying why none fits."""
     if ttft_budget_ms is None and min_accuracy_ratio is None:
         raise InputError("give --ttft-budget-ms or --min-accuracy-ratio to choose a configuration")
-    if ttft_budget_ms is not None and not ttft_budget_ms > 0:
-        raise InputError(f"--ttft-budget-ms must be > 0, got {ttft_budget_ms}")
-    if min_accuracy_ratio is not None and not 0 < min_accuracy_ratio <= 1.5:
-        raise InputError(f"--min-accuracy-ratio must be in (0, 1.5], got {min_accuracy_ratio}")
+    check_request(ttft_budget_ms, min_accuracy_ratio)
     measured = [r for r in rows if "accuracy" in r and "ttft_ms" in r]
     if not measured:
         raise InputError("no configuration has scored answers (the question file needs reference answers)")
+    withheld = next((r["accuracy_ratio_withheld"] for r in measured if "accuracy_ratio_withheld" in r), None)
+    if min_accuracy_ratio is not None and withheld:
+        raise InputError(f"--min-accuracy-ratio cannot choose on these questions: {withheld}, so a ratio to them "
+                         "means nothing (ask questions the full-token model answers, or choose by --ttft-budget-ms)")
     if min_accuracy_ratio is not None and not any("accuracy_ratio" in r for r in measured):
         raise InputError("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built "
                          "with --baseline or --method none) as its reference")
@@ -77,6 +93,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
             args += ["--int8-target-jaccard", f"{facts['int8_target_jaccard']:g}"]
     if facts.get("llm_precision"):
         args += ["--llm-precision", str(facts["llm_precision"])]
+    if facts.get("llm_kv_cache") == "int8":  # the cache measured, not the default float one
+        args += ["--llm-kv-cache", "int8"]
     if facts.get("image_size"):
         args += ["--image-size", str(facts["image_size"])]
     return shlex.join(args)

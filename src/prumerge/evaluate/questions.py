@@ -8,7 +8,9 @@ annotators) and ``category``. Answer file (as LLaVA's ``model_vqa`` writes): ``q
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +54,8 @@ def read_questions(path: str | os.PathLike, images: str | os.PathLike | None = N
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not a JSON object ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{where}: not a question (JSON nested too deeply to read)") from None
         if not isinstance(item, dict):
             raise InputError(f"{where}: not a JSON object")
         qid = item.get("question_id")
@@ -64,12 +68,16 @@ def read_questions(path: str | os.PathLike, images: str | os.PathLike | None = N
         text, image = item.get("text"), item.get("image")
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: text (the question) must be a non-empty string")
-        if not isinstance(image, str) or not image:
+        if not isinstance(image, str) or not image or "\0" in image:
             raise InputError(f"{where}: image must be a file name inside {folder}")
-        file = (folder / image).resolve()
+        try:
+            file = (folder / image).resolve()
+            found = file.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, or one the system cannot take
+            raise InputError(f"{where}: image {image[:80]!r} cannot be opened ({exc})") from None
         if root not in file.parents:
             raise InputError(f"{where}: image {image!r} is outside the image folder {folder}")
-        if not file.is_file():
+        if not found:
             raise InputError(f"{where}: image {image!r} not found in {folder}")
         answer = item.get("answer")
         if answer is not None and not (isinstance(answer, str) or (isinstance(answer, list) and answer
@@ -84,27 +92,113 @@ def read_questions(path: str | os.PathLike, images: str | os.PathLike | None = N
     return questions
 
 
-def read_answers(path: Path, artifact_sha256: str) -> dict:
-    """``{question_id: answer record}`` already in an answer file (an interrupted run resumes from them).
+def _record_problem(record) -> str | None:
+    """What makes ``record`` something other than an answer evaluate wrote (None when it is one)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    qid = record.get("question_id")
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        return "question_id is missing or not a string"
+    if not isinstance(record.get("text"), str):
+        return "text (the answer) is missing or not a string"
+    if not isinstance(record.get("metadata"), dict):
+        return "metadata is missing or not an object"
+    return None
 
-    A last line cut short by an interruption is dropped (the file is truncated to its last whole line); records
-    written for another artifact are refused rather than mixed in."""
-    if not path.is_file():
+
+def _parse(line: str):
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def read_answers(path: Path, artifact_sha256: str, check_only: bool = False) -> dict:
+    """``{question_id: answer record}`` already in an answer file (an interrupted run resumes from them; for an id
+    answered twice, the later record).
+
+    Everything is checked before anything is touched: a link or a non-file at the answer path, a line that is not
+    an answer record (named by file and line), or answers written for another artifact are refused, and the file
+    is left as it was. Only then is a last line cut short by an interruption dropped (the file truncated to its
+    last whole line) — and only when it is the start of a record, in a file whose other lines are records.
+    ``check_only``: check, never truncate."""
+    if path.is_symlink():
+        raise InputError(f"{path} is a link; evaluate never writes through links in --out: move it away")
+    if not path.exists():
         return {}
-    raw = path.read_bytes()
-    whole = raw[: raw.rfind(b"\n") + 1]
-    if len(whole) != len(raw):
-        with open(path, "r+b") as handle:
-            handle.truncate(len(whole))
+    if not path.is_file():
+        raise InputError(f"{path} is not a regular file; evaluate keeps its answers there: move it away")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror})") from None
+    whole, tail = raw[: raw.rfind(b"\n") + 1], raw[raw.rfind(b"\n") + 1:]
     answers = {}
     for number, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(line)
-            qid, meta = str(record["question_id"]), record["metadata"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{path}:{number} is not an answer record written by evaluate; move the file away") from None
-        if meta.get("artifact_sha256") != artifact_sha256:
-            raise InputError(f"{path} holds answers from another artifact (manifest {str(meta.get('artifact_sha256'))[:12]}…); "
+        record = _parse(line)
+        problem = "not JSON" if record is None else _record_problem(record)
+        if problem:
+            raise InputError(f"{path}:{number} is not an answer record written by evaluate ({problem}); "
+                             "move the file away or use another --out")
+        if record["metadata"].get("artifact_sha256") != artifact_sha256:
+            raise InputError(f"{path} holds answers from another artifact (manifest {str(record['metadata'].get('artifact_sha256'))[:12]}…); "
                              "use another --out or remove it")
-        answers[qid] = record
+        answers[str(record["question_id"])] = record
+    if tail:
+        if not tail.startswith(b'{"question_id"') or not (answers or not whole):
+            raise InputError(f"{path}: its last line is not an answer record written by evaluate; "
+                             "move the file away or use another --out")
+        if not check_only:
+            with open_answers(path, mode=os.O_RDWR) as handle:
+                handle.truncate(len(whole))
     return answers
+
+
+def open_answers(path: Path, mode: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT):
+    """The answer file opened without following a link (a link planted at the answer path is refused, never
+    written through)."""
+    try:
+        fd = os.open(path, mode | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise InputError(f"{path} cannot be opened for answers ({exc.strerror})") from None
+    return os.fdopen(fd, "r+b" if mode & os.O_RDWR else "a", **({} if mode & os.O_RDWR else {"encoding": "utf-8"}))
+
+
+LOCK_FILE = ".evaluate.lock"
+
+
+@contextlib.contextmanager
+def answers_lock(out: Path):
+    """Hold ``out`` for this run alone: a second evaluate on the same ``--out`` would answer every question again
+    into the same files. Refused in one line while another run holds it (the lock goes with the process)."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks here: nothing to hold
+        yield
+        return
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot take its lock ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"another evaluate is writing answers in {out}; wait for it or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+_IMAGE_HASHES: dict = {}
+
+
+def question_key(question: EvalQuestion, max_new_tokens: int) -> str:
+    """What an answer depends on: the question's text, its image's bytes and the generation settings. An answer
+    file's record is reused only for the same key."""
+    stat = question.image.stat()
+    cache = (str(question.image), stat.st_size, stat.st_mtime_ns)
+    if cache not in _IMAGE_HASHES:
+        _IMAGE_HASHES[cache] = hashlib.sha256(question.image.read_bytes()).hexdigest()
+    text = json.dumps([question.text, _IMAGE_HASHES[cache], int(max_new_tokens)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

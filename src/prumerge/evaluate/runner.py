@@ -20,7 +20,7 @@ from ..artifact.contract import check_method_request
 from ..artifact.manifest import Manifest
 from ..errors import ConfigError, InputError
 from . import scoring
-from .questions import EvalQuestion, read_answers
+from .questions import EvalQuestion, answers_lock, open_answers, question_key, read_answers
 
 
 
@@ -35,8 +35,14 @@ class Configuration:
 
     @property
     def answer_file(self) -> str:
-        label = self.label.replace("+", "plus").replace("@", "-at-")
-        return "answers-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + ".jsonl"
+        """``answers-<method>[-at-<artifact folder>].jsonl``, one name per label: the method is one of a fixed set
+        (``+`` spelled ``plus``), and every character of the folder name other than a letter, a digit, ``-`` or
+        ``.`` is written as ``_`` and its code point in hex (``_`` itself too), so two labels never share a file."""
+        method, _, folder = self.label.partition("@")
+        name = method.replace("+", "plus")
+        if folder:
+            name += "-at-" + "".join(c if (c.isascii() and c.isalnum()) or c in "-." else f"_{ord(c):x}_" for c in folder)
+        return f"answers-{name}.jsonl"
 
 
 def configurations(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None) -> list:
@@ -85,7 +91,8 @@ def _build_facts(manifest: Manifest, graph) -> dict:
             "int8_float_layers": graph.int8.float_layers if graph.int8 else None,
             "int8_target_jaccard": graph.int8.target_jaccard if graph.int8 else None,
             "int8_calibration_method": graph.int8.calibration_method if graph.int8 else None,
-            "llm_precision": manifest.llm.precision, "image_size": manifest.reducer.image_size,
+            "llm_precision": manifest.llm.precision, "llm_kv_cache": "int8" if manifest.llm.kv_dtype == "int8" else "float",
+            "image_size": manifest.reducer.image_size,
             "output": graph.contract, "reducer_options": dict(manifest.reducer.options or {})}
 
 
@@ -98,11 +105,25 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot make the folder ({exc.strerror})") from None
+    with answers_lock(out):
+        return _answer(questions, configs, out, provider, max_new_tokens, progress, Pipeline)
+
+
+def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, progress, Pipeline) -> dict:
+    keys = {q.question_id: question_key(q, max_new_tokens) for q in questions}
+    for config in configs:  # every answer file checked before any model loads
+        read_answers(out / config.answer_file, config.sha256, check_only=True)
     results = {}
     for config in configs:
         path = out / config.answer_file
         done = read_answers(path, config.sha256)
+        # an answer counts only for the question it answered: the same id with another text, image or
+        # generation setting is answered again (the newer record is the one read back)
+        done = {qid: r for qid, r in done.items() if r["metadata"].get("question_key") == keys.get(qid)}
         results[config.label] = {q.question_id: done[q.question_id] for q in questions if q.question_id in done}
         todo = [q for q in questions if q.question_id not in done]
         if progress:
@@ -112,7 +133,7 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
         pipeline = Pipeline.from_artifacts(config.artifact, provider=provider,
                                            method="none" if config.graph == "baseline" else None)
         model_id = f"{Path(str(config.build['source'])).name}-{config.label}"
-        with open(path, "a", encoding="utf-8") as handle:
+        with open_answers(path) as handle:
             for q in todo:
                 try:
                     result = pipeline.generate(str(q.image), q.text, max_new_tokens=max_new_tokens)
@@ -126,7 +147,8 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
                                        "visual_tokens": result.visual_tokens[0], "prompt_tokens": result.prompt_tokens,
                                        "generated_tokens": result.generated_tokens, "stop_reason": result.stop_reason,
                                        "ttft_ms": t["ttft"], "prefill_ms": t["prefill"], "vision_ms": t.get("vision"),
-                                       "preprocess_ms": t.get("preprocess")}}
+                                       "preprocess_ms": t.get("preprocess"), "max_new_tokens": max_new_tokens,
+                                       "question_key": keys[q.question_id]}}
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
                 results[config.label][q.question_id] = record
@@ -168,19 +190,58 @@ def summarize(questions: Sequence[EvalQuestion], configs: Sequence[Configuration
                 values = [m[key] for m in meta]
                 row[key] = {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90))}
         rows.append(row)
-    full = next((r.get("accuracy") for r in rows if r["configuration"] == reference), None)
+    full = next((r for r in rows if r["configuration"] == reference and "accuracy" in r), None)
+    withheld = ratio_withheld(full, questions) if full is not None else None
     for row in rows:
-        if full and "accuracy" in row:
-            row["accuracy_ratio"] = row["accuracy"] / full
+        if full is not None and "accuracy" in row:
+            if withheld:
+                row["accuracy_ratio_withheld"] = withheld
+            elif full["accuracy"] > 0:
+                row["accuracy_ratio"] = row["accuracy"] / full["accuracy"]
     return rows
+
+
+RATIO_MIN_RIGHT = 20  # right full-token answers below which "x full" is a ratio of a few coin flips
+RATIO_MIN_MARGIN = 0.25  # the full-token accuracy must clear chance by this much for "x full" to mean anything
+
+
+def chance_accuracy(questions: Sequence[EvalQuestion]) -> float:
+    """What guessing scores on these questions: 1/2 for a yes/no one, and for the others one over the number of
+    distinct reference answers of its category (or of the file, without categories), the best a guesser that knows
+    the answer set but not the image can do on average."""
+    graded = [q for q in questions if q.answer is not None]
+    answers = {}
+    for q in graded:
+        if scoring.kind_of(q.answer) != "yesno":
+            refs = q.answer if isinstance(q.answer, list) else [q.answer]
+            answers.setdefault(q.category, set()).update(scoring.normalize(str(r)) for r in refs)
+    odds = [0.5 if scoring.kind_of(q.answer) == "yesno" else 1 / max(1, len(answers[q.category])) for q in graded]
+    return float(np.mean(odds)) if odds else 0.0
+
+
+def ratio_withheld(full: dict, questions: Sequence[EvalQuestion]) -> str | None:
+    """Why "x full" would mean nothing for this full-token row (None when it means something): a ratio to a
+    reference that is right only by chance, or only a handful of times, says nothing about what reduction costs."""
+    right = round(full["accuracy"] * sum(q.answer is not None for q in questions))
+    chance = chance_accuracy(questions)
+    if full["accuracy"] < chance + RATIO_MIN_MARGIN:
+        return (f"full tokens are right {full['accuracy']:.3f} of the time, within {RATIO_MIN_MARGIN} of chance "
+                f"({chance:.3f}) on these questions")
+    if right < RATIO_MIN_RIGHT:
+        return f"full tokens are right on {right} questions, fewer than {RATIO_MIN_RIGHT}"
+    return None
 
 
 def evaluate(artifacts: Sequence[str | Path], questions_file: str | Path, images: str | Path | None = None,
              methods: Sequence[str] | None = None, out: str | Path = "evaluation", provider: str = "cpu",
              max_new_tokens: int = 16, limit: int | None = None,
-             progress: Callable[[str, int], None] | None = None) -> dict:
+             progress: Callable[[str, int], None] | None = None, reports: Sequence[tuple] = ()) -> dict:
     """The whole evaluation: read and check the question file and the artifacts (before any model runs), answer
-    (resuming), summarise. Returns ``{"questions", "configurations": [summary rows], "answer_files"}``."""
+    (resuming), summarise. Returns ``{"questions", "configurations": [summary rows], "answer_files"}``.
+    ``reports``: (flag, path) of the files the caller will write afterwards (``--json``, ``--plot``), checked here
+    with ``out`` before any work: none may be an input (the question file, an image, an artifact) or lie inside an
+    artifact."""
+    from ..outputs import check_outputs
     from .questions import read_questions
 
     if limit is not None and limit < 1:
@@ -188,6 +249,9 @@ def evaluate(artifacts: Sequence[str | Path], questions_file: str | Path, images
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     questions = read_questions(questions_file, images)[:limit]
+    inputs = [Path(questions_file), *(Path(a) for a in artifacts), *{q.image for q in questions}]
+    check_outputs(reports, inputs, folders=[("--out", Path(out))],
+                  pictures=[flag for flag, _ in reports if flag == "--plot"])
     configs = configurations(artifacts, methods)
     answers = run(questions, configs, Path(out), provider=provider, max_new_tokens=max_new_tokens, progress=progress)
     return {"questions": str(questions_file), "question_count": len(questions),

@@ -141,6 +141,10 @@ class BuildOptions:
             from ..calib.int8 import PER_TOKEN_NOT_TENSORRT
 
             raise ConfigError(PER_TOKEN_NOT_TENSORRT)
+        if self.engine is not None and self.graph.opset > PLAIN_OPSET:
+            raise ConfigError(f"--opset {self.graph.opset} writes attention as ONNX's fused Attention op, which TensorRT "
+                              "10.3's ONNX parser does not take: a TensorRT --target needs the default --opset "
+                              f"{PLAIN_OPSET}")
         if self.engine is not None:
             from .tensorrt import EngineOptions, check_batch
 

@@ -29,6 +29,8 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "manifest_sha256": manifest.sha256,
               "pinned": expect_sha256 is not None, "provider": session.provider,
               "num_tokens": got.num_tokens.tolist()}
+    if manifest.llm is not None and manifest.llm.decoder:
+        report["llm"] = check_decoder(directory, manifest, provider, got.image(0))
     if not reference:
         return report
     try:
@@ -54,6 +56,23 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     result = validate_against(encoder, got, pixels.astype(session.input_dtype), manifest.vision.precision, session.provider)
     require(result, f"verify {directory}")
     return report | {"reference": result.to_dict()}
+
+
+def check_decoder(directory, manifest, provider: str, visual: np.ndarray) -> str:
+    """The decoder against its manifest (names, element types, heads: ``runtime.llm.check_decoder_io``) and one
+    prefill of the first image's visual tokens and a few text tokens, whose logits must be finite: a manifest or a
+    decoder altered to disagree is named here, not found by the first user's empty answer."""
+    from ..runtime.llm import OnnxDecoder
+
+    decoder = OnnxDecoder(Path(directory), manifest.llm, provider="cuda" if provider != "cpu" else "cpu")
+    embeds = decoder.embed([0, 1, 2])
+    if manifest.vision.projected:  # tokens the LLM takes as they are
+        if visual.shape[-1] != manifest.llm.hidden_size:
+            raise ArtifactError(f"verify {directory}: the vision graph's tokens are {visual.shape[-1]} wide, the LLM "
+                                f"takes {manifest.llm.hidden_size}")
+        embeds = np.concatenate([embeds, visual.astype(np.float32)])
+    logits, _ = decoder.step(embeds, decoder.start(len(embeds) + 1))
+    return f"ok: {manifest.llm.num_layers} layers, {manifest.llm.kv_dtype} cache, finite logits over {logits.shape[0]} tokens"
 
 
 def inspect_artifact(directory: str | Path) -> dict:

@@ -52,6 +52,10 @@ class OnnxDecoder:
         self.embeds_dtype = np.dtype(spec.embeds_dtype)
         self.context_length = spec.context_length
         self._names = self.io.cache_names()
+        check_decoder_io(self.session, spec, base / spec.decoder)
+        if self.embeddings.ndim != 2 or self.embeddings.shape[1] != spec.hidden_size:
+            raise ArtifactError(f"the embedding table {base / spec.embeddings} has shape {self.embeddings.shape}, "
+                                f"the manifest says [vocabulary, {spec.hidden_size}]: the artifact was altered")
 
     def embed(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64)
@@ -132,9 +136,48 @@ class OnnxDecoder:
 
 
 def _rows(logits, all_logits: bool) -> np.ndarray:
-    """A step's logits OrtValue [1, T, V] -> the last row [V] (or every row, [T, V]) in float32."""
+    """A step's logits OrtValue [1, T, V] -> the last row [V] (or every row, [T, V]) in float32. Logits that are not
+    finite (a decoder whose weights or cache scales were altered: NaN, inf, zero scales) are refused instead of
+    decoding an argmax of NaN into an empty answer."""
     rows = logits.numpy()[0]
-    return (rows if all_logits else rows[-1]).astype(np.float32)
+    rows = (rows if all_logits else rows[-1]).astype(np.float32)
+    if not np.isfinite(rows).all():
+        raise ArtifactError("the LLM decoder produced non-finite logits: its weights or KV-cache scales are damaged; "
+                            "rebuild the artifact")
+    return rows
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def check_decoder_io(session, spec, path) -> None:
+    """The decoder as loaded against what the manifest says of it: every input and output it names exists, the
+    embeddings' and the cache's element types and the cache's heads and head size are the graph's. A manifest
+    edited (and re-hashed) to disagree with its decoder is refused here in one line, never discovered as a crash
+    in the first step. (The vision graph gets the same check in ``VisionSession``.)"""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    io = spec.io
+    wanted_in = [io.inputs_embeds, io.attention_mask, *io.past_keys, *io.past_values]
+    wanted_out = [io.logits, *io.present_keys, *io.present_values]
+    missing = [n for n in wanted_in if n not in inputs] + [n for n in wanted_out if n not in outputs]
+    if missing:
+        raise ArtifactError(f"the manifest names decoder tensors {', '.join(missing[:4])} that {path} does not have: "
+                            "the manifest does not describe this decoder")
+    checks = [("llm.embeds_dtype", spec.embeds_dtype, _ORT_TYPES.get(inputs[io.inputs_embeds].type)),
+              ("llm.kv_dtype", spec.kv_dtype, _ORT_TYPES.get(inputs[io.past_keys[0]].type))]
+    shape = inputs[io.past_keys[0]].shape  # [batch, kv heads, positions, head size]
+    if len(shape) == 4:
+        checks += [("llm.num_kv_heads", spec.num_kv_heads, shape[1] if isinstance(shape[1], int) else spec.num_kv_heads),
+                   ("llm.head_size", spec.head_size, shape[3] if isinstance(shape[3], int) else spec.head_size)]
+    embeds = inputs[io.inputs_embeds].shape
+    if embeds and isinstance(embeds[-1], int):
+        checks.append(("llm.hidden_size", spec.hidden_size, embeds[-1]))
+    for field, recorded, actual in checks:
+        if recorded != actual:
+            raise ArtifactError(f"manifest field {field} is {recorded!r} but the decoder {path} has {actual!r}: the "
+                                "manifest does not describe this decoder; rebuild the artifact")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -120,6 +120,11 @@ def _check_io(session, spec, directory: Path) -> None:
     if len(inputs) != 1 or inputs[0].name != want.name or _ORT_TYPES.get(inputs[0].type) != want.dtype:
         got = ", ".join(f"{i.name} {i.type}" for i in inputs)
         raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {want.name} {want.dtype}")
+    actual = [d if isinstance(d, int) else None for d in inputs[0].shape]
+    if len(actual) != len(want.shape) or any(a is not None and isinstance(w, int) and a != w
+                                              for a, w in zip(actual, want.shape)):
+        raise ArtifactError(f"{directory}: the vision graph's input is {list(inputs[0].shape)}, but the manifest says "
+                            f"{want.shape}; the manifest does not describe this graph")
     recorded = {o.name: o.dtype for o in spec.outputs}
     for output in session.get_outputs():
         if output.name in OUTPUT_NAMES and recorded.get(output.name) != _ORT_TYPES.get(output.type):

@@ -9,7 +9,7 @@ Python models read, verified at load)::
     OUT/models/prumerge_vision/1/                  model.plan | model.onnx (+ data) | model.py
     OUT/models/prumerge_llm/...                    Python backend, decoupled: prompt assembly + decoder, streamed
     OUT/models/prumerge/...                        Python backend, decoupled, BLS: image bytes + prompt -> text
-    OUT/artifact/                                  the artifact (hard links where possible)
+    OUT/artifact/                                  the artifact (files of 64 MiB and more hard-linked, others copied)
 
 Select the CPU variant with ``--model-config-name=cpu`` (Triton 24.05+). Every config's inputs and outputs come from
 the manifest's graph specs (padded contract: static shapes that batch).
@@ -201,12 +201,21 @@ def _python_model(directory: Path, which: str, config: str) -> dict:
     return {"gpu": "python", "cpu": "python"}
 
 
+LINK_FROM_BYTES = 64 << 20  # files this large are hard-linked; smaller ones (manifest, configs, tokenizer) copied
+
+
 def _link(source: Path, target: Path) -> None:
+    """A large file is hard-linked (no copy of a multi-GB graph when on the same filesystem), a small one copied:
+    the manifest and configs are what a hand edit in the repository would touch, and an in-place write through a
+    hard link would change the source artifact too (its hashes then fail ``verify``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)  # no copy of a multi-GB graph when on the same filesystem
-    except OSError:
-        shutil.copyfile(source, target)
+    if source.stat().st_size >= LINK_FROM_BYTES:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
 
 
 def _link_tree(artifact: Path, target: Path, manifest) -> None:
