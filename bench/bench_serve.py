@@ -1,9 +1,11 @@
 """What `prumerge-export serve` costs on top of the pipeline, side by side in one run on the same artifact.
 
-1. **Overhead per request**: the same greedy question asked N times (a) directly of a `Pipeline` in this process and
+1. **Overhead per request**: the same greedy question about the same PNG bytes asked N times (a) directly of a
+   `Pipeline` in this process (it decodes the PNG, as `run` decodes a file) and
    (b) through the server with the `openai` client (streamed, so the client sees its first token); the server's
    overhead is the client-observed TTFT minus the pipeline's own TTFT that the server reports for the same request
-   (`usage.prumerge.timings_ms.ttft`), p50 and p90. Both sides answer the same image and prompt, and their texts are
+   (`usage.prumerge.timings_ms.ttft`), p50 and p90, once through the `openai` package (what an app sees, its SSE
+   parsing and models included) and once through a bare `http.client` connection (the server's own share). Both sides answer the same image and prompt, and their texts are
    compared (they must be identical).
 2. **Throughput**: 4 concurrent clients, Q questions each, against the same `Pipeline` called serially for the same
    4 x Q questions: requests per second, and the ratio.
@@ -38,6 +40,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_overhead(port: int, model: str, messages: list, max_tokens: int) -> float:
+    """Client-observed TTFT minus the pipeline's own TTFT for one streamed request over a bare ``http.client``
+    connection (reading server-sent events line by line): what the server adds, without an SDK's parsing."""
+    import http.client
+
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first, ttft = None, None
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if first is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+            first = (time.perf_counter() - start) * 1e3
+        if event.get("usage"):
+            ttft = event["usage"]["prumerge"]["timings_ms"]["ttft"]
+    connection.close()
+    return first - ttft
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path)
@@ -55,10 +81,11 @@ def main() -> None:
     shown = list(scenes(4, 3, split="heldout"))
     images = [s.image for s in shown]
     question = shown[0].questions[0].text
-    pngs = []
-    for image in images:
+    pngs, files = [], []
+    for image in images:  # both sides get the same PNG bytes: the pipeline decodes them as the server does
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
+        files.append(buffer.getvalue())
         pngs.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
 
     pipeline = Pipeline.from_artifacts(args.artifact)
@@ -83,9 +110,9 @@ def main() -> None:
 
         direct, served, overhead, same = [], [], [], 0
         client.chat.completions.create(messages=message(0), max_tokens=2, model=model)  # warm both sides
-        pipeline.generate(images[0], "<image>\n" + question, max_new_tokens=2)
+        pipeline.generate(files[0], "<image>\n" + question, max_new_tokens=2)
         for i in range(args.requests):
-            result = pipeline.generate(images[i % 4], "<image>\n" + question, max_new_tokens=args.max_tokens)
+            result = pipeline.generate(files[i % 4], "<image>\n" + question, max_new_tokens=args.max_tokens)
             direct.append(result.timings_ms["ttft"])
             start = time.perf_counter()
             first, text, usage = None, [], None
@@ -102,7 +129,12 @@ def main() -> None:
             served.append(first)
             overhead.append(first - pipeline_ttft)
             same += "".join(text) == result.text
+        raw = []  # the same through a bare HTTP client (http.client, no SSE parser): the server's own share
+        for i in range(args.requests):
+            raw.append(raw_overhead(port, model, message(i), args.max_tokens))
         report = {"requests": args.requests, "identical_answers": same,
+                  "server_overhead_bare_client_ms_p50": float(np.percentile(raw, 50)),
+                  "server_overhead_bare_client_ms_p90": float(np.percentile(raw, 90)),
                   "pipeline_ttft_ms_p50": float(np.percentile(direct, 50)),
                   "client_ttft_ms_p50": float(np.percentile(served, 50)),
                   "server_overhead_ms_p50": float(np.percentile(overhead, 50)),
@@ -111,7 +143,7 @@ def main() -> None:
         total = 4 * args.per_client
         start = time.perf_counter()
         for i in range(total):
-            pipeline.generate(images[i % 4], "<image>\n" + question, max_new_tokens=args.max_tokens)
+            pipeline.generate(files[i % 4], "<image>\n" + question, max_new_tokens=args.max_tokens)
         serial_rps = total / (time.perf_counter() - start)
         errors = []
 

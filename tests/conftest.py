@@ -21,7 +21,8 @@ if _WORKERS > 1:
 # take whole files (--dist loadfile) in collection order, so a long file collected last leaves the other worker idle
 # at the end. Only the order changes; a file not listed keeps its place after these.
 LONGEST_FILES = {"test_realweights.py": 173, "test_smollm2.py": 141, "test_bad_input.py": 108, "test_demovlm.py": 96,
-                 "test_export.py": 85, "test_pipeline.py": 63, "test_visionzip_divprune.py": 48, "test_profile.py": 44}
+                 "test_export.py": 85, "test_pipeline.py": 63, "test_visionzip_divprune.py": 48, "test_serve.py": 46,
+                 "test_profile.py": 44, "test_hostile_outputs.py": 25, "test_hostile_manifests.py": 21}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -146,3 +147,17 @@ def artifact_factory(tmp_path_factory, clip_dir, llava_dir):
         return cache[key]
 
     return make
+
+
+def rehash_manifest(directory: Path, edit) -> None:
+    """Edit an artifact's manifest as an attacker would: change it, then recompute its own hash."""
+    import json
+
+    from prumerge.artifact.manifest import MANIFEST_NAME, _self_hash
+
+    path = directory / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    data.pop("manifest_sha256", None)
+    data["manifest_sha256"] = _self_hash(data)
+    path.write_text(json.dumps(data))

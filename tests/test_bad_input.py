@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rehash_manifest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -26,21 +27,11 @@ from prumerge.errors import ArtifactError, CheckpointError, ConfigError, InputEr
 from prumerge.export.build import build_artifact
 from prumerge.export.options import BuildOptions, GraphOptions, LlmOptions
 from prumerge.reduce.config import ReducerConfig
-from prumerge.artifact.manifest import MANIFEST_NAME, Manifest, _self_hash
+from prumerge.artifact.manifest import MANIFEST_NAME, Manifest
 from prumerge.export.staging import build_lock, staged_directory
 from prumerge.runtime import VisionSession
 
 CLI = [sys.executable, "-m", "prumerge.cli"]
-
-
-def _rehash(directory: Path, edit) -> None:
-    """Edit the manifest as an attacker would: change it, then recompute its own hash."""
-    path = directory / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    edit(data)
-    data.pop("manifest_sha256", None)
-    data["manifest_sha256"] = _self_hash(data)
-    path.write_text(json.dumps(data))
 
 
 @pytest.fixture
@@ -344,20 +335,20 @@ def test_bin_only_checkpoint_fails_before_any_export(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["../outside.txt", "/etc/hostname", "llm/../../outside.txt"])
 def test_manifest_paths_cannot_leave_the_artifact(artifact, name):
     (artifact.parent / "outside.txt").write_text("not yours")
-    _rehash(artifact, lambda d: d["files"].__setitem__(name, {"sha256": "0" * 64, "bytes": 9}))
+    rehash_manifest(artifact, lambda d: d["files"].__setitem__(name, {"sha256": "0" * 64, "bytes": 9}))
     with pytest.raises(ArtifactError, match="outside the artifact"):
         VisionSession.open(artifact)
 
 
 def test_graph_file_outside_or_unlisted_is_refused(artifact):
     shutil.copy(artifact / "vision.onnx", artifact.parent / "evil.onnx")
-    _rehash(artifact, lambda d: d["vision"].__setitem__("file", "../evil.onnx"))
+    rehash_manifest(artifact, lambda d: d["vision"].__setitem__("file", "../evil.onnx"))
     with pytest.raises(ArtifactError, match="outside the artifact"):
         VisionSession.open(artifact, verify=False)  # confined even without re-hashing
-    _rehash(artifact, lambda d: d["vision"].__setitem__("file", "vision.onnx") or d["files"].pop("vision.onnx"))
+    rehash_manifest(artifact, lambda d: d["vision"].__setitem__("file", "vision.onnx") or d["files"].pop("vision.onnx"))
     with pytest.raises(ArtifactError, match="names files it does not hash: vision.onnx"):
         VisionSession.open(artifact)
-    _rehash(artifact, lambda d: d.__setitem__("files", {}))  # "verify passes with 0 files checked" no more
+    rehash_manifest(artifact, lambda d: d.__setitem__("files", {}))  # "verify passes with 0 files checked" no more
     with pytest.raises(ArtifactError, match="names files it does not hash: vision.onnx"):
         VisionSession.open(artifact)
 
@@ -378,7 +369,7 @@ def test_external_data_the_manifest_does_not_hash_is_refused_even_when_pinned(ar
     data = (artifact / "w.data").read_bytes()
     (artifact / "w.data").write_bytes(bytes(len(data)))  # zeroed weights
     listed = describe_files(artifact)
-    _rehash(artifact, lambda d: d["files"].__setitem__("vision.onnx", listed["vision.onnx"]))
+    rehash_manifest(artifact, lambda d: d["files"].__setitem__("vision.onnx", listed["vision.onnx"]))
     pinned = Manifest.read(artifact).sha256
     with pytest.raises(ArtifactError, match="reads external data from 'w.data', which the manifest does not hash"):
         VisionSession.open(artifact, expect_sha256=pinned)
@@ -404,7 +395,7 @@ def test_recorded_facts_read_back_typed_and_derived_fields_are_recomputed(artifa
 
     art = tmp_path / "art"
     shutil.copytree(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"), art)
-    _rehash(art, lambda d: d["vision"].update(int8=_INT8, tensorrt_target=_TARGET, tensorrt={
+    rehash_manifest(art, lambda d: d["vision"].update(int8=_INT8, tensorrt_target=_TARGET, tensorrt={
         "10.3": _OP_SUPPORT | {"unsupported": ["Foo"], "ok": True}, "10.8": _OP_SUPPORT | {"ok": False}}))
     vision = Manifest.read(art).vision
     assert isinstance(vision.int8, Int8Record) and isinstance(vision.int8.agreement, SelectionAgreement)
@@ -445,7 +436,7 @@ def test_recorded_facts_read_back_typed_and_derived_fields_are_recomputed(artifa
 def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, tmp_path, section, field, value, message):
     art = tmp_path / "art"
     shutil.copytree(artifact_factory("llava", "prumerge", "padded", llm_precision="fp32"), art)
-    _rehash(art, lambda d: d[section].__setitem__(field, value))
+    rehash_manifest(art, lambda d: d[section].__setitem__(field, value))
     with pytest.raises(ArtifactError, match=re.escape(message)):
         Manifest.read(art)
     result = CliRunner().invoke(main, ["inspect", str(art)])
@@ -453,7 +444,7 @@ def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, 
 
 
 def test_the_graph_must_be_what_the_manifest_says(artifact):
-    _rehash(artifact, lambda d: d["vision"]["inputs"][0].__setitem__("name", "images"))
+    rehash_manifest(artifact, lambda d: d["vision"]["inputs"][0].__setitem__("name", "images"))
     with pytest.raises(ArtifactError, match="the vision graph takes pixel_values"):
         VisionSession.open(artifact, verify=False)
 
@@ -469,7 +460,7 @@ def test_a_linked_manifest_is_refused(artifact, tmp_path):
 def test_a_pinned_manifest_hash_catches_a_rehashed_edit(artifact_factory, artifact):
     pinned = Manifest.read(artifact).sha256
     assert VisionSession.open(artifact, expect_sha256=pinned)
-    _rehash(artifact, lambda d: d["vision"].__setitem__("capacity", 3))
+    rehash_manifest(artifact, lambda d: d["vision"].__setitem__("capacity", 3))
     assert VisionSession.open(artifact)  # the self-hash alone cannot tell (documented)
     with pytest.raises(ArtifactError, match="not the pinned"):
         VisionSession.open(artifact, expect_sha256=pinned)

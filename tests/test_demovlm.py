@@ -89,13 +89,26 @@ def test_the_language_model_is_a_fresh_copy_each_call():
     assert torch.equal(second.model.embed_tokens.weight, original)
 
 
+def _tiny_conversion(calls: list, seed: int | None):
+    """A stand-in for the GGUF conversion: a tiny Llama (seeded by ``seed``, else by the call count), each call
+    recorded in ``calls``."""
+    from conftest import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def convert(path):
+        calls.append(path)
+        torch.manual_seed(len(calls) if seed is None else seed)
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return LlamaForCausalLM(config).eval(), tiny_tokenizer()
+
+    return convert
+
+
 def test_the_gguf_conversion_is_kept_once_and_read_back_not_redone(tmp_path, monkeypatch):
     """The de-quantised SmolLM2 is converted by one process and read back by the next (the ~30 s GGUF parse, once
     per machine): an entry that did not finish or was damaged is converted again, never read; other GGUF content is
     another entry; a cache that cannot be written still gives the model."""
-    from conftest import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from prumerge.demovlm.smollm2 import cached_conversion
 
     cache = tmp_path / "cache"
@@ -103,13 +116,7 @@ def test_the_gguf_conversion_is_kept_once_and_read_back_not_redone(tmp_path, mon
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"first")
     calls = []
-
-    def convert(path):
-        calls.append(path)
-        torch.manual_seed(len(calls))
-        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1)
-        return LlamaForCausalLM(config).eval(), tiny_tokenizer()
+    convert = _tiny_conversion(calls, seed=None)
 
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -136,9 +143,7 @@ def test_the_conversion_cache_trusts_only_its_owner_and_its_recorded_hashes(tmp_
     """Round three: an entry with altered (valid) weights loaded silently; a world-writable cache was trusted; the
     lock followed a link. Now: altered entries are converted again, a shared cache is neither read nor written, and
     a link at the lock path is never followed."""
-    from conftest import tiny_tokenizer
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from prumerge.demovlm.smollm2 import cached_conversion
 
@@ -147,13 +152,7 @@ def test_the_conversion_cache_trusts_only_its_owner_and_its_recorded_hashes(tmp_
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"weights")
     calls = []
-
-    def convert(path):
-        calls.append(path)
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1)
-        return LlamaForCausalLM(config).eval(), tiny_tokenizer()
+    convert = _tiny_conversion(calls, seed=0)
 
     original, _ = cached_conversion(gguf, convert)
     (entry,) = [p for p in cache.iterdir() if p.is_dir()]

@@ -179,13 +179,13 @@ def test_an_int8_build_command_rebuilds_the_form_that_was_measured(tmp_path, mon
     monkeypatch.setattr(build, "build_artifact", lambda model, out, options, **kw: seen.setdefault("int8", options.int8))
     (tmp_path / "CALIBRATION.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    CliRunner().invoke(main, shlex.split(command)[1:] + ["--no-llm"])
+    CliRunner().invoke(main, shlex.split(command)[1:])  # build_artifact is replaced: nothing is built
     assert seen["int8"] == Int8Options(method="per-token", float_layers=2)
     row["build"]["int8_calibration_method"] = "minmax"
     assert "--calibration-method" not in budget.build_command(row)  # the default needs no flag
     row["build"].update(int8_float_layers=0, int8_target_jaccard=0.9)  # layers chosen by a target: the target again
     seen.clear()
-    CliRunner().invoke(main, shlex.split(budget.build_command(row, out=str(tmp_path / "p")))[1:] + ["--no-llm"])
+    CliRunner().invoke(main, shlex.split(budget.build_command(row, out=str(tmp_path / "p")))[1:])
     assert seen["int8"] == Int8Options(method="minmax", target_jaccard=0.9)
     plain = _row("p", "prumerge", 0.8, 100)
     plain["build"].update(opset=18, attention="plain")
@@ -210,7 +210,7 @@ def test_build_command_of_a_fixed_count_method_gives_its_counts_not_a_capacity(t
     assert "--max-tokens" not in command and "--dominant-tokens 29 --contextual-tokens 5" in command
     seen = {}
     monkeypatch.setattr(build, "build_artifact", lambda model, out, options, **kw: seen.setdefault("reducer", options.reducer))
-    CliRunner().invoke(main, shlex.split(command)[1:] + ["--no-llm"])
+    CliRunner().invoke(main, shlex.split(command)[1:])  # build_artifact is replaced: nothing is built
     assert seen["reducer"].fixed_count == 34 and seen["reducer"].capacity is None
 
 

@@ -4,25 +4,15 @@ traceback, never an exit 0 with an empty answer."""
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import rehash_manifest
 
-from prumerge.artifact.manifest import MANIFEST_NAME, Int8Record, _self_hash
+from prumerge.artifact.manifest import Int8Record
 from prumerge.errors import ArtifactError
-
-
-def _rehash(directory: Path, edit) -> None:
-    path = directory / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    edit(data)
-    data.pop("manifest_sha256", None)
-    data["manifest_sha256"] = _self_hash(data)
-    path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def test_a_rehashed_manifest_that_disagrees_is_one_line_in_verify_and_run(built,
 
     art = tmp_path / "art"
     shutil.copytree(built, art)
-    _rehash(art, edit)
+    rehash_manifest(art, edit)
     synthetic_images(1)[0].save(tmp_path / "photo.png")
     for args in (["verify", str(art), "--no-reference"],
                  ["run", str(art), "--image", str(tmp_path / "photo.png"), "--prompt", "<image> What?",
@@ -127,3 +117,6 @@ def test_int8_float_parts_must_be_measured_tower_parts():
     for parts in (["layer 999"], ["layers.1"], ["embeddings; rm -rf /"]):
         with pytest.raises(ArtifactError, match="float_parts"):
             Int8Record.from_dict({**record, "float_parts": parts}, "int8")
+    for parts in (["layers.1"], ["embeddings; rm -rf /"], ["layer 00"]):  # no measurement to compare with: the form
+        with pytest.raises(ArtifactError, match="float_parts"):
+            Int8Record.from_dict({**record, "sensitivity": [], "float_parts": parts}, "int8")

@@ -267,3 +267,15 @@ def test_request_translation_rules():
     assert api.parse_request({"messages": [{"role": "user", "content": "plain"}]}, policy, "<image>", ()).prompt == "plain"
     with pytest.raises(api.RequestError, match="refused"):
         api.fetch_image("file:///etc/hosts", policy)
+
+
+def test_generate_refuses_sampling_given_twice(artifact):
+    """The server passes one SamplingParams; loose keywords beside it used to be ignored silently."""
+    from prumerge.errors import ConfigError
+    from prumerge.runtime.pipeline import Pipeline, SamplingParams
+
+    pipeline = Pipeline.from_artifacts(artifact)
+    image = synthetic_images(1, seed=3)[0]
+    with pytest.raises(ConfigError, match="not both"):
+        pipeline.generate(image, "<image> hi", max_new_tokens=3, sampling=SamplingParams(max_new_tokens=2))
+    assert pipeline.generate(image, "<image> hi", sampling=SamplingParams(max_new_tokens=2)).generated_tokens <= 2

@@ -46,7 +46,7 @@ HELDOUT_STYLE, HELDOUT_STYLE_SIZE = "checker", 336  # never drawn for training; 
 NOUNS = (("object", "objects"), ("shape", "shapes"), ("thing", "things"), ("item", "items"))
 
 # Per question type: (template, split). Fields: {shape} {color} {name} ("red circle") {noun}/{nouns} (a generic
-# noun, singular/plural) {be} ("is"/"are" for {nouns}) {a} (the article before {color}) {x} {y} (the two options,
+# noun, singular/plural) {be} {do} ("is"/"are", "does"/"do" for {nouns}) {a} (the article before {color}) {x} {y} (the two options,
 # in either order) {first} {second} (the two shapes compared). Each type holds out at least a third.
 T, H = "train", "heldout"
 WORDINGS = {
@@ -64,7 +64,7 @@ WORDINGS = {
         ("What color {be} the {nouns}?", T), ("What colour {be} the {nouns}?", T),
         ("Which color {be} the {nouns}?", T), ("What is the color of the {nouns}?", T),
         ("Tell me the colour of the {nouns}.", T), ("Name the color of the {nouns}.", T),
-        ("What color {be} the {nouns} in the picture?", H), ("Which colour do the {nouns} have?", H),
+        ("What color {be} the {nouns} in the picture?", H), ("Which colour {do} the {nouns} have?", H),
         ("Say what color the {nouns} {be}.", H),
     ),
     "shape": (  # one object, named by its unique colour
@@ -314,7 +314,8 @@ def questions_for(things: list, rng, size: int = SIZE, split: str = "train") -> 
     if len(set(colors)) == 1 and (not unique_shape or rng.random() < 0.5):  # "what colour are the shapes"
         singular, plural = write.pick(NOUNS)
         many = len(things) > 1
-        out.append(write("color_all", colors[0], nouns=plural if many else singular, be="are" if many else "is"))
+        out.append(write("color_all", colors[0], nouns=plural if many else singular, be="are" if many else "is",
+                         do="do" if many else "does"))
     elif unique_shape:
         t = write.pick(unique_shape)
         out.append(write("color", t.color, shape=t.shape))

@@ -276,6 +276,9 @@ class Pipeline:
             )
         if sampling is None:
             sampling = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
+        elif (max_new_tokens, temperature, top_p, tuple(stop), seed) != (128, 0.0, 1.0, (), None):
+            raise ConfigError("give the sampling keywords or sampling=SamplingParams(...), not both (the keywords "
+                              "would be ignored)")
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
