@@ -9,7 +9,7 @@ into a fresh answer directory (``answers-reducers``), so the TTFTs are measured 
 eight of the evaluation images gives each method's reducer time (one `profile` per budget: it takes each method
 from the first artifact that has it).
 
-Usage: python bench/bench_reducers.py [--work /tmp/prumerge-answers] [--budgets 34,148] [--docs docs]
+Usage: python bench/bench_reducers.py [--work /tmp/prumerge-answers] [--budgets 38,171] [--docs docs]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def visionzip_split(budget: int) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/prumerge-answers"))
-    parser.add_argument("--budgets", default="34,148", help="token budgets (default: PruMerge's and PruMerge+'s means)")
+    parser.add_argument("--budgets", default="38,171", help="token budgets (default: PruMerge's and PruMerge+'s means)")
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs")
     args = parser.parse_args()
     work, checkpoint = args.work, args.work / "demo-checkpoint"
