@@ -120,10 +120,10 @@ def read_stamp(checkpoint: Path) -> dict:
 def write_stamp(checkpoint: Path, **fields) -> None:
     import json
 
+    from .artifact.manifest import write_atomically
+
     stamp = {**read_stamp(checkpoint), **fields}
-    partial = Path(checkpoint) / f".{STAMP_FILE}.partial"
-    partial.write_text(json.dumps(stamp, indent=1))
-    partial.replace(Path(checkpoint) / STAMP_FILE)
+    write_atomically(Path(checkpoint) / STAMP_FILE, lambda partial: partial.write_text(json.dumps(stamp, indent=1)))
 
 
 def reusable_artifact(out: Path, checkpoint: Path, options_key: str):

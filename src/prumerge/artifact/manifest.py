@@ -705,9 +705,7 @@ class Manifest:
     def write(self, directory: Path) -> Path:
         """Write atomically (temp file + rename): a reader never sees half a manifest."""
         path = Path(directory) / MANIFEST_NAME
-        partial = path.with_name(f".{MANIFEST_NAME}.partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(partial, path)
+        write_atomically(path, lambda partial: partial.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"))
         return path
 
     @classmethod
@@ -823,6 +821,15 @@ def inside(directory: str | os.PathLike, name: str) -> Path:
 def _self_hash(data: dict) -> str:
     body = {k: v for k, v in data.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(partial)`` into ``.NAME.partial`` beside ``path``, then one rename over it: a reader (or a process
+    killed mid-write) never sees half a file; the previous one stays whole until the new one is complete."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -72,17 +72,14 @@ def cached_conversion(gguf: Path, convert):
     following a link; and each entry records its files' sha256 when written, checked before it is read, so an entry
     altered afterwards is converted again, never loaded."""
     import fcntl
-    import hashlib
     import shutil
 
     import transformers
 
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+    from ..artifact.manifest import sha256_file
+
     root = cache_root()
-    folder = root / f"{gguf.stem}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}"
+    folder = root / f"{gguf.stem}-{sha256_file(gguf)[:16]}-transformers{transformers.__version__}"
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError:
@@ -144,16 +141,10 @@ def untrusted(folder: Path) -> str | None:
 
 
 def _file_hashes(folder: Path) -> dict:
-    import hashlib
+    from ..artifact.manifest import sha256_file
 
-    out = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_HASHES, _COMPLETE)):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        out[path.name] = digest.hexdigest()
-    return out
+    return {path.name: sha256_file(path) for path in sorted(folder.iterdir())
+            if path.is_file() and path.name not in (_HASHES, _COMPLETE)}
 
 
 def _write_hashes(folder: Path) -> None:

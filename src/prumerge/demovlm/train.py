@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import shapes_qa
+from ..artifact.manifest import write_atomically
+from .assemble import RECORD_FILE
 
 TOKEN_SETS = ("none", "prumerge", "prumerge+")
 
@@ -368,7 +370,7 @@ def measure(weights: Path, scenes: int, seed: int = shapes_qa.HELDOUT_SEED, toke
     from safetensors.torch import load_file
 
     if setup is None:
-        from .assemble import RECORD_FILE, feature_layer
+        from .assemble import feature_layer
 
         layer = feature_layer(weights) if (weights / RECORD_FILE).is_file() else None
         with tempfile.TemporaryDirectory() as scratch:
@@ -410,15 +412,13 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
                    lora_lr_ratio=lora_lr_ratio, resume=resume)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file, not a folder")
-    if resume is None and not force and ((out / RECORD).is_file() or (out / "projector.safetensors").is_file()):
+    if resume is None and not force and ((out / RECORD_FILE).is_file() or (out / "projector.safetensors").is_file()):
         raise SystemExit(f"--out {out} already holds a training run; continue it with --resume STEP, or pass --force "
                          "to train a new one over it")
     prior = _resumable(out, resume, steps, seed) if resume else None
     start = _init_record(init, out) if init is not None and prior is None else None
-    if prior is not None:
-        _trained_weights(out)  # readable before anything is prepared
-    elif start is not None:
-        _trained_weights(init)
+    # the weights a resumed or continued run starts from, read (and so checked) before anything is prepared
+    loaded = _trained_weights(out) if prior is not None else _trained_weights(init) if start is not None else None
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         setup = prepare(Path(scratch), seed, feature_layer)
@@ -431,11 +431,11 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         f"mean visual tokens {counts} ({time.time() - wall_start:.0f} s)")
     state = None
     if prior is not None:
-        projector, lora, state = _trained_weights(out)
+        projector, lora, state = loaded
         trainer = new_trainer(setup, lora_rank, seed, projector, lora)
         align_steps, align_log = prior.get("align_steps", align_steps), prior["align_losses"]  # as it ran (0 after --init)
     elif start is not None:
-        projector, lora, _ = _trained_weights(init)
+        projector, lora, _ = loaded
         trainer = new_trainer(setup, lora_rank, seed, projector, lora)
         align_steps, align_log, lora_targets = 0, [], tuple(start.get("lora_targets") or ())
     else:
@@ -493,7 +493,7 @@ def train(out: Path, steps: int, train_scenes: int, heldout_scenes: int, batch: 
         record["resumed"] = resumed
     if start is not None or (prior or {}).get("init"):
         record["init"] = start if start is not None else prior["init"]
-    _atomic(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=1)))
+    write_atomically(out / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
     return record
 
 
@@ -521,7 +521,7 @@ def _align_images(rng: random.Random, cache: Cache, images: int = 32) -> list:
 def _resumable(out: Path, step: int, steps: int, seed: int) -> dict:
     """The record of the run in ``out`` if it can be continued from ``step``: it ran exactly that many steps of the
     same schedule and seed (anything else would not be that run continued)."""
-    path = out / RECORD
+    path = out / RECORD_FILE
     if not path.is_file() or not (out / "projector.safetensors").is_file():
         raise SystemExit(f"--resume: {out} holds no training run (training.json and projector.safetensors)")
     prior = _read_record(path, "--resume")
@@ -549,15 +549,12 @@ def _trained_weights(run: Path) -> tuple[dict, dict, dict | None]:
 def _init_record(init: Path, out: Path) -> dict:
     """The record of the run ``init`` names (without its per-step losses), or a one-line exit: a continuation starts
     from a finished run's weights, never from the directory it is about to overwrite."""
-    path = init / RECORD
+    path = init / RECORD_FILE
     if not path.is_file() or not (init / "projector.safetensors").is_file():
         raise SystemExit(f"--init: {init} holds no training run (training.json and projector.safetensors)")
     if init.resolve() == out.resolve():
         raise SystemExit(f"--init: {init} is --out itself; continue a stopped run there with --resume")
     return {k: v for k, v in _read_record(path, "--init").items() if k != "losses"}
-
-
-RECORD = "training.json"
 
 
 def _read_record(path: Path, flag: str) -> dict:
@@ -613,28 +610,21 @@ class StopRequest:
 RESUME_FILE = "resume.pt"  # AdamW's moments and the fp32 LoRA, for --resume; never committed with the weights
 
 
-def _atomic(path: Path, write) -> None:
-    """``write(partial)`` then rename over ``path``: a run killed mid-save leaves the previous file whole."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    partial.replace(path)
-
-
 def save_weights(trainer: Trainer, out: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     from safetensors.torch import save_file
 
     from .lora import lora_state
 
     projector = {k: v.detach().contiguous() for k, v in trainer.projector.state_dict().items()}
-    _atomic(out / "projector.safetensors", lambda p: save_file(projector, str(p)))
+    write_atomically(out / "projector.safetensors", lambda p: save_file(projector, str(p)))
     if trainer.lora:
         # fp16 halves the committed file; the slice the tests check is measured from the stored file
         lora = {k: (v.half() if k.endswith(("lora_A", "lora_B")) else v).contiguous()
                 for k, v in lora_state(trainer.lm).items()}
-        _atomic(out / "lora.safetensors", lambda p: save_file(lora, str(p)))
+        write_atomically(out / "lora.safetensors", lambda p: save_file(lora, str(p)))
     if optimizer is not None:
         state = {"optimizer": optimizer.state_dict(), "lora": lora_state(trainer.lm) if trainer.lora else {}}
-        _atomic(out / RESUME_FILE, lambda p: torch.save(state, p))
+        write_atomically(out / RESUME_FILE, lambda p: torch.save(state, p))
 
 
 def parse_mix(text: str) -> dict:

@@ -17,6 +17,10 @@ REDUCER_DEFAULTS = {"attention": "official", "order": "official", "merge_weights
                     "neighbors": 32, "min_keep": 1, "dominant_tokens": 54, "contextual_tokens": 10, "diverse_tokens": 64}
 
 
+NEEDS_FULL_TOKENS = ("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built with "
+                     "--baseline or --method none) as its reference")
+
+
 def check_request(ttft_budget_ms: float | None, min_accuracy_ratio: float | None, methods=None) -> None:
     """Refuse a budget that cannot choose, before any question is answered: a TTFT budget that is not a positive
     finite number of ms, a ratio outside (0, 1.5] (NaN included), or a ratio with no full-token configuration
@@ -28,8 +32,7 @@ def check_request(ttft_budget_ms: float | None, min_accuracy_ratio: float | None
     if min_accuracy_ratio is not None and not 0 < min_accuracy_ratio <= 1.5:
         raise InputError(f"--min-accuracy-ratio must be in (0, 1.5], got {min_accuracy_ratio}")
     if min_accuracy_ratio is not None and methods is not None and "none" not in methods:
-        raise InputError("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built "
-                         "with --baseline or --method none) as its reference")
+        raise InputError(NEEDS_FULL_TOKENS)
 
 
 def choose(rows: list, ttft_budget_ms: float | None = None, min_accuracy_ratio: float | None = None) -> dict:
@@ -45,8 +48,7 @@ def choose(rows: list, ttft_budget_ms: float | None = None, min_accuracy_ratio: 
         raise InputError(f"--min-accuracy-ratio cannot choose on these questions: {withheld}, so a ratio to them "
                          "means nothing (ask questions the full-token model answers, or choose by --ttft-budget-ms)")
     if min_accuracy_ratio is not None and not any("accuracy_ratio" in r for r in measured):
-        raise InputError("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built "
-                         "with --baseline or --method none) as its reference")
+        raise InputError(NEEDS_FULL_TOKENS)
     fits = []
     for row in measured:
         if ttft_budget_ms is not None and row["ttft_ms"]["p50"] > ttft_budget_ms:

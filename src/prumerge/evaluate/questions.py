@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from ..artifact.manifest import sha256_file
 from ..errors import InputError
 
 MAX_QUESTIONS = 1_000_000
@@ -113,15 +114,14 @@ def _parse(line: str):
         return None
 
 
-def read_answers(path: Path, artifact_sha256: str, check_only: bool = False) -> dict:
+def read_answers(path: Path, artifact_sha256: str) -> dict:
     """``{question_id: answer record}`` already in an answer file (an interrupted run resumes from them; for an id
     answered twice, the later record).
 
     Everything is checked before anything is touched: a link or a non-file at the answer path, a line that is not
     an answer record (named by file and line), or answers written for another artifact are refused, and the file
     is left as it was. Only then is a last line cut short by an interruption dropped (the file truncated to its
-    last whole line) — and only when it is the start of a record, in a file whose other lines are records.
-    ``check_only``: check, never truncate."""
+    last whole line) — and only when it is the start of a record, in a file whose other lines are records."""
     if path.is_symlink():
         raise InputError(f"{path} is a link; evaluate never writes through links in --out: move it away")
     if not path.exists():
@@ -144,13 +144,12 @@ def read_answers(path: Path, artifact_sha256: str, check_only: bool = False) -> 
             raise InputError(f"{path} holds answers from another artifact (manifest {str(record['metadata'].get('artifact_sha256'))[:12]}…); "
                              "use another --out or remove it")
         answers[str(record["question_id"])] = record
-    if tail:
-        if not tail.startswith(b'{"question_id"') or not (answers or not whole):
+    if tail:  # every whole line is a record (checked above): a cut last line must be the start of one
+        if not tail.startswith(b'{"question_id"'):
             raise InputError(f"{path}: its last line is not an answer record written by evaluate; "
                              "move the file away or use another --out")
-        if not check_only:
-            with open_answers(path, mode=os.O_RDWR) as handle:
-                handle.truncate(len(whole))
+        with open_answers(path, mode=os.O_RDWR) as handle:
+            handle.truncate(len(whole))
     return answers
 
 
@@ -199,6 +198,6 @@ def question_key(question: EvalQuestion, max_new_tokens: int) -> str:
     stat = question.image.stat()
     cache = (str(question.image), stat.st_size, stat.st_mtime_ns)
     if cache not in _IMAGE_HASHES:
-        _IMAGE_HASHES[cache] = hashlib.sha256(question.image.read_bytes()).hexdigest()
+        _IMAGE_HASHES[cache] = sha256_file(question.image)
     text = json.dumps([question.text, _IMAGE_HASHES[cache], int(max_new_tokens)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -100,8 +100,6 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
         max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> dict:
     """Answer every question with every configuration (resuming from ``out``'s answer files); returns
     ``{label: {question_id: answer record}}``."""
-    from ..runtime.pipeline import Pipeline
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a directory")
@@ -110,17 +108,19 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
     except OSError as exc:
         raise InputError(f"--out {out}: cannot make the folder ({exc.strerror})") from None
     with answers_lock(out):
-        return _answer(questions, configs, out, provider, max_new_tokens, progress, Pipeline)
+        return _answer(questions, configs, out, provider, max_new_tokens, progress)
 
 
-def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, progress, Pipeline) -> dict:
+def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, progress) -> dict:
+    from ..runtime.pipeline import Pipeline
+
     keys = {q.question_id: question_key(q, max_new_tokens) for q in questions}
-    for config in configs:  # every answer file checked before any model loads
-        read_answers(out / config.answer_file, config.sha256, check_only=True)
+    # every answer file read and checked once, before any model loads
+    existing = {config.label: read_answers(out / config.answer_file, config.sha256) for config in configs}
     results = {}
     for config in configs:
         path = out / config.answer_file
-        done = read_answers(path, config.sha256)
+        done = existing[config.label]
         # an answer counts only for the question it answered: the same id with another text, image or
         # generation setting is answered again (the newer record is the one read back)
         done = {qid: r for qid, r in done.items() if r["metadata"].get("question_key") == keys.get(qid)}
