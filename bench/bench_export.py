@@ -48,7 +48,7 @@ def child(kind: str, workdir: Path, runs: int, method: str) -> None:
     sys.path.insert(0, str(HERE))
     from common import timed
 
-    from prumerge.profile.stats import peak_rss_mb
+    from prumerge.latency.stats import peak_rss_mb
 
     pixels = np.load(workdir / "pixels.npy")
     if kind == "torch":

@@ -121,16 +121,17 @@ def main() -> None:
     if args.target_jaccard:
         import time
 
-        from prumerge.calib.sensitivity import float_parts_for_target
+        from prumerge.calib.int8 import quantize_and_compare
 
         for target in [float(t) for t in args.target_jaccard.split(",")]:
             for form in ("minmax", "per-token"):
                 start = time.perf_counter()
-                choice = float_parts_for_target(fp32, work, pixels, form, "cpu", target, log=lambda m: None)
-                quantize_vision(fp32, work / "chosen.onnx", pixels, form, float_parts=choice.parts)
-                report(f"{form}, target {target:g}: float {', '.join(choice.parts) or 'nothing'}", work / "chosen.onnx")
-                print(f"    {choice.probes} quantisations, {time.perf_counter() - start:.0f} s; each part alone: "
-                      + ", ".join(f"{part} {j:.3f}" for part, j in choice.sensitivity()), flush=True)
+                record = quantize_and_compare(fp32, work / "chosen.onnx", pixels, form, "cpu", target_jaccard=target,
+                                              log=lambda m: None)
+                report(f"{form}, target {target:g}: float {', '.join(record.float_parts) or 'nothing'}",
+                       work / "chosen.onnx")
+                print(f"    {time.perf_counter() - start:.0f} s; each part alone: "
+                      + ", ".join(f"{part} {j:.3f}" for part, j in record.sensitivity), flush=True)
         return
     quantize_vision(fp32, work / "static.onnx", pixels, "minmax")
     report("static Q/DQ, minmax (per-tensor scales)", work / "static.onnx")

@@ -23,7 +23,7 @@ PROMPT = "<image>\nDescribe this picture in one sentence."
 
 def child(directory: Path, method: str | None, runs: int, new_tokens: int) -> None:
     from prumerge.samples import synthetic_images as demo_images
-    from prumerge.profile.stats import peak_rss_mb
+    from prumerge.latency.stats import peak_rss_mb
     from prumerge.runtime import Pipeline
 
     pipeline = Pipeline.from_artifacts(directory, method=method, verify=False)

@@ -70,7 +70,7 @@ def main() -> None:
         print(f"  ONNX vs torch: counts identical {result.counts_identical}, indices identical {result.indices_identical}; "
               f"{result.summary()}; per-photo max |diff| median {median:.1e}")
     from prumerge.calib.images import CalibrationSet
-    from prumerge.calib.int8 import int8_report
+    from prumerge.export.int8_report import int8_report
 
     photo_set = CalibrationSet([str(p) for p in images], [p.name for p in images], [], {"photos": len(images)})
     print(f"INT8 vs fp32 on the same {len(images)} photos (static: calibrated on them, QDQ for onnxruntime CPU; per-token: "

@@ -82,7 +82,7 @@ MUTANTS = {
         'return max(fits, key=lambda r: (r["ttft_ms"]["p50"], -r["accuracy"]))',
         ["tests/test_evaluate.py::test_choose_by_budget"]),
     "DINOv2 tower keys in the released layout not renamed": (
-        "model/towers.py", "    if tower.config.model_type not in Dinov2Tower.model_types:\n        return state\n",
+        "model/towers.py", "    if not layouts:\n        return state\n",
         "    return state\n",
         ["tests/test_demovlm.py::test_llava_with_a_dinov2_tower_loads_as_transformers_runs_it"]),
     "LoRA merged without its scale": (
@@ -153,7 +153,7 @@ MUTANTS = {
         "artifact/manifest.py", "        if path.is_symlink():\n", "        if False:\n",
         ["tests/test_bad_input.py::test_a_linked_manifest_is_refused"]),
     "manifest numbers trusted": (
-        "artifact/manifest.py", "        section.check(where)\n", "",
+        "artifact/fields.py", "        section.check(where)\n", "",
         ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
     "graph I/O not compared with the manifest": (
         "runtime/vision.py", "        _check_io(session, spec, directory)\n", "",
@@ -181,9 +181,21 @@ MUTANTS = {
     "divprune's first pick counts a token's distance to itself": (
         "reduce/divprune.py", "largest=False).values[:, 1, :]", "largest=False).values[:, 0, :]",
         ["tests/test_visionzip_divprune.py::test_divprune_on_duplicates_and_flat_features_picks_as_the_official_code"]),
-    "visionzip's nodes not attributed to the reducer": (
-        "artifact/node_stages.py", '"reduce_tokens(", "visionzip_tokens(", "divprune_tokens("', '"reduce_tokens(", "divprune_tokens("',
-        ["tests/test_visionzip_divprune.py::test_inspect_draws_what_the_reducer_chose_and_profile_attributes_its_nodes"]),
+    "the encoder's call of a registered reducer not attributed to the reducer": (
+        "artifact/node_stages.py", 'REDUCER_CALL = "spec.run("', 'REDUCER_CALL = "reducer_function("',
+        ["tests/test_registry.py::test_the_encoder_calls_every_method_by_the_line_node_stages_attributes"]),
+    "a method's fixed count taken from the wrong option": (
+        "reduce/methods/divprune.py", "count=lambda config, num_patches: config.diverse_tokens",
+        "count=lambda config, num_patches: config.diverse_tokens + 1",
+        ["tests/test_visionzip_divprune.py"]),
+    "a reducer option's lower bound not checked": (
+        "reduce/registry.py", "if isinstance(value, bool) or not isinstance(value, int) or (self.minimum is not None and value < self.minimum):",
+        "if isinstance(value, bool) or not isinstance(value, int):",
+        ["tests/test_registry.py::test_options_are_declared_once_and_checked_from_their_declaration"]),
+    "build_command drops a reducer option": (
+        "evaluate/budget.py", "if name in declared and value != registry.defaults()[name]:",
+        "if name in declared and value != registry.defaults()[name] and name != \"iqr_factor\":",
+        ["tests/test_evaluate.py"]),
     "triton --max-batch 0 taken as not given": (
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
         "int(options.max_batch or vision.batch_max)",
@@ -192,7 +204,7 @@ MUTANTS = {
         "runtime/pipeline.py", "if isinstance(self.stop, str):  # one string", "if False:  # one string",
         ["tests/test_bad_input.py::test_prompt_and_sampling_values_are_checked"]),
     "alignment labels patches whose centre is off the object": (
-        "demovlm/train.py", "out[p] = label if centre[p] and share[p] >= 0.5 else -1", "out[p] = label",
+        "demovlm/data.py", "out[p] = label if centre[p] and share[p] >= 0.5 else -1", "out[p] = label",
         ["tests/test_demovlm.py::test_patch_labels_name_the_colour_drawn_under_each_patch"]),
     "INT8 build options without a calibration file accepted": (
         "export/options.py", "if self.int8 is not None and not self.calibration:", "if False:",
@@ -205,19 +217,19 @@ MUTANTS = {
         "export/reference.py", "vision_only=True) as (checkpoint, _):", "vision_only=False) as (checkpoint, _):",
         ["tests/test_checkpoints.py::test_build_takes_an_original_layout_lora_checkpoint_directly"]),
     "decoder cache names not checked against the layer count": (
-        "artifact/manifest.py", "if not isinstance(names, list) or len(names) != layers or", "if not isinstance(names, list) or",
+        "artifact/fields.py", "if not isinstance(names, list) or len(names) != layers or", "if not isinstance(names, list) or",
         ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
     "a zero normalisation std accepted from a manifest": (
-        "artifact/manifest.py", "if not all(config.image_std) or not", "if not",
+        "artifact/sections.py", "if not all(config.image_std) or not", "if not",
         ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
     "stale cleanup globs the target's name unescaped": (
         "export/staging.py", 'target.parent.glob(glob.escape(prefix) + "*")', 'target.parent.glob(prefix + "*")',
         ["tests/test_bad_input.py::test_stale_cleanup_takes_only_its_own_targets_leftovers"]),
     "op support's ok read from the file, not recomputed": (
-        "artifact/manifest.py", "        self.ok = not self.unsupported and not self.violations\n", "        pass\n",
+        "artifact/graph_facts.py", "        self.ok = not self.unsupported and not self.violations\n", "        pass\n",
         ["tests/test_bad_input.py::test_recorded_facts_read_back_typed_and_derived_fields_are_recomputed"]),
     "INT8 agreement fractions not range-checked": (
-        "artifact/manifest.py", '            _number(getattr(self, name), f"{where}.{name}", 0.0, 1.0)\n', "            pass\n",
+        "artifact/graph_facts.py", '            _number(getattr(self, name), f"{where}.{name}", 0.0, 1.0)\n', "            pass\n",
         ["tests/test_bad_input.py::test_manifest_numbers_and_templates_are_checked_when_read"]),
     "a resumed run forgets the alignment's draws": (
         "demovlm/train.py", "    for _ in range(align_steps):\n        _align_images(rng, cache)\n", "",
@@ -312,7 +324,7 @@ MUTANTS = {
         "evaluate/budget.py", "    if min_accuracy_ratio is not None and withheld:", "    if False:",
         ["tests/test_evaluate.py::test_x_full_is_withheld_where_the_full_token_answers_are_near_chance_or_few"]),
     "a flag for INT8 is ignored on a float build": (
-        "cli.py", "              if given and overrides.get(\"precision\") != \"int8\"]", "              if False]",
+        "export/options.py", "              if given and overrides.get(\"precision\") != \"int8\"]", "              if False]",
         ["tests/test_hostile_outputs.py::test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line"]),
     "NaN passes as a Jaccard": (
         "cli.py", "        if not math.isfinite(number):", "        if False:",
@@ -355,10 +367,10 @@ MUTANTS = {
         "runtime/vision.py", "    if len(actual) != len(want.shape) or any(", "    if False and any(",
         ["tests/test_hostile_manifests.py"]),
     "a reducer section is not checked": (
-        "artifact/manifest.py", "        if self.grid * self.grid != self.num_patches or self.image_size // self.patch_size != self.grid:",
+        "artifact/sections.py", "        if self.grid * self.grid != self.num_patches or self.image_size // self.patch_size != self.grid:",
         "        if False:", ["tests/test_hostile_manifests.py"]),
     "INT8 float parts are any strings": (
-        "artifact/manifest.py", "            if not re.fullmatch(", "            if False and not re.fullmatch(",
+        "artifact/graph_facts.py", "            if not re.fullmatch(", "            if False and not re.fullmatch(",
         ["tests/test_hostile_manifests.py::test_int8_float_parts_must_be_measured_tower_parts"]),
     "a held-out wording reaches training": (
         "shapes_qa.py", '        self.instructions = [text for text, where in INSTRUCTIONS if where == split]',

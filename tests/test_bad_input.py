@@ -705,7 +705,7 @@ def test_calibration_numbers_are_checked_when_read(tmp_path, field, value):
 def test_command_arguments_are_one_line_before_any_work(tmp_path, clip_dir, artifact_factory, monkeypatch):
     """Each was a traceback, a silent default, or an error only after the whole model pass."""
     import prumerge.calib.budget as budget
-    import prumerge.profile as profile_pkg
+    import prumerge.latency as profile_pkg
 
     monkeypatch.setattr(budget, "calibrate_budget", lambda *a, **k: pytest.fail("ran the model pass before checking"))
     monkeypatch.setattr(profile_pkg, "run", lambda *a, **k: pytest.fail("profiled before checking"))
@@ -750,7 +750,7 @@ def test_a_vision_weight_of_the_wrong_shape_names_the_tensor(tmp_path, clip_dir)
 
 # ------------------------------------------------------------------------------------------------ profile
 def test_profile_defaults_to_the_methods_the_artifacts_provide(artifact_factory):
-    from prumerge.profile.runner import resolve_methods
+    from prumerge.latency.runner import resolve_methods
 
     plain = artifact_factory("llava", "prumerge", "padded")
     plus = artifact_factory("llava", "prumerge+", "padded")

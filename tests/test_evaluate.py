@@ -214,11 +214,64 @@ def test_build_command_of_a_fixed_count_method_gives_its_counts_not_a_capacity(t
     assert seen["reducer"].fixed_count == 34 and seen["reducer"].capacity is None
 
 
-def test_reducer_defaults_match_the_reducer():
+@pytest.mark.parametrize("seed", range(40))
+def test_build_command_parsed_by_build_gives_the_configuration_back(seed, tmp_path, monkeypatch):
+    """``build_command`` is the inverse of the command line's parse (both generated from the options' declarations):
+    a random configuration, recorded as a manifest records it, becomes a command that ``build`` reads back into the
+    same reducer, graph, LLM and INT8 options."""
+    import random
+    import shlex
+
+    from click.testing import CliRunner
+
+    import prumerge.export.build as build
+    from prumerge.cli import main
+    from prumerge.reduce import registry
     from prumerge.reduce.config import ReducerConfig
 
-    defaults = {k: v for k, v in ReducerConfig().to_dict().items() if k in budget.REDUCER_DEFAULTS}
-    assert defaults == budget.REDUCER_DEFAULTS
+    rng = random.Random(seed)
+    method = rng.choice(registry.names())
+    options = {}
+    for name, spec in registry.options().items():
+        if rng.random() < 0.5:
+            continue
+        if spec.choices:
+            options[name] = rng.choice(spec.choices)
+        elif spec.kind is int:
+            options[name] = rng.randint(int(spec.minimum or 0), 60)
+        else:
+            options[name] = rng.choice([0.0, 0.3, 1.5, 2.25, 1 / 3, 7.123456789])
+    adaptive = registry.get(method).adaptive
+    reducer = ReducerConfig(method=method, capacity=rng.randint(2, 50) if adaptive else None, **options)
+    int8 = rng.random() < 0.4 and method != "none"
+    facts = {"source": "ckpt", "revision": rng.choice([None, "v1"]), "method": method, "capacity": reducer.capacity,
+             "precision": "int8" if int8 else rng.choice(["fp32", "fp16"]), "opset": rng.choice([18, 23]),
+             "output": rng.choice(["padded", "dynamic"]), "image_size": rng.choice([None, 224, 336]),
+             "llm_precision": rng.choice(["int4", "int8", "fp32"]), "llm_kv_cache": rng.choice(["float", "int8"]),
+             "int8_calibration_method": rng.choice(["minmax", "entropy", "percentile"]) if int8 else None,
+             "int8_float_layers": rng.choice([0, 2]) if int8 else None,
+             "reducer_options": {k: v for k, v in reducer.to_dict().items() if k not in ("method", "capacity")}}
+    if facts["llm_kv_cache"] == "int8" and facts["llm_precision"] == "fp16":
+        facts["llm_kv_cache"] = "float"
+    seen = {}
+
+    def parsed_only(model, out, options, **kw):  # nothing is built: what build was asked for is recorded
+        seen["options"] = options
+        raise SystemExit(0)
+
+    monkeypatch.setattr(build, "build_artifact", parsed_only)
+    result = CliRunner().invoke(main, shlex.split(budget.build_command({"build": facts}, out=str(tmp_path / "o")))[1:])
+    assert result.exit_code == 0, result.output
+    parsed = seen["options"]
+    # method none runs no reducer: its build takes no reducer options (the defaults are recorded)
+    assert parsed.reducer == (reducer if method != "none" else ReducerConfig(method="none"))
+    assert (parsed.graph.opset, parsed.graph.contract, parsed.graph.image_size, parsed.graph.precision) == \
+        (facts["opset"], facts["output"], facts["image_size"], "fp16" if facts["precision"] == "fp16" else "fp32")
+    assert (parsed.llm.precision, parsed.llm.kv_cache, parsed.source.revision) == \
+        (facts["llm_precision"], facts["llm_kv_cache"], facts["revision"])
+    assert (parsed.int8 is not None) == int8
+    if int8:
+        assert (parsed.int8.method, parsed.int8.float_layers) == (facts["int8_calibration_method"], facts["int8_float_layers"])
 
 
 # ------------------------------------------------------------------------------------------------ end to end

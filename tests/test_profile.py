@@ -11,10 +11,10 @@ from PIL import Image
 
 from prumerge.cli import main
 from prumerge.errors import ConfigError, InputError
-from prumerge.profile import run
+from prumerge.latency import run
 from prumerge.artifact.node_stages import classify_nodes
-from prumerge.profile.report import plot, write_json
-from prumerge.profile.runner import STAGE_ORDER
+from prumerge.latency.report import plot, write_json
+from prumerge.latency.runner import STAGE_ORDER
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "src" / "prumerge"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 THIRD_PARTY_BUILD = {"torch", "transformers", "safetensors", "onnxscript", "onnxslim", "onnxruntime_genai", "peft",
                      "huggingface_hub", "torchvision"}
-DEVICE_SIDE = ("prumerge.artifact", "prumerge.runtime", "prumerge.profile", "prumerge.evaluate", "prumerge.triton",
+DEVICE_SIDE = ("prumerge.artifact", "prumerge.runtime", "prumerge.latency", "prumerge.evaluate", "prumerge.triton",
                "prumerge.shapes_qa", "prumerge.serve", "prumerge.outputs")
 RULES = {
     # module prefix: forbidden import prefixes, beyond the table (third-party as top-level names)
@@ -128,3 +128,84 @@ def test_the_import_rule_check_catches_a_violation(tmp_path):
 def test_import_prumerge_is_light():
     code = "import sys, prumerge, prumerge.reduce.config, prumerge.artifact.manifest; assert 'torch' not in sys.modules, list(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _module_graph() -> dict:
+    """``{module: modules it imports}`` over the package, from every import statement (top level or in a function).
+    ``from . import name`` counts as importing ``name`` only (not the package's ``__init__``)."""
+    import ast
+
+    modules = {".".join(("prumerge", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    base = node.module
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    import sys
+
+    sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    """No module imports (directly or through others, at top level or in a function) one that imports it back."""
+    assert not _cycles(_module_graph())
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_source_module_over_600_lines():
+    """One idea per module: a module past 600 lines holds several (the CLI, the manifest and the training script did)."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long

@@ -14,8 +14,14 @@ import click
 
 from . import __version__
 from .errors import PruMergeError
-from .artifact.contract import PLAIN_OPSET
+from .artifact.contract import CONTRACTS, PLAIN_OPSET
 from .artifact.manifest import Int8Record
+from .export.options import KV_CACHES, LLM_PRECISIONS, LLM_PROVIDERS
+from .export.tensorrt import PRECISIONS as ENGINE_PRECISIONS, TARGETS as ENGINE_TARGETS
+from .reduce import registry
+from .runtime.vision import PROVIDERS
+
+PROVIDER = click.Choice(tuple(PROVIDERS))  # the runtime's execution providers
 
 
 # what `pip install prumerge[export]` adds; the runtime-only install lacks them
@@ -92,19 +98,13 @@ def _outputs(*outputs, inputs=(), folders=(), pictures=()) -> None:
 def engine_tuning_options() -> list:
     """TensorRT engine options shared by ``build`` and ``engine``; unset ones take the target's defaults."""
     return [
-        click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default=None, help="engine precision"),
+        click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None, help="engine precision"),
         click.option("--workspace", type=int, default=None, help="builder workspace, MiB"),
         click.option("--min-batch", type=int, default=None),
         click.option("--opt-batch", type=int, default=None),
         click.option("--max-batch", type=int, default=None),
         click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated)"),
     ]
-
-
-def _engine_overrides(kwargs) -> dict:
-    return {"precision": kwargs.pop("precision"), "workspace_mib": kwargs.pop("workspace"), "min_batch": kwargs.pop("min_batch"),
-            "opt_batch": kwargs.pop("opt_batch"), "max_batch": kwargs.pop("max_batch"),
-            "timing_cache": str(t) if (t := kwargs.pop("timing_cache")) else None}
 
 
 def image_size_option():
@@ -118,13 +118,23 @@ def _decorate_with(options):
     return lambda func: functools.reduce(lambda f, d: d(f), reversed(options()), func)
 
 
+def reducer_options() -> list:
+    """Every registered method's options as flags (``prumerge.reduce.registry``: declared once, in the method's
+    module); their values are checked by ``ReducerConfig``, so a bad one is one line naming the option."""
+    out = []
+    for spec in registry.options().values():
+        kind = click.Choice(spec.choices) if spec.choices else spec.kind
+        out.append(click.option(spec.flag, spec.name, type=kind, default=getattr(spec.default, "value", spec.default),
+                                show_default=True, help=spec.help))
+    return out
+
+
 def build_options(func):
     """Options shared by ``build`` and ``demo`` (one definition, so the two cannot drift)."""
     decorators = [
-        click.option("--method", type=click.Choice(["prumerge", "prumerge+", "visionzip", "divprune", "none"]),
-                     default="prumerge", show_default=True,
-                     help="prumerge / prumerge+: adaptive count; visionzip, divprune: a fixed count (the three options below)"),
-        click.option("--output", type=click.Choice(["padded", "dynamic"]), default="padded", show_default=True,
+        click.option("--method", type=click.Choice(registry.names()), default="prumerge", show_default=True,
+                     help="; ".join(f"{name}: {spec.help}" for name, spec in registry.specs().items())),
+        click.option("--output", type=click.Choice(CONTRACTS), default="padded", show_default=True,
                      help="padded: static [B, K_max, D] (TensorRT 10.3 / JetPack 6); dynamic: token axis trimmed to the batch's longest count"),
         click.option("--max-tokens", type=int, default=None, help="capacity K_max (default: enough for the method on this grid)"),
         click.option("--opset", type=int, default=PLAIN_OPSET, show_default=True,
@@ -132,28 +142,18 @@ def build_options(func):
                           "(onnxruntime >= 1.23, not TensorRT 10.3)"),
         click.option("--fp16", is_flag=True, help="export fp16 weights (the reducer still computes in fp32)"),
         click.option("--batch-max", type=int, default=16, show_default=True, help="largest batch the graph accepts"),
-        click.option("--attention", type=click.Choice(["official", "per_head"]), default="official", show_default=True),
-        click.option("--order", type=click.Choice(["official", "spatial"]), default="official", show_default=True),
-        click.option("--merge-weights", type=click.Choice(["official", "normalized"]), default="official", show_default=True),
-        click.option("--iqr-factor", type=float, default=1.5, show_default=True),
-        click.option("--neighbors", type=int, default=32, show_default=True),
-        click.option("--min-keep", type=int, default=1, show_default=True),
-        click.option("--dominant-tokens", type=int, default=54, show_default=True,
-                     help="visionzip: tokens kept by CLS attention (CLS itself counted)"),
-        click.option("--contextual-tokens", type=int, default=10, show_default=True,
-                     help="visionzip: merged contextual tokens"),
-        click.option("--diverse-tokens", type=int, default=64, show_default=True, help="divprune: tokens kept"),
-        click.option("--llm-precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
+        *reducer_options(),
+        click.option("--llm-precision", type=click.Choice(LLM_PRECISIONS), default=None,
                      help="language model precision (default: int4 for LLaVA checkpoints)"),
-        click.option("--llm-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+        click.option("--llm-provider", type=click.Choice(LLM_PROVIDERS), default="cpu", show_default=True,
                      help="execution provider the LLM is built for"),
-        click.option("--llm-kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+        click.option("--llm-kv-cache", type=click.Choice(KV_CACHES), default="float", show_default=True,
                      help="the decoder's KV cache; int8: per-channel scales calibrated on the calibration images' "
                           "prompts, decode after long prompts faster (1.6x after 2000 positions) but prefill slower "
                           "(0.7x at 589): for long answers"),
         click.option("--no-llm", is_flag=True, help="vision graph only"),
         click.option("--baseline", is_flag=True, help="also export the unreduced (method none) graph for comparisons"),
-        click.option("--target", type=click.Choice(["server", "jetson-orin", "jetson-orin-nano"]), default=None,
+        click.option("--target", type=click.Choice(ENGINE_TARGETS), default=None,
                      help="TensorRT target: writes build_engine.sh with the target's safe defaults"),
         click.option("--engine", is_flag=True, help="also build vision.engine here (needs TensorRT and the target GPU)"),
         *engine_tuning_options(),
@@ -176,54 +176,10 @@ def build_options(func):
 
 
 def _options_from(kwargs, base: str | None = None, vision_tower: str | None = None):
-    """The one place the command line's flags become the build's typed stages (``export.options``)."""
-    from .export.options import BuildOptions, GraphOptions, Int8Options, LlmOptions, SourceOptions
-    from .reduce.config import ReducerConfig
+    """The build's typed stages from the command line's flags (``export.options.from_flags``: one mapping)."""
+    from .export.options import from_flags
 
-    reducer = {k: kwargs.pop(k) for k in ("attention", "order", "merge_weights", "iqr_factor", "neighbors", "min_keep",
-                                          "dominant_tokens", "contextual_tokens", "diverse_tokens")}
-    method = kwargs.pop("method")
-    if method == "none":
-        reducer = {}
-    no_llm, llm_precision, llm_provider = kwargs.pop("no_llm"), kwargs.pop("llm_precision"), kwargs.pop("llm_provider")
-    llm_kv_cache = kwargs.pop("llm_kv_cache")
-    overrides = _engine_overrides(kwargs)
-    target, build_engine = kwargs.pop("target"), kwargs.pop("engine")
-    engine = None
-    if target or build_engine:
-        from .export.tensorrt import EngineOptions
-
-        engine = EngineOptions.for_target(target or "server", build_here=build_engine, **overrides)
-    calibration = kwargs.pop("calibration")
-    int8_method, float_layers = kwargs.pop("calibration_method"), kwargs.pop("int8_float_layers")
-    target_jaccard = kwargs.pop("int8_target_jaccard")
-    # a flag that its stage would ignore is refused, not silently dropped (an fp32 build "with" a Jaccard target)
-    unused = [flag for flag, given in (("--calibration-method", int8_method != "minmax"),
-                                       ("--int8-float-layers", bool(float_layers)),
-                                       ("--int8-target-jaccard", target_jaccard is not None))
-              if given and overrides.get("precision") != "int8"]
-    if unused:
-        raise click.UsageError(f"{', '.join(unused)} apply to an INT8 vision graph only: add --precision int8 "
-                               "--calibration FILE, or leave them out")
-    unused = [flag for flag, given in (("--llm-precision", llm_precision is not None),
-                                       ("--llm-kv-cache", llm_kv_cache != "float"),
-                                       ("--llm-provider", llm_provider != "cpu")) if given and no_llm]
-    if unused:
-        raise click.UsageError(f"{', '.join(unused)} apply to the language model, and --no-llm builds none")
-    return BuildOptions(
-        reducer=ReducerConfig(method=method, capacity=kwargs.pop("max_tokens"), **reducer),
-        graph=GraphOptions(contract=kwargs.pop("output"), opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"),
-                           batch_max=kwargs.pop("batch_max"), project=not kwargs.pop("no_project", False),
-                           slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
-                           baseline=kwargs.pop("baseline")),
-        source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower),
-        llm=None if no_llm else LlmOptions(precision=llm_precision or "auto", provider=llm_provider,
-                                           kv_cache=llm_kv_cache),
-        engine=engine,
-        int8=Int8Options(method=int8_method, float_layers=float_layers, target_jaccard=target_jaccard)
-        if overrides.get("precision") == "int8" else None,
-        calibration=str(calibration) if calibration else None,
-    )
+    return from_flags(kwargs, base, vision_tower)
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -311,13 +267,15 @@ def triton(artifact, out, instances, llm_instances, max_inflight, max_batch, max
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(["server", "jetson-orin", "jetson-orin-nano"]), default="server", show_default=True)
+@click.option("--target", type=click.Choice(ENGINE_TARGETS), default="server", show_default=True)
 @_decorate_with(engine_tuning_options)
 def engine(directory, target, **kwargs):
     """Build DIRECTORY's TensorRT engine on this machine (run it on the device that will use the engine)."""
     from .export.tensorrt import EngineOptions, add_engine_to_artifact
 
-    overrides = {k: v for k, v in _engine_overrides(kwargs).items() if v is not None}
+    from .export.tensorrt import engine_overrides
+
+    overrides = {k: v for k, v in engine_overrides(kwargs).items() if v is not None}
     facts = add_engine_to_artifact(directory, EngineOptions.for_target(target, **overrides))
     click.echo(json.dumps(facts, indent=2))
 
@@ -336,7 +294,7 @@ def engine(directory, target, **kwargs):
 @click.option("--report", is_flag=True, help="also quantise the vision graph to INT8 and compare it with fp32 on the set")
 @click.option("--report-json", type=click.Path(path_type=Path), default=None)
 @click.option("--calibration-method", type=click.Choice(Int8Record.METHODS), default="minmax", show_default=True)
-@click.option("--int8-target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--int8-target", type=click.Choice(Int8Record.TARGETS), default="cpu", show_default=True)
 @click.option("--int8-target-jaccard", type=FRACTION, default=None,
               help="--report: keep float the fewest tower parts that reach this mean Jaccard (as build does)")
 @image_size_option()
@@ -376,7 +334,7 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
     if histogram:
         click.echo(f"wrote {draw_histogram(budget, histogram)}", err=True)
     if report:
-        from .calib.int8 import int8_report
+        from .export.int8_report import int8_report
 
         results = {}
         for method in budget.methods:
@@ -398,7 +356,7 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--images", type=int, default=4, show_default=True, help="synthetic images to compare on")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=PROVIDER, default="cpu", show_default=True)
 @click.option("--no-reference", is_flag=True, help="skip the PyTorch comparison (source checkpoint not at hand)")
 @click.option("--expect-sha256", default=None, help="the manifest hash the builder published: refuse any other artifact")
 def verify(directory, images, provider, no_reference, expect_sha256):
@@ -414,8 +372,8 @@ def verify(directory, images, provider, no_reference, expect_sha256):
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="artifact: print the full summary as JSON")
 @click.option("--model", default=None, help="image: checkpoint dir, hub id or artifact dir whose tower to use")
-@click.option("--method", type=click.Choice(["prumerge", "prumerge+", "visionzip", "divprune"]), default="prumerge",
-              show_default=True)
+@click.option("--method", type=click.Choice([n for n, spec in registry.specs().items() if spec.explain]),
+              default="prumerge", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="image: PNG to write")
 @image_size_option()
 def inspect(target, as_json, model, method, out, image_size):
@@ -430,7 +388,6 @@ def inspect(target, as_json, model, method, out, image_size):
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _outputs(("--out", out), inputs=[target, Path(model)], pictures=("--out",))
     encoder = None
-    from .artifact.contract import ADAPTIVE_METHODS
     from .artifact.manifest import MANIFEST_NAME
 
     if Path(model).is_dir() and (Path(model) / MANIFEST_NAME).is_file():  # an artifact: the encoder it was built from
@@ -439,21 +396,10 @@ def inspect(target, as_json, model, method, out, image_size):
 
         if image_size is not None:
             raise click.BadParameter("an artifact has its own input size", param_hint="--image-size")
-        encoder = artifact_encoder(Manifest.read(model), method=method, project=method == "divprune", capacity=False)
+        encoder = artifact_encoder(Manifest.read(model), method=method, project=registry.get(method).projected,
+                                   capacity=False)
     result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder)
-    if method in ADAPTIVE_METHODS:
-        click.echo(f"{method}: {len(result.kept)} kept + {len(result.sampled)} sampled + 1 extra = {result.num_tokens} "
-                   f"tokens of {result.num_patches} patches ({result.outliers} IQR outliers); "
-                   f"{len(result.pruned_only_in_extra)} patches only in the extra token")
-        click.echo(f"kept patches by attention: {result.kept}")
-    elif method == "visionzip":
-        click.echo(f"{method}: {result.num_tokens} tokens of {result.num_patches} patches: {len(result.kept)} dominant "
-                   f"patches (+ CLS where the tower has one), {len(result.sampled)} contextual tokens")
-        click.echo(f"dominant patches: {result.kept}")
-    else:
-        click.echo(f"{method}: {result.num_tokens} tokens of {result.num_patches} patches; "
-                   f"{len(result.pruned_only_in_extra)} dropped")
-        click.echo(f"chosen patches: {result.kept}")
+    click.echo(result.summary())
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]})")
 
 
@@ -485,7 +431,7 @@ def _inspect_artifact(directory: Path, as_json: bool) -> None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=PROVIDER, default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the report as JSON")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="write a stacked-bar PNG")
 def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new_tokens, provider, json_out, plot_out):
@@ -495,10 +441,9 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
     from rich.console import Console
     from rich.progress import Progress
 
-    from .profile import run as run_profile
-    from .profile.report import plot, table, write_json
-
-    from .profile.runner import resolve_methods
+    from .latency import run as run_profile
+    from .latency.report import plot, table, write_json
+    from .latency.runner import resolve_methods
 
     _outputs(("--json", json_out), ("--plot", plot_out), inputs=[*images, *artifacts], pictures=("--plot",))
     method_list = list(resolve_methods(list(artifacts), [m.strip() for m in (methods or "").split(",") if m.strip()]))
@@ -526,18 +471,18 @@ def profile(artifacts, images, synthetic, prompt, methods, warmup, runs, max_new
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--method-override", type=click.Choice(["none"]), default=None,
               help="none: the unreduced 576-token baseline graph (artifact built with --baseline)")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=PROVIDER, default="cpu", show_default=True)
 @click.option("--raw", is_flag=True, help="send the prompt as is, without the model's chat template")
 @click.option("--json", "as_json", is_flag=True, help="print answer, token counts and timings as JSON")
 @click.option("--expect-sha256", default=None, help="the manifest hash the builder published: refuse any other artifact")
 def run(directory, images, prompt, max_new_tokens, temperature, top_p, seed, stop, method_override, provider, raw, as_json,
         expect_sha256):
     """Answer PROMPT about the image(s) with the artifact in DIRECTORY (streams the answer)."""
-    from .runtime.pipeline import Pipeline
+    from .runtime.pipeline import Pipeline, SamplingParams
 
+    sampling = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop), seed)  # checked before the model loads
     pipeline = Pipeline.from_artifacts(directory, provider=provider, method=method_override, expect_sha256=expect_sha256)
-    stream = pipeline.generate(list(images), prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               stop=stop, stream=True, seed=seed, template=not raw)
+    stream = pipeline.generate(list(images), prompt, sampling=sampling, stream=True, template=not raw)
     for piece in stream:
         if not as_json:
             click.echo(piece, nl=False)
@@ -546,16 +491,7 @@ def run(directory, images, prompt, max_new_tokens, temperature, top_p, seed, sto
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     click.echo()
-    _print_run_summary(result)
-
-
-def _print_run_summary(result) -> None:
-    t = result.timings_ms
-    click.secho(
-        f"[{result.method}] visual tokens {result.visual_tokens}, prompt {result.prompt_tokens} positions, "
-        f"generated {result.generated_tokens} ({result.stop_reason}); TTFT {t['ttft']:.0f} ms "
-        f"(vision {t.get('vision', 0):.0f}, prefill {t['prefill']:.0f}), "
-        f"decode {t['decode_ms_per_token'] or 0:.1f} ms/token", fg="cyan", err=True)
+    click.secho(result.summary(), fg="cyan", err=True)
 
 
 @main.command()
@@ -568,7 +504,7 @@ def _print_run_summary(result) -> None:
               help="allow image_url paths inside this folder (default: data: URLs only)")
 @click.option("--allow-remote-images", is_flag=True, help="fetch http(s) image URLs (refused by default)")
 @click.option("--model-name", default=None, help="the model id clients see (default: the artifact folder's name)")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=PROVIDER, default="cpu", show_default=True)
 @click.option("--expect-sha256", default=None, help="refuse the artifact unless its manifest has this sha256")
 def serve(artifact, host, port, max_queue, images_dir, allow_remote_images, model_name, provider, expect_sha256):
     """Serve ARTIFACT with OpenAI's chat-completions API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
@@ -590,7 +526,7 @@ def serve(artifact, host, port, max_queue, images_dir, allow_remote_images, mode
               help="folder for the answer files (LLaVA format, one per configuration); a rerun resumes from them")
 @click.option("--limit", type=int, default=None, help="the first N questions only")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=PROVIDER, default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the summary as JSON")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="write accuracy vs TTFT as PNG")
 @click.option("--ttft-budget-ms", type=float, default=None, help="choose: the most accurate configuration within this median TTFT")
@@ -647,60 +583,15 @@ def evaluate(artifacts, questions, images, methods, out, limit, max_new_tokens, 
 def demo(out, force, scenes, max_new_tokens, **kwargs):
     """Build the demo VLM (real DINOv2-S + trained projector/LoRA + real SmolLM2) and ask it about generated images
     it never trained on, with and without PruMerge, beside the right answers."""
-    import dataclasses
-
-    from .demo import ASKABLE, demo_scenes, read_stamp, reusable_artifact, weights_digest, write_stamp
-    from .demovlm.assemble import DESCRIPTION, build_checkpoint
-    from .evaluate.scoring import score
-    from .export.staging import staged_directory
-    from .reduce.config import Method
-    from .runtime.pipeline import Pipeline
-    from .runtime.vision import VisionSession
+    from .demo import run_demo
+    from .demovlm.assemble import DESCRIPTION
 
     click.secho(DESCRIPTION, fg="yellow", err=True)
     options = _options_from(kwargs)
     if options.llm is None:
         raise click.BadParameter("the demo answers questions: it needs its LLM", param_hint="--no-llm")
-    out = Path(out)
-    checkpoint = out.parent / f"{out.name}-checkpoint"
-    weights = weights_digest()
-    if force or not (checkpoint / "config.json").is_file() or read_stamp(checkpoint).get("weights") != weights:
-        with staged_directory(checkpoint, force=True, kind="checkpoint") as stage:
-            build_checkpoint(stage)
-            write_stamp(stage, weights=weights)
-    if options.method is not Method.NONE:  # the demo answers with and without PruMerge
-        options = dataclasses.replace(options, graph=dataclasses.replace(options.graph, baseline=True))
-    manifest = None if force else reusable_artifact(out, checkpoint, repr(options))
-    if manifest is not None:
-        click.echo(f"reusing {out}: built from these weights and options, every file matches its hash "
-                   "(--force rebuilds it)", err=True)
-    else:
-        manifest = _build(str(checkpoint), out, options, force)
-        write_stamp(checkpoint, options=repr(options), manifest_sha256=manifest.sha256)
-    _print_manifest_summary(manifest, out)
-    shown = demo_scenes(scenes)
-    result = VisionSession.open(out).run([s.image for s in shown])
-    for b, n in enumerate(result.num_tokens):
-        kept = result.indices[b, : n - 1]
-        click.echo(f"image {b} ({', '.join(t.name for t in shown[b].things)}): {int(n)} visual tokens for the LLM "
-                   f"(of {manifest.reducer.num_patches} patches); first kept patches {kept[:8].tolist()}"
-                   f"{' (truncated)' if result.truncated[b] else ''}")
-    pipelines = [Pipeline.from_artifacts(out, method=m) for m in ([None, "none"] if manifest.baseline else [None])]
-    right = {p.method: 0 for p in pipelines}
-    asked = 0
-    for b, scene in enumerate(shown):
-        for question in scene.questions:
-            asked += 1
-            click.echo(f"image {b}: {question.text}  (right answer: {question.answer})")
-            for pipeline in pipelines:
-                answer = pipeline.generate(scene.image, question.text, max_new_tokens=max_new_tokens)
-                ok = score(answer.text, question.answer) == 1.0
-                right[pipeline.method] += ok
-                click.echo(f"  [{answer.method}] answer {answer.text.strip()!r} {'right' if ok else 'WRONG'}  "
-                           f"({answer.visual_tokens[0]} visual tokens, TTFT {answer.timings_ms['ttft']:.0f} ms)")
-    click.echo(f"what it can be asked: {ASKABLE}")
-    click.echo("demo accuracy on these {} questions: {}".format(
-        asked, ", ".join(f"[{m}] {n}/{asked}" for m, n in right.items())))
+    run_demo(Path(out), options, force, scenes, max_new_tokens, build=_build,
+             show_manifest=_print_manifest_summary, echo=click.echo)
     click.secho("held-out accuracy over hundreds of questions: `prumerge-export evaluate` (README, \"Answers\")",
                 fg="yellow", err=True)
 

@@ -144,3 +144,62 @@ def reusable_artifact(out: Path, checkpoint: Path, options_key: str):
     except ArtifactError:
         return None
     return manifest
+
+
+def run_demo(out: Path, options, force: bool, scenes: int, max_new_tokens: int, build, show_manifest, echo) -> dict:
+    """``prumerge-export demo``: build (or reuse) the demo VLM's artifact in ``out`` with ``options`` (the build's;
+    a reducing method also gets its unreduced baseline, so every question is answered with and without it), then ask
+    it about ``scenes`` generated images it never trained on and print each answer beside the right one.
+    ``build(checkpoint, out, options, force)`` and ``show_manifest(manifest, out)`` are the CLI's (its progress
+    display); returns ``{method: right answers}``."""
+    import dataclasses
+    import sys
+
+    from .demovlm.assemble import build_checkpoint
+    from .evaluate.scoring import score
+    from .export.staging import staged_directory
+    from .reduce.config import Method
+    from .runtime.pipeline import Pipeline, SamplingParams
+    from .runtime.vision import VisionSession
+
+    sampling = SamplingParams(max_new_tokens)
+    checkpoint = out.parent / f"{out.name}-checkpoint"
+    weights = weights_digest()
+    if force or not (checkpoint / "config.json").is_file() or read_stamp(checkpoint).get("weights") != weights:
+        with staged_directory(checkpoint, force=True, kind="checkpoint") as stage:
+            build_checkpoint(stage)
+            write_stamp(stage, weights=weights)
+    if options.method is not Method.NONE:
+        options = dataclasses.replace(options, graph=dataclasses.replace(options.graph, baseline=True))
+    manifest = None if force else reusable_artifact(out, checkpoint, repr(options))
+    if manifest is not None:
+        print(f"reusing {out}: built from these weights and options, every file matches its hash (--force rebuilds it)",
+              file=sys.stderr)
+    else:
+        manifest = build(str(checkpoint), out, options, force)
+        write_stamp(checkpoint, options=repr(options), manifest_sha256=manifest.sha256)
+    show_manifest(manifest, out)
+    shown = demo_scenes(scenes)
+    result = VisionSession.open(out).run([s.image for s in shown])
+    for b, n in enumerate(result.num_tokens):
+        kept = result.indices[b, : n - 1]
+        echo(f"image {b} ({', '.join(t.name for t in shown[b].things)}): {int(n)} visual tokens for the LLM "
+             f"(of {manifest.reducer.num_patches} patches); first kept patches {kept[:8].tolist()}"
+             f"{' (truncated)' if result.truncated[b] else ''}")
+    pipelines = [Pipeline.from_artifacts(out, method=m) for m in ([None, "none"] if manifest.baseline else [None])]
+    right = {p.method: 0 for p in pipelines}
+    asked = 0
+    for b, scene in enumerate(shown):
+        for question in scene.questions:
+            asked += 1
+            echo(f"image {b}: {question.text}  (right answer: {question.answer})")
+            for pipeline in pipelines:
+                answer = pipeline.generate(scene.image, question.text, sampling=sampling)
+                ok = score(answer.text, question.answer) == 1.0
+                right[pipeline.method] += ok
+                echo(f"  [{answer.method}] answer {answer.text.strip()!r} {'right' if ok else 'WRONG'}  "
+                     f"({answer.visual_tokens[0]} visual tokens, TTFT {answer.timings_ms['ttft']:.0f} ms)")
+    echo(f"what it can be asked: {ASKABLE}")
+    echo("demo accuracy on these {} questions: {}".format(asked, ", ".join(f"[{m}] {n}/{asked}" for m, n in right.items())))
+    return right
+

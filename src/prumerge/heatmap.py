@@ -39,6 +39,15 @@ class InspectResult:
     pruned_only_in_extra: list
     size: tuple
 
+    def summary(self) -> str:
+        """What ``inspect`` prints: the method's own summary lines (its registry spec's ``summary``)."""
+        from .reduce.registry import get
+
+        return get(self.method).summary.format(
+            method=self.method, kept=len(self.kept), sampled=len(self.sampled), tokens=self.num_tokens,
+            patches=self.num_patches, outliers=self.outliers, extra_only=len(self.pruned_only_in_extra),
+            kept_list=self.kept)
+
 
 def _heat(values: np.ndarray) -> np.ndarray:
     """0..1 -> RGB uint8 on a dark-blue -> yellow ramp (a perceptual-ish map without matplotlib)."""
@@ -60,13 +69,16 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
     from .model.encoder import PruMergeEncoder
     from .reduce.config import Method
     from .reduce.explain import explain
+    from .reduce.registry import specs
     from .runtime.preprocess import preprocess_image
 
-    if Method.parse(method) is Method.NONE:
-        raise ConfigError("inspect shows a reduction: choose method prumerge, prumerge+, visionzip or divprune")
-    divprune = Method.parse(method) is Method.DIVPRUNE  # chooses among projected tokens: the projector is needed
+    spec = Method.parse(method).spec
+    if spec.explain is None:
+        reducing = ", ".join(name for name, s in specs().items() if s.explain is not None)
+        raise ConfigError(f"inspect shows a reduction: choose method {reducing}")
+    projected = spec.projected  # chooses among projected tokens: the projector is needed
     if encoder is None:
-        encoder = PruMergeEncoder.from_pretrained(model, method=method, project=divprune, image_size=image_size,
+        encoder = PruMergeEncoder.from_pretrained(model, method=method, project=projected, image_size=image_size,
                                                   **reducer_options)
     config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
@@ -74,7 +86,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
         hidden, q, k = encoder.tower_outputs(pixels)
         prefix = encoder.adapter.prefix_tokens
         features = hidden[:, prefix:]
-        if divprune and encoder.projector is not None:
+        if projected and encoder.projector is not None:
             features = encoder.projector(features)
         info = explain(features, q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
                        importance=encoder.adapter.importance)
@@ -116,7 +128,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
             draw.line([(0, i * cell), (size * SCALE, i * cell)], fill=(255, 255, 255), width=1)
     for rank, p in enumerate(info.kept):
         draw_r.rectangle(_box(p, grid, cell), outline=KEPT, width=max(2, SCALE + 1))
-        if rank < 10 and Method.parse(method).adaptive:  # only PruMerge's kept order is a ranking
+        if rank < 10 and spec.ranked:  # only PruMerge's kept order is a ranking
             x0, y0, _, _ = _box(p, grid, cell)
             draw_r.text((x0 + 2, y0 + 1), str(rank + 1), fill=(255, 255, 255))
     for p in info.sampled:
@@ -127,7 +139,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
     canvas.paste(right, (base.width, 0))
     legend = ImageDraw.Draw(canvas)
     y = base.height + 6
-    heat_label, line, tint_label = LEGENDS.get(Method.parse(method).value, LEGENDS["prumerge"])
+    heat_label, line, tint_label = spec.legend
     legend.text((8, y), f"{heat_label} ({grid}x{grid} patches)", fill=(0, 0, 0))
     legend.text((base.width + 8, y), line.format(method=method, kept=len(info.kept), sampled=len(info.sampled),
                                                  tokens=num_tokens, patches=grid * grid), fill=(0, 0, 0))
@@ -139,19 +151,6 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
         canvas.save(path)
     return InspectResult(path, method, grid * grid, grid, info.kept, info.sampled, num_tokens, reducer_indices,
                          info.outliers, info.pruned_only_in_extra, canvas.size)
-
-
-# method -> (heat map, right-hand count line, tint legend)
-LEGENDS = {
-    "prumerge": ("CLS attention heat map", "{method}: {kept} kept (red, ranked) + {sampled} sampled (cyan) + 1 extra = "
-                 "{tokens} tokens of {patches}", "tint: merged into the kept token of that colour; grey: only in the "
-                 "extra token"),
-    "visionzip": ("CLS attention (summed over heads) heat map", "{method}: {kept} dominant (red) + {sampled} contextual "
-                  "targets (cyan) = {tokens} tokens of {patches} (CLS among them)", "tint: merged into the contextual "
-                  "token of that colour"),
-    "divprune": ("distance to the nearest chosen token", "{method}: {kept} chosen (red) = {tokens} tokens of {patches}",
-                 "grey: dropped"),
-}
 
 
 def _box(patch: int, grid: int, cell: int) -> tuple:

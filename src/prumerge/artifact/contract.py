@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 
 INPUT_NAME = "pixel_values"
+# padded: static [B, K_max, D] (TensorRT 10.3); dynamic: the token axis trimmed to the batch's longest count
+CONTRACTS = ("padded", "dynamic")
 OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
 EXTRA_TOKEN_INDEX = -1
 PADDING_INDEX = -2
@@ -70,10 +72,12 @@ def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutpu
     )
 
 
-# the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none")
+# the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none"): the manifest's
+# vocabulary, kept here because the contract imports no build code; tests/test_registry.py keeps it equal to the
+# reducer registry's names (``prumerge.reduce.registry``, where a method is declared)
 METHODS = ("none", "prumerge", "prumerge+", "visionzip", "divprune")
 # the methods whose token count depends on the image (a capacity bounds it; calibrate measures it); the others keep
-# a fixed count set by their options (``reduce.config.Method.adaptive`` says the same of the enum)
+# a fixed count set by their options (the registry's ``ReducerSpec.adaptive``; the same test keeps them equal)
 ADAPTIVE_METHODS = ("prumerge", "prumerge+")
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 STAGES = ("vision_encoder", "reducer", "projector", "vision_other")
-# how PruMergeEncoder.forward calls each method's reducer (its stack traces end at that line)
-REDUCER_CALLS = ("reduce_tokens(", "visionzip_tokens(", "divprune_tokens(")
+# how PruMergeEncoder.forward calls every registered method's reducer (``prumerge.reduce.registry``); a test keeps the
+# encoder's source saying so
+REDUCER_CALL = "spec.run("
 
 
 def classify_nodes(onnx_path: Path) -> dict:
@@ -37,7 +38,7 @@ def stage_of(scopes: str, trace: str) -> str:
         return "vision_encoder"
     if "'encoder.projector" in scopes:
         return "projector"
-    if any(call in trace for call in REDUCER_CALLS) or "prumerge/reduce/" in trace.replace("\\", "/"):
+    if REDUCER_CALL in trace or "prumerge/reduce/" in trace.replace("\\", "/"):
         return "reducer"
     return "vision_other"
 

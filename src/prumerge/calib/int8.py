@@ -20,7 +20,7 @@ import numpy as np
 from ..artifact.contract import INPUT_NAME, VisionOutput
 from ..artifact.manifest import Int8Record
 from ..errors import ConfigError, ExportError
-from ..export.validate import agreement
+from ..artifact.agreement import agreement
 
 CALIBRATION_METHODS = Int8Record.METHODS  # the contract's vocabulary: what a manifest may record
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
@@ -70,12 +70,15 @@ def tower_part_of(graph) -> dict:
     embeddings, pre-norm), from the exporter's name scopes; nodes outside the tower are not listed."""
     import re
 
+    from ..model.towers import layer_scope_pattern
+
+    pattern = layer_scope_pattern()  # each tower family's own layer path
     part_of = {}
     for node in graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
         if "'encoder.tower" not in scopes:
             continue
-        found = re.findall(r"encoder\.layers?\.(\d+)", scopes)
+        found = re.findall(pattern, scopes)
         part_of[node.name] = f"layer {int(found[-1])}" if found else "embeddings"
     return part_of
 
@@ -107,7 +110,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
 
     ``target="tensorrt"``: symmetric int8 activations (TensorRT's explicit quantisation needs zero points of 0).
     ``target="cpu"``: uint8 activations, which onnxruntime's CPU kernels fuse (S8S8 runs slower than fp32 there).
-    ``float_parts``: tower parts (:func:`tower_parts`) left float, as :mod:`.sensitivity` chooses them.
+    ``float_parts``: tower parts (:func:`tower_parts`) left float, as :func:`quantize_and_compare` chooses them.
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown INT8 target {target!r}; choose one of: {', '.join(TARGETS)}")
@@ -180,30 +183,32 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
     return statistics.median(times[0]) / statistics.median(times[1])
 
 
-def int8_report(model: str, images, method: str = "prumerge", calibration_method: str = "minmax", target: str = "cpu",
-                workdir: Path | None = None, image_size: int | None = None, float_layers: int = 0,
-                target_jaccard: float | None = None, log=print) -> Int8Record:
-    """Export ``model``'s fp32 vision graph, quantise it on ``images`` (a CalibrationSet), compare on the same set:
-    the INT8 record a build would write (its ``agreement`` with ``latency_ratio`` measured here). ``target_jaccard``:
-    first choose the tower parts to keep float, as the build does (``float_layers`` is the other way)."""
-    import tempfile
+def quantize_and_compare(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str = "minmax",
+                         target: str = "cpu", float_layers: int = 0, target_jaccard: float | None = None,
+                         log=print) -> Int8Record:
+    """The one INT8 flow, for ``build`` and ``calibrate --report`` alike: choose the tower parts to keep float (with
+    ``target_jaccard``; ``float_layers`` is the other way), quantise, and record how the INT8 graph's selection
+    agrees with fp32's on ``pixels`` (the calibration set itself)."""
+    if target_jaccard is None:
+        record = quantize_vision(fp32_path, int8_path, pixels, method, target=target, float_layers=float_layers)
+    else:
+        import tempfile
 
-    from ..model.encoder import PruMergeEncoder
-    from ..export.graph import export_onnx
-    from ..runtime.preprocess import preprocess_batch
+        from .sensitivity import choose_float_parts
 
-    encoder = PruMergeEncoder.from_pretrained(model, method=method, image_size=image_size)
-    config = encoder.preprocess_config()
-    pixels = preprocess_batch(images.images, config)
-    with tempfile.TemporaryDirectory(prefix="prumerge-int8-", dir=workdir) as scratch:
-        fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
-        export_onnx(encoder, fp32, "padded", batch_max=8)
-        if target_jaccard is None:
-            record = quantize_vision(fp32, int8, pixels, calibration_method, target=target, float_layers=float_layers)
-        else:
-            from .sensitivity import quantize_to_target
+        reference = session_outputs(fp32_path, pixels)
+        with tempfile.TemporaryDirectory(prefix=".int8-probes-", dir=int8_path.parent) as scratch:
+            probe_path = Path(scratch) / "probe.onnx"
 
-            record = quantize_to_target(fp32, int8, pixels, calibration_method, target, target_jaccard, log)
-        result = agreement(session_outputs(fp32, pixels), session_outputs(int8, pixels))
-        result.latency_ratio = latency_ratio(fp32, int8, pixels)
-    return dataclasses.replace(record, agreement=result)
+            def probe(float_parts: tuple) -> float:  # quantised with these parts float, compared on the set
+                for old in Path(scratch).glob("probe.onnx*"):
+                    old.unlink()
+                quantize_vision(fp32_path, probe_path, pixels, method, target=target, float_parts=float_parts)
+                return agreement(reference, session_outputs(probe_path, pixels)).mean_jaccard
+
+            choice = choose_float_parts(tower_parts(fp32_path), probe, target_jaccard, log)
+        record = quantize_vision(fp32_path, int8_path, pixels, method, target=target, float_parts=choice.parts)
+        record = dataclasses.replace(record, target_jaccard=float(target_jaccard), sensitivity=choice.sensitivity())
+    log("comparing INT8 with fp32 on the calibration set")
+    return dataclasses.replace(record, agreement=agreement(session_outputs(fp32_path, pixels),
+                                                           session_outputs(int8_path, pixels)))

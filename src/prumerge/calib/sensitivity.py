@@ -10,18 +10,15 @@ that measured it, never assumed). Every probe quantises and compares on the cali
 own INT8 record does.
 
 Recorded in the manifest: the parts kept float, each part's agreement alone, the target; the agreement reached is
-the build's ordinary INT8 agreement. Costs ``2 + parts + log2(parts)`` quantisations: ~5 minutes for DINOv2-S (13
+the build's ordinary INT8 agreement. The probe (quantise, compare) is ``prumerge.calib.int8``'s, so this module holds the choice alone and imports
+nothing of the flow that calls it. Costs ``2 + parts + log2(parts)`` quantisations: ~5 minutes for DINOv2-S (13
 parts) on 28 photos on 2 CPU cores; a 24-layer ViT-L at 336 px takes far longer (each probe calibrates and runs it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 
 @dataclasses.dataclass
@@ -74,35 +71,3 @@ def choose_float_parts(parts: list, probe: Callable[[tuple], float], target: flo
         else:
             low = middle + 1
     return FloatChoice(sorted(best[0], key=position.get), best[1], alone, count)
-
-
-def float_parts_for_target(fp32_path: Path, scratch: Path, pixels: np.ndarray, method: str, target: str,
-                           target_jaccard: float, log=print) -> FloatChoice:
-    """:func:`choose_float_parts` on the real graph: each probe quantises ``fp32_path`` into ``scratch`` with
-    :func:`~prumerge.calib.int8.quantize_vision` (the build's own method and target) and compares on ``pixels``."""
-    from ..export.validate import agreement
-    from .int8 import quantize_vision, session_outputs, tower_parts
-
-    reference = session_outputs(fp32_path, pixels)
-    probe_path = scratch / "probe.onnx"
-
-    def probe(float_parts: tuple) -> float:
-        for old in scratch.glob("probe.onnx*"):
-            old.unlink()
-        quantize_vision(fp32_path, probe_path, pixels, method, target=target, float_parts=float_parts)
-        return agreement(reference, session_outputs(probe_path, pixels)).mean_jaccard
-
-    return choose_float_parts(tower_parts(fp32_path), probe, target_jaccard, log)
-
-
-def quantize_to_target(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method: str, target: str,
-                       target_jaccard: float, log=print):
-    """:func:`~prumerge.calib.int8.quantize_vision` with the parts :func:`float_parts_for_target` chose kept float
-    (its probes in a scratch folder beside ``int8_path``, removed after), the record carrying the target and each
-    part's measured agreement: what the build writes and ``calibrate --report`` prints, from one place."""
-    from .int8 import quantize_vision
-
-    with tempfile.TemporaryDirectory(prefix=".int8-probes-", dir=int8_path.parent) as scratch:
-        choice = float_parts_for_target(fp32_path, Path(scratch), pixels, method, target, target_jaccard, log)
-    record = quantize_vision(fp32_path, int8_path, pixels, method, target=target, float_parts=choice.parts)
-    return dataclasses.replace(record, target_jaccard=float(target_jaccard), sensitivity=choice.sensitivity())

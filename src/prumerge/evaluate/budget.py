@@ -11,10 +11,7 @@ import shlex
 
 from ..artifact.contract import ADAPTIVE_METHODS, PLAIN_OPSET
 from ..errors import InputError
-
-# the reducer options' defaults (``ReducerConfig``'s; a test keeps the two equal): only others go on the command
-REDUCER_DEFAULTS = {"attention": "official", "order": "official", "merge_weights": "official", "iqr_factor": 1.5,
-                    "neighbors": 32, "min_keep": 1, "dominant_tokens": 54, "contextual_tokens": 10, "diverse_tokens": 64}
+from ..reduce import registry
 
 
 NEEDS_FULL_TOKENS = ("--min-accuracy-ratio needs the full-token configuration (method none: an artifact built with "
@@ -76,9 +73,10 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
     if facts["method"] != "none":
         if facts["method"] in ADAPTIVE_METHODS:  # the others' count is their options'
             args += ["--max-tokens", str(int(facts["capacity"]))]
+        declared = registry.options()  # each option's flag and default, from its method's declaration
         for name, value in (facts.get("reducer_options") or {}).items():
-            if name in REDUCER_DEFAULTS and value != REDUCER_DEFAULTS[name]:
-                args += ["--" + name.replace("_", "-"), str(value)]
+            if name in declared and value != registry.defaults()[name]:
+                args += [declared[name].flag, str(value)]  # str(float): the shortest form that reads back equal
     if facts.get("opset") not in (None, PLAIN_OPSET):  # e.g. 23: fused attention
         args += ["--opset", str(facts["opset"])]
     if facts.get("output") == "dynamic":

@@ -112,9 +112,10 @@ def run(questions: Sequence[EvalQuestion], configs: Sequence[Configuration], out
 
 
 def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, progress) -> dict:
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, SamplingParams
 
     keys = {q.question_id: question_key(q, max_new_tokens) for q in questions}
+    sampling = SamplingParams(max_new_tokens)  # greedy: the answers are scored, and tied to this setting
     # every answer file read and checked once, before any model loads
     existing = {config.label: read_answers(out / config.answer_file, config.sha256) for config in configs}
     results = {}
@@ -136,7 +137,7 @@ def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, p
         with open_answers(path) as handle:
             for q in todo:
                 try:
-                    result = pipeline.generate(str(q.image), q.text, max_new_tokens=max_new_tokens)
+                    result = pipeline.generate(str(q.image), q.text, sampling=sampling)
                 except InputError as exc:  # the answers so far are kept: a rerun resumes after fixing this one
                     raise InputError(f"question {q.question_id} ({q.image.name}): {exc}") from None
                 t = result.timings_ms

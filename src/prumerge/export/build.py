@@ -19,7 +19,6 @@ from typing import Callable
 from ..errors import ConfigError
 from ..artifact.manifest import EngineFacts, EngineTarget, GraphSection, Manifest, TensorSpec, describe_files
 from .staging import staged_directory
-from ..artifact.contract import CLS_TOKEN_INDEX, CONTEXTUAL_TOKEN_INDEX, EXTRA_TOKEN_INDEX, PADDING_INDEX
 from ..reduce.config import Method
 from .options import BuildOptions, GraphOptions, Int8Options
 
@@ -189,18 +188,7 @@ def _tensorrt(stage: Path, vision: GraphSection, engine, step: Progress) -> Grap
 def _manifest(encoder, vision: GraphSection, baseline: GraphSection | None, llm: dict | None) -> Manifest:
     return Manifest(
         source=encoder.source,
-        reducer={
-            "options": {k: v for k, v in encoder.reducer.to_dict().items() if k not in ("method", "capacity")},
-            "num_patches": encoder.num_patches,
-            "grid": encoder.grid,
-            "image_size": encoder.image_size,
-            "patch_size": encoder.patch_size,
-            "feature_layer": encoder.feature_index - (encoder.num_layers + 1),
-            "extra_token_index": EXTRA_TOKEN_INDEX,
-            "padding_index": PADDING_INDEX,
-            "cls_token_index": CLS_TOKEN_INDEX,
-            "contextual_token_index": CONTEXTUAL_TOKEN_INDEX,
-        },
+        reducer=encoder.reducer_section(),
         vision=vision,
         baseline=baseline,
         preprocess=encoder.preprocess_config().to_dict(),
@@ -217,9 +205,8 @@ def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int
     import onnx
 
     from ..calib.images import CalibrationSet
-    from ..calib.int8 import quantize_vision, session_outputs
+    from ..calib.int8 import quantize_and_compare
     from .checks import check_onnx, op_support_all
-    from .validate import agreement
 
     images = CalibrationSet.from_source(calibration.source)
     pixels = images.pixels(encoder.preprocess_config())
@@ -231,19 +218,12 @@ def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int
     step(f"quantising {VISION_FILE} to INT8 (" + ("activation scales per token at run time, MatMulInteger"
                                                    if int8.method == "per-token" else
                                                    f"{int8.method} calibration on {len(pixels)} images, {target} Q/DQ") + ")")
-    if int8.target_jaccard is None:
-        info = quantize_vision(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target=target,
-                               float_layers=int8.float_layers)
-    else:  # the choice logs each probe, and says so when even every part float misses the target
-        from ..calib.sensitivity import quantize_to_target
-
+    if int8.target_jaccard is not None:  # the choice logs each probe, and says so when every part float misses it
         step(f"choosing the tower parts to keep float for a mean Jaccard of {int8.target_jaccard:g} with fp32")
-        info = quantize_to_target(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target,
-                                  int8.target_jaccard, log=lambda line: step(f"  {line}"))
+    info = quantize_and_compare(fp32_dir / VISION_FILE, stage / VISION_FILE, pixels, int8.method, target,
+                                int8.float_layers, int8.target_jaccard,
+                                log=lambda line: step(line if line.startswith("comparing") else f"  {line}"))
     check_onnx(stage / VISION_FILE)
-    step("comparing INT8 with fp32 on the calibration set")
-    info = dataclasses.replace(info, agreement=agreement(session_outputs(fp32_dir / VISION_FILE, pixels),
-                                                         session_outputs(stage / VISION_FILE, pixels)))
     shutil.rmtree(fp32_dir)
     graph = onnx.load(str(stage / VISION_FILE), load_external_data=False)
     return dataclasses.replace(vision, precision="int8", int8=info, tensorrt=op_support_all(graph),

@@ -25,6 +25,8 @@ EXTERNAL_DATA_BYTES = 64 << 20  # larger graphs keep weights in vision.onnx.data
 
 
 class Contract(str, enum.Enum):
+    """``artifact.contract.CONTRACTS`` as an enum (tests keep the two equal)."""
+
     PADDED = "padded"
     DYNAMIC = "dynamic"
 

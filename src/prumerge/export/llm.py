@@ -19,7 +19,7 @@ from ..artifact.manifest import DecoderIO
 from ..model.checkpoint import Checkpoint
 from ..errors import CheckpointError, ConfigError, ExportError
 
-PRECISIONS = ("int4", "int8", "fp16", "fp32")
+from .options import LLM_PRECISIONS as PRECISIONS  # noqa: E402  (declared with the build's options)
 LLM_DIR = "llm"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..artifact.contract import PLAIN_OPSET
+from ..artifact.contract import CONTRACTS, PLAIN_OPSET
 from ..errors import ConfigError
 from ..reduce.config import Method, ReducerConfig
 
 LLM_PROVIDERS = ("cpu", "cuda")
+KV_CACHES = ("float", "int8")
+LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # what onnxruntime-genai's builder writes (export.llm)
 
 
 def _count(value, name: str, low: int) -> None:
@@ -48,9 +50,8 @@ class GraphOptions:
     baseline: bool = False  # also export the unreduced (method none) graph, for comparisons and profiling
 
     def __post_init__(self) -> None:
-        from .graph import Contract
-
-        Contract.parse(self.contract)  # the exporter's own list and message
+        if self.contract not in CONTRACTS:  # the contract's own list (export.graph.Contract is its enum)
+            raise ConfigError(f"unknown output contract {self.contract!r}; choose {' or '.join(CONTRACTS)}")
         _count(self.batch_max, "batch_max", 1)
         _count(self.validate_images, "validate_images", 1)
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)):
@@ -61,7 +62,6 @@ class GraphOptions:
         return "fp16" if self.fp16 else "fp32"
 
 
-KV_CACHES = ("float", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,7 @@ class LlmOptions:
     kv_cache: str = "float"
 
     def __post_init__(self) -> None:
-        from .llm import PRECISIONS
-
-        choices = ("auto", *PRECISIONS)  # auto: int4 for LLaVA checkpoints with a projector
+        choices = ("auto", *LLM_PRECISIONS)  # auto: int4 for LLaVA checkpoints with a projector
         if self.precision not in choices:
             raise ConfigError(f"unknown LLM precision {self.precision!r}; choose one of: {', '.join(choices)}")
         if self.provider not in LLM_PROVIDERS:
@@ -157,4 +155,54 @@ class BuildOptions:
         return self.reducer.method
 
     def with_capacity(self, capacity: int | None) -> "BuildOptions":
-        return dataclasses.replace(self, reducer=dataclasses.replace(self.reducer, capacity=capacity))
+        return dataclasses.replace(self, reducer=self.reducer.replace(capacity=capacity))
+
+
+def from_flags(kwargs: dict, base: str | None = None, vision_tower: str | None = None) -> "BuildOptions":
+    """The one place the command line's flags (click's parameter names: ``build`` and ``demo`` share them) become
+    the build's typed stages. A flag its stage would ignore is refused in one line, not silently dropped."""
+    from ..reduce import registry
+    from .tensorrt import EngineOptions, engine_overrides
+
+    kwargs = dict(kwargs)
+    reducer = {name: kwargs.pop(name) for name in registry.options()}
+    method = kwargs.pop("method")
+    if method == "none":
+        reducer = {}
+    no_llm, llm_precision, llm_provider = kwargs.pop("no_llm"), kwargs.pop("llm_precision"), kwargs.pop("llm_provider")
+    llm_kv_cache = kwargs.pop("llm_kv_cache")
+    overrides = engine_overrides(kwargs)
+    target, build_engine = kwargs.pop("target"), kwargs.pop("engine")
+    engine = None
+    if target or build_engine:
+        engine = EngineOptions.for_target(target or "server", build_here=build_engine, **overrides)
+    calibration = kwargs.pop("calibration")
+    int8_method, float_layers = kwargs.pop("calibration_method"), kwargs.pop("int8_float_layers")
+    target_jaccard = kwargs.pop("int8_target_jaccard")
+    # a flag that its stage would ignore is refused, not silently dropped (an fp32 build "with" a Jaccard target)
+    unused = [flag for flag, given in (("--calibration-method", int8_method != "minmax"),
+                                       ("--int8-float-layers", bool(float_layers)),
+                                       ("--int8-target-jaccard", target_jaccard is not None))
+              if given and overrides.get("precision") != "int8"]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} apply to an INT8 vision graph only: add --precision int8 "
+                          "--calibration FILE, or leave them out")
+    unused = [flag for flag, given in (("--llm-precision", llm_precision is not None),
+                                       ("--llm-kv-cache", llm_kv_cache != "float"),
+                                       ("--llm-provider", llm_provider != "cpu")) if given and no_llm]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} apply to the language model, and --no-llm builds none")
+    return BuildOptions(
+        reducer=ReducerConfig(method=method, capacity=kwargs.pop("max_tokens"), **reducer),
+        graph=GraphOptions(contract=kwargs.pop("output"), opset=kwargs.pop("opset"), fp16=kwargs.pop("fp16"),
+                           batch_max=kwargs.pop("batch_max"), project=not kwargs.pop("no_project", False),
+                           slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
+                           baseline=kwargs.pop("baseline")),
+        source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower),
+        llm=None if no_llm else LlmOptions(precision=llm_precision or "auto", provider=llm_provider,
+                                           kv_cache=llm_kv_cache),
+        engine=engine,
+        int8=Int8Options(method=int8_method, float_layers=float_layers, target_jaccard=target_jaccard)
+        if overrides.get("precision") == "int8" else None,
+        calibration=str(calibration) if calibration else None,
+    )

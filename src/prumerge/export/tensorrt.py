@@ -326,3 +326,12 @@ def add_engine_to_artifact(directory: str | Path, options: EngineOptions) -> dic
     manifest.files = describe_files(directory)
     manifest.write(directory)
     return facts
+
+
+def engine_overrides(flags: dict) -> dict:
+    """The engine tuning flags (``build`` and ``engine`` share them; popped from ``flags``, click's parameter names)
+    as :class:`EngineOptions` fields; unset ones (None) take the target's defaults."""
+    timing_cache = flags.pop("timing_cache")
+    return {"precision": flags.pop("precision"), "workspace_mib": flags.pop("workspace"),
+            "min_batch": flags.pop("min_batch"), "opt_batch": flags.pop("opt_batch"), "max_batch": flags.pop("max_batch"),
+            "timing_cache": str(timing_cache) if timing_cache else None}

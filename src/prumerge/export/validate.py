@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..artifact.agreement import agreement  # noqa: F401  (validation reports it; the contract owns it)
 from ..artifact.contract import ADAPTIVE_METHODS, VisionOutput
 from ..artifact.manifest import SelectionAgreement, ValidationSection
 from ..errors import ValidationError
@@ -200,28 +201,3 @@ def validate_against(encoder, got: VisionOutput, pixels, precision: str, provide
             selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
     return compare_outputs(reference_output(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
-
-
-def agreement(reference: VisionOutput, candidate: VisionOutput) -> SelectionAgreement:
-    """How much of ``reference``'s selection ``candidate`` keeps: Jaccard of the kept patch sets, and the cosine of
-    the tokens both have: the same patch, or the same merged token (PruMerge's extra token, VisionZip's CLS and
-    contextual tokens: the k-th token of each sentinel index paired with the other's k-th)."""
-    jaccards, diffs, same, cosines = [], [], [], []
-    for b in range(len(reference.num_tokens)):
-        n_ref, n_got = int(reference.num_tokens[b]), int(candidate.num_tokens[b])
-        ref_idx = [int(i) for i in reference.indices[b, :n_ref]]
-        got_idx = [int(i) for i in candidate.indices[b, :n_got]]
-        a, c = {p for p in ref_idx if p >= 0}, {p for p in got_idx if p >= 0}
-        jaccards.append(len(a & c) / len(a | c) if a | c else 1.0)
-        diffs.append(abs(n_ref - n_got))
-        same.append(ref_idx == got_idx)
-        pairs = [(ref_idx.index(p), got_idx.index(p)) for p in a & c]
-        for sentinel in {p for p in ref_idx if p < 0}:
-            pairs += list(zip([i for i, p in enumerate(ref_idx) if p == sentinel],
-                              [j for j, p in enumerate(got_idx) if p == sentinel]))
-        x = reference.tokens[b][[i for i, _ in pairs]].astype(np.float64)
-        y = candidate.tokens[b][[j for _, j in pairs]].astype(np.float64)
-        denom = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        cosines.append(float(np.mean(np.sum(x * y, axis=1) / np.where(denom > 0, denom, 1.0))) if pairs else 0.0)
-    return SelectionAgreement(len(jaccards), float(np.mean(jaccards)), float(np.min(jaccards)), float(np.mean(diffs)),
-                              float(np.mean(same)), float(np.mean(cosines)))

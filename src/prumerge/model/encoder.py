@@ -18,9 +18,7 @@ from torch import nn
 from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_state, vision_state
 from ..errors import CheckpointError, ConfigError, InputError
 from ..reduce.config import Method, ReducerConfig
-from ..reduce.divprune import divprune_tokens
 from ..reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
-from ..reduce.visionzip import visionzip_tokens
 from .towers import FAMILIES, build_tower, match_key_layout, tower_for
 
 
@@ -62,10 +60,10 @@ class PruMergeEncoder(nn.Module):
         # the layer whose q/k score patches: PruMerge reads the last layer's; VisionZip the layer that outputs the
         # features (LLaVA-1.5: layers[-2], as its official code); DivPrune reads none
         self.scoring_layer = self.num_layers - 1
-        if reducer.method is Method.VISIONZIP:
+        if reducer.spec.scoring_layer == "feature":
             if self.feature_index == 0:
-                raise ConfigError("visionzip scores with the attention of the layer that outputs the features; the "
-                                  "feature layer here is the embeddings, which have none")
+                raise ConfigError(f"{reducer.method.value} scores with the attention of the layer that outputs the "
+                                  "features; the feature layer here is the embeddings, which have none")
             self.scoring_layer = self.feature_index - 1
         if reducer.method is Method.NONE:
             self.capacity = self.num_patches + (1 if self.keep_cls else 0)
@@ -161,6 +159,19 @@ class PruMergeEncoder(nn.Module):
         except InputError as exc:
             raise CheckpointError(f"{self.source.get('model')}: preprocessor_config.json: {exc}") from exc
 
+    def reducer_section(self):
+        """The manifest's reducer section, written by the encoder that holds its facts (every option of every
+        registered method, the grid, the feature layer, the contract's sentinel indices), checked as a reader would."""
+        from ..artifact.contract import CLS_TOKEN_INDEX, CONTEXTUAL_TOKEN_INDEX, EXTRA_TOKEN_INDEX, PADDING_INDEX
+        from ..artifact.sections import ReducerSection
+
+        return ReducerSection.from_dict({
+            "options": {k: v for k, v in self.reducer.to_dict().items() if k not in ("method", "capacity")},
+            "num_patches": self.num_patches, "grid": self.grid, "image_size": self.image_size,
+            "patch_size": self.patch_size, "feature_layer": self.feature_index - (self.num_layers + 1),
+            "extra_token_index": EXTRA_TOKEN_INDEX, "padding_index": PADDING_INDEX, "cls_token_index": CLS_TOKEN_INDEX,
+            "contextual_token_index": CONTEXTUAL_TOKEN_INDEX}, "reducer")
+
     def reduce(self, hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reducer: ReducerConfig | None = None) -> ReducedTokens:
         """The reducer on :meth:`tower_outputs` with this tower's prefix and importance (every caller, one scoring)."""
         prefix = self.adapter.prefix_tokens
@@ -230,9 +241,10 @@ class PruMergeEncoder(nn.Module):
         if tower_sink is not None:
             tower_sink.append((q, k))
         batch, prefix = hidden.shape[0], self.adapter.prefix_tokens
-        if not self.reducer.method.adaptive:  # reduce_tokens checks its own inputs
+        spec = self.reducer.spec
+        if not spec.adaptive:  # adaptive reducers check their own inputs
             check_inputs(hidden[:, prefix:], q, k, prefix)
-        if self.reducer.method is Method.NONE:
+        if spec.run is None:  # none: the features themselves
             features = torch.cat([hidden[:, :1], hidden[:, prefix:]], dim=1) if self.keep_cls else hidden[:, prefix:]
             count = features.shape[1]
             out = ReducedTokens(
@@ -241,17 +253,13 @@ class PruMergeEncoder(nn.Module):
                 torch.arange(count, device=features.device).expand(batch, count) - (1 if self.keep_cls else 0),
                 torch.zeros(batch, dtype=torch.bool, device=features.device),
             )
-        elif self.reducer.method is Method.VISIONZIP:  # in float32 whatever the graph's precision, as reduce_tokens
-            tokens, indices = visionzip_tokens(hidden.float(), q.float(), k.float(), self.reducer.dominant_tokens,
-                                               self.reducer.contextual_tokens, self.num_heads, prefix, self.adapter.importance)
-            out = _fixed(tokens.to(hidden.dtype), indices)
-        elif self.reducer.method is Method.DIVPRUNE:
-            # chosen among the tokens the LLM receives (projected, as the official code), so projected first
+        elif spec.projected:  # chooses among the tokens the LLM receives: projected first
             features = hidden[:, prefix:] if self.projector is None else self.projector(hidden[:, prefix:])
-            return _fixed(*divprune_tokens(features, self.reducer.diverse_tokens))
-        else:  # called here by name: the profiler attributes graph nodes to the reducer by this call in their trace
-            out = reduce_tokens(hidden[:, prefix:], q, k, self.reducer, num_heads=self.num_heads, prefix=prefix,
-                                importance=self.adapter.importance)
+            return _fixed(*spec.run(self, features, q, k))
+        else:
+            out = spec.run(self, hidden, q, k)
+            if not spec.adaptive:
+                out = _fixed(*out)
         if self.projector is None:
             return out
         projected = self.projector(out.tokens)

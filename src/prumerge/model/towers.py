@@ -8,8 +8,10 @@ prefix tokens precede the patches (CLS, registers), and how a patch's importance
 * SigLIP: there is no CLS. Importance = attention *received* by each patch, averaged over all queries and heads
   of the chosen layer, the choice published PruMerge+ ports for SigLIP make. This is a deviation from the paper.
 
-Families are a registry keyed by the transformers ``model_type``; each is a small subclass overriding only what
-differs from CLIP.
+Families are a registry keyed by the transformers ``model_type``; each is one class, a small subclass overriding
+only what differs from CLIP: its transformers model class, where its layers live (which also names them in the
+exported graph's scopes, what INT8 and profiling read), its key layouts, how it embeds, runs and scores. A new family
+is one class added to ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class Tower:
     """CLIP (``CLIPVisionModel``, transformers 5.x layout)."""
 
     family = "clip"
-    model_types = ("clip_vision_model",)
+    model_classes = {"clip_vision_model": "CLIPVisionModel"}  # model_type -> transformers class, by name
+    layer_path = "encoder.layers"  # the module list of encoder layers (the exported graph's scopes say the same)
+    # (released name, module name) pairs of weight keys a checkpoint may hold in either layout (match_key_layout)
+    key_layouts: tuple = ()
     importance = "cls_attention"
     default_feature_layer = -2  # LLaVA reads the penultimate layer
 
@@ -49,7 +54,7 @@ class Tower:
     # -------------------------------------------------------------- structure
     @property
     def layers(self):
-        return self.model.encoder.layers
+        return functools.reduce(getattr, self.layer_path.split("."), self.model)
 
     @property
     def prefix_tokens(self) -> int:
@@ -116,12 +121,13 @@ class Tower:
 
 class Dinov2Tower(Tower):
     family = "dinov2"
-    model_types = ("dinov2", "dinov2_with_registers")
+    model_classes = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
+    layer_path = "encoder.layer"
+    # the released names (and transformers' save_pretrained, which writes them back) and those of transformers'
+    # refactored attention module (5.17+)
+    key_layouts = ((".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
+                   (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj."))
     default_feature_layer = -1
-
-    @property
-    def layers(self):
-        return self.model.encoder.layer
 
     @property
     def prefix_tokens(self) -> int:
@@ -153,7 +159,7 @@ class Dinov2Tower(Tower):
 
 class SiglipTower(Tower):
     family = "siglip"
-    model_types = ("siglip_vision_model",)
+    model_classes = {"siglip_vision_model": "SiglipVisionModel"}
     importance = "received_attention"
     default_feature_layer = -1
     position_prefix = 0
@@ -173,7 +179,7 @@ class SiglipTower(Tower):
         return self.model.post_layernorm(hidden) if index == len(self.layers) else hidden
 
 
-FAMILIES = {t: cls for cls in (Tower, Dinov2Tower, SiglipTower) for t in cls.model_types}
+FAMILIES = {t: cls for cls in (Tower, Dinov2Tower, SiglipTower) for t in cls.model_classes}
 
 
 def tower_for(model: nn.Module) -> Tower:
@@ -185,37 +191,38 @@ def tower_for(model: nn.Module) -> Tower:
 
 def build_tower(vision_config) -> nn.Module:
     """An empty transformers model of the config's family (weights are loaded afterwards)."""
-    from transformers import CLIPVisionModel, Dinov2Model, SiglipVisionModel
+    import transformers
 
-    classes = {"clip_vision_model": CLIPVisionModel, "dinov2": Dinov2Model, "siglip_vision_model": SiglipVisionModel}
-    try:
-        from transformers import Dinov2WithRegistersModel
-
-        classes["dinov2_with_registers"] = Dinov2WithRegistersModel
-    except ImportError:  # pragma: no cover - older transformers
-        pass
-    if vision_config.model_type not in classes:
-        raise CheckpointError(f"vision tower {vision_config.model_type!r} is not supported (supported: {', '.join(sorted(classes))})")
-    return classes[vision_config.model_type](vision_config)
+    family = FAMILIES.get(vision_config.model_type)
+    model_class = getattr(transformers, family.model_classes[vision_config.model_type], None) if family else None
+    if model_class is None:
+        supported = ", ".join(sorted(t for f in set(FAMILIES.values()) for t, name in f.model_classes.items()
+                                     if hasattr(transformers, name)))
+        raise CheckpointError(f"vision tower {vision_config.model_type!r} is not supported (supported: {supported})")
+    return model_class(vision_config)
 
 
-# DINOv2's attention weights under the names its released checkpoints (and transformers' save_pretrained, which
-# writes the released layout back) use, and under the names of transformers' refactored module (5.17+)
-_DINOV2_KEY_LAYOUTS = ((".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
-                       (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj."))
+def layer_scope_pattern() -> str:
+    """A regular expression whose group 1 is the encoder layer of an exported node's module scope, for every family
+    (``encoder.layers.3`` for CLIP and SigLIP, ``encoder.layer.3`` for DINOv2): INT8's tower parts read it."""
+    import re
+
+    paths = sorted({cls.layer_path for cls in FAMILIES.values()}, key=len, reverse=True)
+    return r"(?:" + "|".join(re.escape(p) for p in paths) + r")\.(\d+)"
 
 
 def match_key_layout(tower: nn.Module, state: dict) -> dict:
-    """``state`` with its keys in the layout ``tower``'s module uses. A LLaVA checkpoint with a DINOv2 tower saved by
-    transformers holds the released names (``attention.attention.query``) while the module may name them
-    ``attention.q_proj`` (or the reverse on older releases); AutoModel renames on load, a state dict read by hand
-    needs the same."""
-    if tower.config.model_type not in Dinov2Tower.model_types:
+    """``state`` with its keys in the layout ``tower``'s module uses (its family's ``key_layouts``). A LLaVA checkpoint
+    with a DINOv2 tower saved by transformers holds the released names (``attention.attention.query``) while the
+    module may name them ``attention.q_proj`` (or the reverse on older releases); AutoModel renames on load, a state
+    dict read by hand needs the same."""
+    layouts = FAMILIES[tower.config.model_type].key_layouts if tower.config.model_type in FAMILIES else ()
+    if not layouts:
         return state
     expected = set(tower.state_dict())
     renamed = {}
     for key, value in state.items():
-        for old, new in _DINOV2_KEY_LAYOUTS:
+        for old, new in layouts:
             for a, b in ((old, new), (new, old)):
                 if a in key and key not in expected and key.replace(a, b) in expected:
                     key = key.replace(a, b)

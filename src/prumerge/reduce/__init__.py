@@ -6,15 +6,8 @@ imported on first use so that importing the config does not pull in torch.
 
 from .._lazy import lazy_getattr
 
-from .config import (
-    Attention,
-    MergeWeights,
-    Method,
-    Order,
-    ReducerConfig,
-    default_capacity,
-    max_outliers,
-)
+from .config import Method, ReducerConfig, default_capacity, max_outliers
+from .prumerge_options import Attention, MergeWeights, Order
 
 _LAZY = {
     "cls_attention": ".attention",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .config import Attention
+from .prumerge_options import Attention
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int = 1, mode: Attention = Attention.OFFICIAL,

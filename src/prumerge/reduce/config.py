@@ -1,145 +1,108 @@
 """Reducer options as plain data (stdlib only), so the export manifest and the runtime can carry them.
 
-The defaults are the official LLaVA-PruMerge behaviour: released PruMerge LoRA checkpoints were trained on exactly
+The methods and their options are declared in ``prumerge.reduce.methods`` (one module each) and read through
+``prumerge.reduce.registry``; this module turns them into the one config every caller passes around. The defaults are the official LLaVA-PruMerge behaviour: released PruMerge LoRA checkpoints were trained on exactly
 that token layout, so every deviation is an explicit, named option and never a silent change.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 
+from . import registry
 from ..errors import ConfigError
 
 
-class Method(str, enum.Enum):
-    """Which reduction runs. ``NONE`` keeps every patch (the unreduced LLaVA baseline). PruMerge and PruMerge+ keep
-    an adaptive count per image; VisionZip and DivPrune a fixed one (``dominant_tokens + contextual_tokens``,
-    ``diverse_tokens``)."""
+class _MethodBase(str, enum.Enum):
+    """Which reduction runs: one member per registered :class:`prumerge.reduce.registry.ReducerSpec` (``NONE`` keeps
+    every patch, the unreduced LLaVA baseline). Members are named after the method (``prumerge+`` ->
+    ``PRUMERGE_PLUS``)."""
 
-    NONE = "none"
-    PRUMERGE = "prumerge"
-    PRUMERGE_PLUS = "prumerge+"
-    VISIONZIP = "visionzip"
-    DIVPRUNE = "divprune"
+    @property
+    def spec(self):
+        return registry.get(self.value)
 
     @property
     def adaptive(self) -> bool:
         """Whether the count depends on the image (and a capacity bounds it)."""
-        return self in (Method.PRUMERGE, Method.PRUMERGE_PLUS)
+        return self.spec.adaptive
 
     @classmethod
-    def parse(cls, value: "str | Method") -> "Method":
-        if isinstance(value, Method):
+    def parse(cls, value) -> "Method":
+        if isinstance(value, cls):
             return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            names = ", ".join(m.value for m in cls)
-            raise ConfigError(f"unknown method {value!r}; choose one of: {names}") from None
+        return cls(registry.get(str(value)).name)
 
 
-class Attention(str, enum.Enum):
-    """How CLS->patch importance is read from the last layer's q/k.
-
-    ``OFFICIAL``: one full-width head, ``softmax(q k^T / sqrt(hidden))`` (what the official code computes).
-    ``PER_HEAD``: the model's real heads, ``softmax(q_h k_h^T / sqrt(head_dim))`` averaged over heads.
-    """
-
-    OFFICIAL = "official"
-    PER_HEAD = "per_head"
+Method = _MethodBase("Method", [(name.upper().replace("+", "_PLUS"), name) for name in registry.names()])
 
 
-class Order(str, enum.Enum):
-    """Order of the kept tokens in the output.
-
-    ``OFFICIAL``: kept tokens by descending attention, then (PruMerge+) the sampled tokens in raster order.
-    ``SPATIAL``: all selected tokens in raster (patch index) order.
-    The extra token is always last.
-    """
-
-    OFFICIAL = "official"
-    SPATIAL = "spatial"
-
-
-class MergeWeights(str, enum.Enum):
-    """How neighbours are folded into a kept token.
-
-    ``OFFICIAL``: ``x_i + sum_j a_j x_j`` with raw CLS attention ``a_j`` (the official residual formula).
-    ``NORMALIZED``: the attention-weighted mean ``(a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j)``, which keeps the
-    feature scale of the tower; the extra token likewise becomes a weighted mean of the pruned patches.
-    """
-
-    OFFICIAL = "official"
-    NORMALIZED = "normalized"
-
-
-@dataclasses.dataclass(frozen=True)
 class ReducerConfig:
-    """Everything that decides which tokens survive and how they are merged.
+    """Everything that decides which tokens survive and how they are merged: the method, the capacity, and every
+    registered method's options (each declared once, in its method's module; a config carries them all, so a manifest
+    records one flat, complete set whatever the method).
 
-    ``min_keep`` is prumerge's answer to the official code's zero-outlier case (which yields no kept token for
-    PruMerge and divides by zero for PruMerge+): when fewer than ``min_keep`` scores are outliers, the
-    ``min_keep`` highest-attention patches are kept instead.
-    ``capacity`` is the static number of output slots (tokens + extra token + padding); ``None`` means
-    :func:`default_capacity` for the method and patch count. An image needing more slots keeps its
-    highest-attention tokens and is reported as truncated. Fixed-count methods take no capacity: their count is
-    ``dominant_tokens + contextual_tokens`` (VisionZip; its defaults are the official 64-token setting, CLS counted
-    among the dominant) or ``diverse_tokens`` (DivPrune).
+    ``capacity`` is the static number of output slots of an adaptive method (tokens + extra token + padding); ``None``
+    means :func:`default_capacity` for the method and patch count. An image needing more slots keeps its
+    highest-attention tokens and is reported as truncated. Fixed-count methods take no capacity: their count is their
+    options' (``ReducerSpec.count``).
     """
 
-    method: Method = Method.PRUMERGE
-    attention: Attention = Attention.OFFICIAL
-    order: Order = Order.OFFICIAL
-    merge_weights: MergeWeights = MergeWeights.OFFICIAL
-    iqr_factor: float = 1.5
-    neighbors: int = 32
-    min_keep: int = 1
-    capacity: int | None = None
-    dominant_tokens: int = 54
-    contextual_tokens: int = 10
-    diverse_tokens: int = 64
+    __slots__ = ("method", "capacity", "_values")
 
-    def __post_init__(self) -> None:
-        # Normalise strings to enums so configs built from JSON or CLI options compare equal.
-        object.__setattr__(self, "method", Method.parse(self.method))
-        for name, kind in (("attention", Attention), ("order", Order), ("merge_weights", MergeWeights)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                names = ", ".join(m.value for m in kind)
-                raise ConfigError(f"unknown {name} {value!r}; choose one of: {names}") from None
-        if not math.isfinite(self.iqr_factor) or self.iqr_factor < 0:
-            raise ConfigError(f"iqr_factor must be a finite number >= 0, got {self.iqr_factor}")
-        if int(self.neighbors) != self.neighbors or self.neighbors < 0:
-            raise ConfigError(f"neighbors must be an integer >= 0, got {self.neighbors}")
-        if int(self.min_keep) != self.min_keep or self.min_keep < 1:
-            raise ConfigError(f"min_keep must be an integer >= 1, got {self.min_keep}")
-        if self.capacity is not None and (int(self.capacity) != self.capacity or self.capacity < 2):
-            raise ConfigError(f"capacity must be an integer >= 2 (one token + the extra token), got {self.capacity}")
-        for name, least in (("dominant_tokens", 2), ("contextual_tokens", 1), ("diverse_tokens", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{name} must be an integer >= {least}, got {value}")
-        if self.capacity is not None and not self.method.adaptive and self.method is not Method.NONE:
-            raise ConfigError(f"{self.method.value} outputs a fixed count (see dominant_tokens, contextual_tokens, "
-                              "diverse_tokens); a capacity (--max-tokens) applies to prumerge / prumerge+ only")
+    def __init__(self, method="prumerge", capacity: int | None = None, **options) -> None:
+        known = registry.options()
+        unknown = set(options) - set(known)
+        if unknown:
+            raise ConfigError(f"unknown reducer option(s): {', '.join(sorted(unknown))}")
+        values = {name: spec.check(options.get(name, spec.default)) for name, spec in known.items()}
+        method = Method.parse(method)
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2):
+            raise ConfigError(f"capacity must be an integer >= 2 (one token + the extra token), got {capacity}")
+        if capacity is not None and not method.adaptive and method is not Method.NONE:
+            raise ConfigError(f"{method.value} outputs a fixed count (see its options); a capacity (--max-tokens) "
+                              "applies to prumerge / prumerge+ only")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "capacity", capacity)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str):
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"ReducerConfig has no option {name!r}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ReducerConfig is immutable: use .replace(...)")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ReducerConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.to_dict().items(), key=lambda kv: kv[0])))
+
+    def __repr__(self) -> str:
+        return f"ReducerConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def __reduce__(self):  # pickling (multiprocessing) goes through the checked constructor
+        return (_from_dict, (self.to_dict(),))
+
+    def replace(self, **changes) -> "ReducerConfig":
+        return ReducerConfig.from_dict(self.to_dict() | changes)
+
+    @property
+    def spec(self):
+        return self.method.spec
 
     @property
     def fixed_count(self) -> int | None:
-        """The token count of a fixed-count method, None for the adaptive ones and ``none``."""
-        if self.method is Method.VISIONZIP:
-            return self.dominant_tokens + self.contextual_tokens
-        if self.method is Method.DIVPRUNE:
-            return self.diverse_tokens
-        return None
+        """The token count of a fixed-count method (its options'), None for the adaptive ones and ``none``."""
+        return None if self.method is Method.NONE else self.spec.fixed_count(self, 0)
 
     def resolved_capacity(self, num_patches: int) -> int:
         """The capacity used for ``num_patches`` patches, checked against what that grid can hold."""
         if self.fixed_count is not None:
-            # at most every patch (VisionZip: CLS + dominant + at least one patch per contextual target)
             if self.fixed_count > num_patches:
                 raise ConfigError(f"{self.method.value} asks for {self.fixed_count} tokens of a {num_patches}-patch grid; "
                                   f"it can give at most {num_patches}")
@@ -153,15 +116,15 @@ class ReducerConfig:
         return int(self.capacity)
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"method": self.method.value, **{k: _plain(v) for k, v in self._values.items()}, "capacity": self.capacity}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReducerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown reducer option(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+def _from_dict(data: dict) -> ReducerConfig:
+    return ReducerConfig.from_dict(data)
 
 
 def _plain(value):

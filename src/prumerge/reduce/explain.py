@@ -1,7 +1,8 @@
 """What the reducer decided for one image, in plain Python values: for pictures, reports and tests.
 
 Uses the same functions as the reducers (PruMerge: attention, outlier count, selection, neighbour search;
-VisionZip: its plan; DivPrune: its choice), so what is drawn is what the reducer did.
+VisionZip: its plan; DivPrune: its choice; each method's ``explain`` in its registry spec), so what is drawn is what
+the reducer did.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import dataclasses
 import torch
 
 from .attention import importance_scores
-from .config import Method, ReducerConfig
+from .config import ReducerConfig
 from .merge import nearest_neighbors
 from .outliers import iqr_outlier_count
 from .ranking import top_indices
 from .selection import select_tokens
-from .divprune import divprune_choice
-from .visionzip import visionzip_plan
 
 
 @dataclasses.dataclass
@@ -35,18 +34,17 @@ class Explanation:
 
 def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int = 1,
             prefix: int = 1, importance: str = "cls_attention") -> Explanation:
-    """Batch-1 ``features [1, P, D]``, ``q/k [1, prefix + P, D]`` -> :class:`Explanation` (prefix and importance
-    as the tower's adapter gives them, so what is drawn is scored as the exported graph scores it)."""
-    if config.method is Method.NONE:
+    """Batch-1 ``features [1, P, D]`` (the tokens the method chooses among: projected for a ``projected`` method),
+    ``q/k [1, prefix + P, D]`` -> :class:`Explanation` (prefix and importance as the tower's adapter gives them, so
+    what is drawn is scored as the exported graph scores it). Each method's own ``explain`` (its registry spec)."""
+    if config.spec.explain is None:
         raise ValueError("explain needs a reducing method")
-    features, q, k = features.float(), q.float(), k.float()
-    if config.method is Method.VISIONZIP:
-        return _visionzip(features, q, k, config, num_heads, prefix, importance)
-    if config.method is Method.DIVPRUNE:  # ``features``: the tokens DivPrune chooses among (projected, where it is)
-        picks, closest = divprune_choice(features, config.diverse_tokens)
-        kept = picks[0].tolist()
-        return Explanation(scores=closest[0].tolist(), outliers=len(kept), kept=kept, sampled=[], neighbors={},
-                           pruned_only_in_extra=sorted(set(range(features.shape[1])) - set(kept)), truncated=False)
+    return config.spec.explain(features.float(), q.float(), k.float(), config, num_heads, prefix, importance)
+
+
+def explain_prumerge(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int,
+                     prefix: int, importance: str) -> Explanation:
+    """PruMerge / PruMerge+: the attention, outlier count, selection and neighbour search of the reducer itself."""
     num_patches = features.shape[1]
     scores = importance_scores(q, k, config, num_heads, prefix, importance)
     outliers = iqr_outlier_count(scores, config.iqr_factor)
@@ -73,13 +71,3 @@ def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: Re
         pruned_only_in_extra=sorted(set(range(num_patches)) - selected - merged),
         truncated=bool(selection.truncated[0]),
     )
-
-
-def _visionzip(features, q, k, config: ReducerConfig, num_heads: int, prefix: int, importance: str) -> Explanation:
-    plan = visionzip_plan(q, k, features.shape[1], config.dominant_tokens, config.contextual_tokens, num_heads, prefix,
-                          importance)
-    targets, merged, assign = plan.targets[0].tolist(), plan.merged[0].tolist(), plan.assign[0].tolist()
-    neighbors = {t: [p for p, a in zip(merged, assign) if a == i] for i, t in enumerate(targets)}
-    kept = plan.dominant[0].tolist()
-    return Explanation(scores=plan.scores[0].tolist(), outliers=len(kept), kept=kept, sampled=targets,
-                       neighbors=neighbors, pruned_only_in_extra=[], truncated=False)

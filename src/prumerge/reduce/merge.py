@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import MergeWeights, ReducerConfig
+from .config import ReducerConfig
+from .prumerge_options import MergeWeights
 from .ranking import top_indices
 
 

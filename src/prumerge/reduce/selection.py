@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import Method, Order, ReducerConfig
+from .config import Method, ReducerConfig
+from .prumerge_options import Order
 from .ranking import top_indices
 
 

@@ -101,6 +101,13 @@ class GenerationResult:
     timings_ms: dict  # preprocess, vision, embed, prefill, decode, ttft, total; decode_ms_per_token, tokens_per_s
     method: str
 
+    def summary(self) -> str:
+        """One line: tokens in and out, why it stopped, where the time went (what ``run`` prints after the answer)."""
+        t = self.timings_ms
+        return (f"[{self.method}] visual tokens {self.visual_tokens}, prompt {self.prompt_tokens} positions, generated "
+                f"{self.generated_tokens} ({self.stop_reason}); TTFT {t['ttft']:.0f} ms (vision {t.get('vision', 0):.0f}, "
+                f"prefill {t['prefill']:.0f}), decode {t['decode_ms_per_token'] or 0:.1f} ms/token")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from prumerge.errors import PruMergeError
-from prumerge.runtime.pipeline import Pipeline
+from prumerge.runtime.pipeline import Pipeline, SamplingParams
 from prumerge.triton.cancel import CancelBoard
 from prumerge.triton.models._common import artifact_dir, instance_threads, scalar, text
 
@@ -36,11 +36,11 @@ class TritonPythonModel:
                     visual = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
                 key = text(pb_utils, request, "CANCEL_KEY") or None
                 max_new_tokens = int(scalar(pb_utils, request, "MAX_NEW_TOKENS", 128))
-                stream = self.pipeline.generate(
-                    None, text(pb_utils, request, "PROMPT"), visual_tokens=visual, max_new_tokens=max_new_tokens,
-                    temperature=float(scalar(pb_utils, request, "TEMPERATURE", 0.0)),
-                    top_p=float(scalar(pb_utils, request, "TOP_P", 1.0)),
-                    seed=scalar(pb_utils, request, "SEED", None), stream=True)
+                sampling = SamplingParams(max_new_tokens, float(scalar(pb_utils, request, "TEMPERATURE", 0.0)),
+                                          float(scalar(pb_utils, request, "TOP_P", 1.0)), (),
+                                          scalar(pb_utils, request, "SEED", None))
+                stream = self.pipeline.generate(None, text(pb_utils, request, "PROMPT"), visual_tokens=visual,
+                                                sampling=sampling, stream=True)
                 sent = 0
                 for piece in stream:
                     if sender.is_cancelled() or self.cancels.cancelled(key):  # the client went away: free this decode

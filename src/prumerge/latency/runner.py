@@ -1,8 +1,8 @@
-"""``prumerge.profile.run``: the whole pipeline per method, on the same images, with per-stage statistics.
+"""``prumerge.latency.run``: the whole pipeline per method, on the same images, with per-stage statistics.
 
 Each measured run generates an answer for every image (warm-up runs first, excluded). Stage times come from the
 pipeline's own stopwatch; the vision graph's wall time is split into encoder / reducer / projector by the share
-each stage has in onnxruntime's per-node profile of the measured runs (see :mod:`prumerge.profile.node_profile`).
+each stage has in onnxruntime's per-node profile of the measured runs (see :mod:`prumerge.latency.node_profile`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
         synthetic: int = 0, prompt: str = DEFAULT_PROMPT, warmup: int = 1, runs: int = 5, provider: str = "cpu",
         max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> ProfileReport:
     """Profile ``methods`` side by side; ``images`` (paths or PIL images) or ``synthetic`` generated ones."""
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, SamplingParams
 
     if runs < 1:
         raise ConfigError(f"runs must be >= 1, got {runs}")
@@ -98,6 +98,7 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
     if not images:
         raise InputError("no images: give image paths or a number of synthetic images")
     chosen = resolve_methods([Path(a) for a in artifacts], methods)
+    sampling = SamplingParams(max_new_tokens)  # greedy: every method answers the same way it is timed
     tick = progress or (lambda label, n: None)
     results = []
     for method, (directory, graph) in chosen.items():
@@ -105,12 +106,12 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
             pipeline = Pipeline.from_artifacts(directory, provider=provider, method="none" if graph == "baseline" else None,
                                                profile_dir=scratch)
             for i in range(warmup):
-                pipeline.generate(images[i % len(images)], prompt, max_new_tokens=max_new_tokens)
+                pipeline.generate(images[i % len(images)], prompt, sampling=sampling)
                 tick(f"{method}: warm-up", 1)
             samples = []
             for _ in range(runs):
                 for image in images:
-                    samples.append(pipeline.generate(image, prompt, max_new_tokens=max_new_tokens))
+                    samples.append(pipeline.generate(image, prompt, sampling=sampling))
                     tick(f"{method}: measuring", 1)
             shares = node_times(pipeline.vision.end_profiling(), _node_stages(directory, pipeline.vision.graph), skip_runs=warmup)
         results.append(_method_profile(method, directory, graph, samples, shares))
