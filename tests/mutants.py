@@ -16,6 +16,31 @@ SRC = ROOT / "src" / "prumerge"
 
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
+    "validation takes any moved CDPruner set as a near-tie": (
+        "reduce/methods/cdpruner.py", "allowed = allowed or (len(top) > 1 and float(top[0] - top[1]) < NEAR_TIE * scale)",
+        "allowed = True",
+        ["tests/test_cdpruner.py::test_validation_allows_a_set_only_where_the_reference_greedy_step_was_a_near_tie"]),
+    "cdpruner's relevance reads the question's padding rows": (
+        "reduce/methods/cdpruner.py", "weight = mask.to(cosine.dtype).unsqueeze(1)",
+        "weight = torch.ones_like(mask).to(cosine.dtype).unsqueeze(1)",
+        ["tests/test_cdpruner.py::test_padding_rows_of_the_question_change_nothing"]),
+    "cdpruner's greedy step forgets the rows written before": (
+        "reduce/methods/cdpruner.py", "row = row - torch.matmul(at_pick.transpose(1, 2), rows)", "row = row",
+        ["tests/test_cdpruner.py::test_matches_the_released_selection_at_batch_one"]),
+    "a graph that reads the question runs without one": (
+        "runtime/session.py", 'raise InputError(f"this vision graph\'s reducer reads the question: give {\' and \'.join(QUESTION_INPUTS)}")',
+        "return {}",
+        ["tests/test_cdpruner.py::test_the_graph_keeps_what_pytorch_keeps_for_each_question_and_verify_passes"]),
+    "the pipeline does not embed the question": (
+        "runtime/pipeline.py", "question = self.question(prompt, len(images)) if self.vision.needs_question else None",
+        "question = None",
+        ["tests/test_cdpruner.py::test_the_pipeline_embeds_the_question_and_answers"]),
+    "a manifest's question inputs are not checked": (
+        "artifact/sections.py", "if names[0] != INPUT_NAME or names[1:] not in ((), QUESTION_INPUTS):", "if False:",
+        ["tests/test_cdpruner.py::test_a_manifest_whose_question_inputs_are_renamed_or_dropped_is_refused"]),
+    "profile's KV cache figure counts one of keys and values": (
+        "latency/memory.py", "llm.num_layers * 2 * llm.num_kv_heads", "llm.num_layers * llm.num_kv_heads",
+        ["tests/test_profile.py::test_memory_figures_are_the_artifacts_files_and_the_decoders_geometry"]),
     "fp16 selection rule ignores the kept order": (
         "export/validate.py", "if np.any(kept_scores * high < later_max * low):", "if False:",
         ["tests/test_checkpoints.py::test_selection_rule_allows_only_what_the_reference_scores_allow"]),

@@ -443,9 +443,17 @@ def test_manifest_numbers_and_templates_are_checked_when_read(artifact_factory, 
     assert result.exit_code == 7 and "Traceback" not in result.output
 
 
-def test_the_graph_must_be_what_the_manifest_says(artifact):
-    rehash_manifest(artifact, lambda d: d["vision"]["inputs"][0].__setitem__("name", "images"))
-    with pytest.raises(ArtifactError, match="the vision graph takes pixel_values"):
+def test_the_graph_must_be_what_the_manifest_says(artifact, tmp_path):
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(artifact, renamed)
+    rehash_manifest(renamed, lambda d: d["vision"]["inputs"][0].__setitem__("name", "images"))
+    with pytest.raises(ArtifactError, match="inputs must be pixel_values"):  # not an input prumerge knows
+        VisionSession.open(renamed, verify=False)
+    rehash_manifest(artifact, lambda d: d["vision"]["inputs"][0].__setitem__("dtype", "float16"))
+    with pytest.raises(ArtifactError, match=r"the vision graph takes pixel_values tensor\(float\), but the manifest "
+                                            "says pixel_values float16"):
         VisionSession.open(artifact, verify=False)
 
 

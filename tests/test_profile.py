@@ -123,3 +123,21 @@ def test_inspect_cli_and_artifact_model(artifact_factory, tmp_path):
     assert "kept patches by attention" in result.output and (tmp_path / "i.png").is_file()
     usage = CliRunner().invoke(main, ["inspect", str(image)])
     assert usage.exit_code == 2 and "--model" in usage.output
+
+
+def test_memory_figures_are_the_artifacts_files_and_the_decoders_geometry(report, artifacts):
+    """Each method's artifact bytes by part add up to the manifest's own records of those files, and the KV cache
+    is the decoder's layers x 2 x KV heads x head size x element size at the most positions a run reached."""
+    from prumerge.artifact.manifest import Manifest
+
+    manifest = Manifest.read(artifacts[0])
+    llm = manifest.llm
+    for m in report.methods:
+        graph = manifest.baseline if m.method == "none" else Manifest.read(m.artifact).vision
+        vision_bytes = sum(meta["bytes"] for name, meta in Manifest.read(m.artifact).files.items()
+                           if name.split(".onnx")[0] == graph.file.split(".onnx")[0])
+        assert m.artifact_mb["vision"] == pytest.approx(vision_bytes / (1 << 20), abs=0.01)
+        assert m.artifact_mb["llm_decoder"] > 0 and m.artifact_mb["embeddings"] > 0
+        assert m.positions_max >= m.visual_tokens["max"] + 1
+        per_position = llm.num_layers * 2 * llm.num_kv_heads * llm.head_size * np.dtype(llm.kv_dtype).itemsize
+        assert m.kv_cache_mb == pytest.approx(per_position * m.positions_max / (1 << 20), abs=1e-3)

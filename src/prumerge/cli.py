@@ -131,7 +131,7 @@ def reducer_options() -> list:
 
 def build_options(func):
     """Options shared by ``build`` and ``demo`` (one definition, so the two cannot drift)."""
-    decorators = [
+    return _decorate_with(lambda: [
         click.option("--method", type=click.Choice(registry.names()), default="prumerge", show_default=True,
                      help="; ".join(f"{name}: {spec.help}" for name, spec in registry.specs().items())),
         click.option("--output", type=click.Choice(CONTRACTS), default="padded", show_default=True,
@@ -171,8 +171,7 @@ def build_options(func):
         click.option("--no-slim", is_flag=True, help="skip the onnxslim simplification pass"),
         image_size_option(),
         click.option("--force", is_flag=True, help="replace an existing output directory"),
-    ]
-    return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+    ])(func)
 
 
 def _options_from(kwargs, base: str | None = None, vision_tower: str | None = None):
@@ -341,13 +340,8 @@ def calibrate(images, model, out, synthetic, limit, seed, methods, coverage, his
             record = results[method] = int8_report(model, dataset, method, calibration_method, int8_target,
                                                    image_size=image_size, target_jaccard=int8_target_jaccard,
                                                    log=lambda line: click.echo(f"  {line}", err=True))
-            result = record.agreement
-            kept = (f" with {', '.join(record.float_parts) or 'no part'} float"
-                    if int8_target_jaccard else "")
-            click.echo(f"INT8 vs FP32 ({method}{kept}): mean Jaccard {result.mean_jaccard:.3f} (min {result.min_jaccard:.3f}), "
-                       f"identical selections {100 * result.identical_selection:.0f}%, mean |count diff| "
-                       f"{result.mean_count_diff:.2f}, mean cosine {result.mean_cosine:.4f}, "
-                       f"latency fp32/int8 {result.latency_ratio:.2f}x")
+            click.echo(f"INT8 vs FP32 ({method}): {record.line()}, mean |count diff| "
+                       f"{record.agreement.mean_count_diff:.2f}, latency fp32/int8 {record.agreement.latency_ratio:.2f}x")
         if report_json:
             report_json.write_text(json.dumps({m: r.to_dict() for m, r in results.items()}, indent=2) + "\n")
             click.echo(f"wrote {report_json}", err=True)
@@ -375,8 +369,9 @@ def verify(directory, images, provider, no_reference, expect_sha256):
 @click.option("--method", type=click.Choice([n for n, spec in registry.specs().items() if spec.explain]),
               default="prumerge", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="image: PNG to write")
+@click.option("--question", default=None, help="image: the question (a method that reads it, with an artifact --model)")
 @image_size_option()
-def inspect(target, as_json, model, method, out, image_size):
+def inspect(target, as_json, model, method, out, image_size, question):
     """TARGET an artifact dir: print its manifest and graph summary. TARGET an image (with --model): draw the
     kept / sampled / merged patches and the CLS attention heat map to --out."""
     if target.is_dir():
@@ -388,17 +383,22 @@ def inspect(target, as_json, model, method, out, image_size):
     out = out or target.with_name(f"{target.stem}.{method.replace('+', 'plus')}.png")
     _outputs(("--out", out), inputs=[target, Path(model)], pictures=("--out",))
     encoder = None
-    from .artifact.manifest import MANIFEST_NAME
+    from .artifact.manifest import MANIFEST_NAME, Manifest
 
     if Path(model).is_dir() and (Path(model) / MANIFEST_NAME).is_file():  # an artifact: the encoder it was built from
-        from .artifact.manifest import Manifest
         from .export.reference import artifact_encoder
 
         if image_size is not None:
             raise click.BadParameter("an artifact has its own input size", param_hint="--image-size")
         encoder = artifact_encoder(Manifest.read(model), method=method, project=registry.get(method).projected,
                                    capacity=False)
-    result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder)
+    if question is not None:  # embedded as the runtime embeds it: the artifact's own tokenizer and table
+        from .runtime.pipeline import Pipeline
+
+        if encoder is None:
+            raise click.BadParameter("the question is embedded with an artifact's LLM: give --model ARTIFACT")
+        question = Pipeline.from_artifacts(model, with_vision=False).question(question, 1)
+    result = render(target, model, method=method, out=out, image_size=image_size, encoder=encoder, question=question)
     click.echo(result.summary())
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]})")
 

@@ -180,8 +180,10 @@ def run_demo(out: Path, options, force: bool, scenes: int, max_new_tokens: int, 
         write_stamp(checkpoint, options=repr(options), manifest_sha256=manifest.sha256)
     show_manifest(manifest, out)
     shown = demo_scenes(scenes)
-    result = VisionSession.open(out).run([s.image for s in shown])
-    for b, n in enumerate(result.num_tokens):
+    session = VisionSession.open(out)
+    # a reducer that reads the question keeps per question: the counts come with each answer below
+    result = session.run([s.image for s in shown]) if not session.needs_question else None
+    for b, n in enumerate(result.num_tokens if result is not None else []):
         kept = result.indices[b, : n - 1]
         echo(f"image {b} ({', '.join(t.name for t in shown[b].things)}): {int(n)} visual tokens for the LLM "
              f"(of {manifest.reducer.num_patches} patches); first kept patches {kept[:8].tolist()}"

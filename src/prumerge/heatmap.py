@@ -61,9 +61,10 @@ def _palette(n: int) -> list:
 
 
 def render(image, model: str | Path | None = None, method: str = "prumerge", out: str | Path | None = None,
-           image_size: int | None = None, encoder=None, **reducer_options) -> InspectResult:
+           image_size: int | None = None, encoder=None, question: dict | None = None, **reducer_options) -> InspectResult:
     """Run the reducer on ``image`` with ``model`` (checkpoint dir or hub id) or a ready ``encoder`` (an
-    artifact's: ``prumerge.export.reference.artifact_encoder``) and draw it."""
+    artifact's: ``prumerge.export.reference.artifact_encoder``) and draw it. ``question``: the arrays a reducer
+    that reads the question takes (``Pipeline.question``)."""
     import torch
 
     from .model.encoder import PruMergeEncoder
@@ -82,6 +83,9 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
                                                   **reducer_options)
     config = encoder.preprocess_config()
     pixels = torch.from_numpy(preprocess_image(image, config)).unsqueeze(0)
+    if spec.inputs and not question:
+        raise ConfigError(f"{spec.name} keeps what the question asks for: give the question (inspect --question)")
+    inputs = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in (question or {}).items()}
     with torch.no_grad():
         hidden, q, k = encoder.tower_outputs(pixels)
         prefix = encoder.adapter.prefix_tokens
@@ -89,8 +93,8 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
         if projected and encoder.projector is not None:
             features = encoder.projector(features)
         info = explain(features, q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
-                       importance=encoder.adapter.importance)
-        reduced = encoder(pixels)
+                       importance=encoder.adapter.importance, **inputs)
+        reduced = encoder(pixels, **inputs)
     num_tokens = int(reduced.num_tokens[0])
     reducer_indices = [p for p in reduced.indices[0, :num_tokens].tolist() if p >= 0]  # patches (no extra/CLS/merged)
 

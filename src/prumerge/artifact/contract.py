@@ -13,6 +13,9 @@ import dataclasses
 import numpy as np
 
 INPUT_NAME = "pixel_values"
+# a graph whose reducer reads the question (cdpruner) takes its rows in the LLM's input-embedding space and which of
+# them are real: ``question_embeds [B, S, D]`` float, ``question_mask [B, S]`` float (1 real, 0 padding)
+QUESTION_INPUTS = ("question_embeds", "question_mask")
 # padded: static [B, K_max, D] (TensorRT 10.3); dynamic: the token axis trimmed to the batch's longest count
 CONTRACTS = ("padded", "dynamic")
 OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
@@ -75,7 +78,7 @@ def concat_outputs(parts: list[VisionOutput], padding_index: int) -> VisionOutpu
 # the graphs an artifact can hold, in the order reports list them (a --baseline build adds "none"): the manifest's
 # vocabulary, kept here because the contract imports no build code; tests/test_registry.py keeps it equal to the
 # reducer registry's names (``prumerge.reduce.registry``, where a method is declared)
-METHODS = ("none", "prumerge", "prumerge+", "visionzip", "divprune")
+METHODS = ("none", "prumerge", "prumerge+", "visionzip", "divprune", "cdpruner")
 # the methods whose token count depends on the image (a capacity bounds it; calibrate measures it); the others keep
 # a fixed count set by their options (the registry's ``ReducerSpec.adaptive``; the same test keeps them equal)
 ADAPTIVE_METHODS = ("prumerge", "prumerge+")
@@ -92,3 +95,15 @@ def check_method_request(artifacts, methods) -> list:
     if not artifacts:
         raise ConfigError("give at least one artifact directory")
     return methods
+
+
+def probe_question(batch: int, width: int, rows: int = 6, seed: int = 0) -> dict:
+    """``{name: array}`` for ``QUESTION_INPUTS``: a fixed random question (``rows`` embedding rows, the last one
+    padding) for build-time checks of a graph that reads one (validation, verify). Both sides of a comparison get
+    the same arrays; what the question says does not matter there, that both see it does."""
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((batch, rows, width)).astype(np.float32)
+    mask = np.ones((batch, rows), dtype=np.float32)
+    mask[:, -1] = 0.0
+    return dict(zip(QUESTION_INPUTS, (embeds, mask)))
+

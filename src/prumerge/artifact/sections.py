@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from ..errors import ArtifactError
-from .contract import CONTRACTS, METHODS
+from .contract import CONTRACTS, INPUT_NAME, METHODS, QUESTION_INPUTS
 from .fields import _DTYPES, DecoderIO, Section, _choice, _integer, _tensor_specs
 from .graph_facts import EngineFacts, EngineTarget, Int8Record, _op_support
 from .preprocess_config import PreprocessConfig
@@ -116,12 +116,12 @@ class ValidationSection(Section):
         return (f"{self.images} images: counts identical={self.counts_identical}, indices identical={self.indices_identical}; "
                 f"{self.tokens_exact} tokens within {self.tolerance:g}, {self.near_ties} explained by near-ties, "
                 f"{self.unexplained} unexplained; max |err|={self.max_abs_error:.2e}"
-                + (f"; selection moved within the fp16 rule on {self.selection_moved} image(s)" if self.selection_moved else ""))
+                + (f"; selection moved within the selection rule (fp16, or a greedy near-tie) on {self.selection_moved} image(s)" if self.selection_moved else ""))
 
     def summary(self) -> str:
         moved = ""
         if self.selection_moved or self.selection_unexplained:
-            moved = (f"; selection moved on {self.selection_moved} image(s) within the fp16 rule "
+            moved = (f"; selection moved on {self.selection_moved} image(s) within the selection rule "
                      f"(epsilon {self.selection_epsilon:g}), on {self.selection_unexplained} beyond it")
         return (f"{self.tokens} tokens on {self.images} images: {self.tokens_exact} within {self.tolerance:g}, "
                 f"{self.near_ties} explained by near-ties (worst {self.worst_explained:.2g}), "
@@ -175,6 +175,10 @@ class GraphSection(Section):
         _integer(self.output_width, f"{where}.output_width", 1, 1 << 16)
         self.inputs = _tensor_specs(self.inputs, f"{where}.inputs")
         self.outputs = _tensor_specs(self.outputs, f"{where}.outputs")
+        names = tuple(s.name for s in self.inputs)
+        if names[0] != INPUT_NAME or names[1:] not in ((), QUESTION_INPUTS):
+            raise ArtifactError(f"manifest field {where}.inputs must be {INPUT_NAME}, optionally followed by "
+                                f"{', '.join(QUESTION_INPUTS)}; got {', '.join(names)}")
         shape = self.inputs[0].shape
         if len(shape) != 4 or not all(isinstance(d, int) and 1 <= d for d in shape[1:]):
             raise ArtifactError(f"manifest field {where}.inputs[0].shape must be [batch, 3, size, size], got {shape}")

@@ -235,7 +235,7 @@ def _vision_graph(encoder, path: Path, options: GraphOptions, step: Progress) ->
     import onnx
 
     from .checks import check_onnx, op_support_all
-    from .graph import INPUT_NAME, Contract, attention_form, export_onnx, output_shapes, simplify
+    from .graph import Contract, attention_form, export_onnx, input_specs, output_shapes, simplify
     from .validate import require, synthetic_pixels
 
     contract = Contract.parse(options.contract)
@@ -268,8 +268,7 @@ def _vision_graph(encoder, path: Path, options: GraphOptions, step: Progress) ->
         capacity=encoder.capacity,
         projected=encoder.projector is not None,
         output_width=encoder.output_width,
-        inputs=[TensorSpec(INPUT_NAME, "float32" if precision == "fp32" else "float16",
-                           ["batch", 3, encoder.image_size, encoder.image_size])],
+        inputs=input_specs(encoder, precision),
         outputs=_measured_outputs(graph, output_shapes(encoder, contract)),
         tensorrt=support,  # {TensorRT version: OpSupport}
         node_stages=_node_stages(path),
@@ -286,8 +285,16 @@ def _validate(encoder, path, pixels, precision):
 
     session = VisionSession.from_graph(path, batch_max=len(pixels))  # the runtime's own binding and checks
     feed = pixels.astype("float16") if precision == "fp16" else pixels
-    got = session.run_pixels(feed)
-    return validate_against(encoder, got, feed, precision, session.provider)
+    question = _probe_question(encoder, len(pixels))
+    got = session.run_pixels(feed, question)
+    return validate_against(encoder, got, feed, precision, session.provider, question)
+
+
+def _probe_question(encoder, batch: int) -> dict | None:
+    """The fixed question build-time checks give a graph that reads one (None for the others)."""
+    from ..artifact.contract import probe_question
+
+    return probe_question(batch, encoder.output_width) if encoder.reducer.spec.inputs else None
 
 
 def _node_stages(path: Path) -> dict:

@@ -46,13 +46,39 @@ class VisionGraph(nn.Module):
         self.encoder = encoder
         self.contract = Contract.parse(contract)
 
-    def forward(self, pixel_values: torch.Tensor):
-        out = self.encoder(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, question_embeds: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None):
+        # the contract's optional inputs by name (torch.export names the graph's inputs after these parameters)
+        extra = {"question_embeds": question_embeds, "question_mask": question_mask}
+        out = self.encoder(pixel_values, **{name: extra[name] for name in self.encoder.reducer.spec.inputs})
         if self.contract is Contract.PADDED:
             return out.tokens, out.num_tokens, out.indices, out.truncated
         slots = torch.arange(out.tokens.shape[1], device=out.tokens.device)
         keep = torch.nonzero(slots < out.num_tokens.max()).squeeze(1)  # data-dependent length
         return out.tokens.index_select(1, keep), out.num_tokens, out.indices.index_select(1, keep), out.truncated
+
+
+MAX_QUESTION_ROWS = 4096  # the most embedding rows a question may have (a 4k-token prompt)
+
+
+def question_example(encoder: PruMergeEncoder, batch: int) -> dict:
+    """``{input name: tensor}`` of the method's inputs besides the pixels (CDPruner's question), for tracing: a few
+    rows in the projected width, one of them padding."""
+    if not encoder.reducer.spec.inputs:
+        return {}
+    from ..artifact.contract import probe_question
+
+    return {name: torch.from_numpy(array) for name, array in probe_question(batch, encoder.output_width, 5).items()}
+
+
+def input_specs(encoder: PruMergeEncoder, precision: str) -> list:
+    """The graph's inputs as the manifest records them: the pixels, then the method's other inputs."""
+    from ..artifact.manifest import TensorSpec
+
+    pixels = TensorSpec(INPUT_NAME, "float32" if precision == "fp32" else "float16",
+                        ["batch", 3, encoder.image_size, encoder.image_size])
+    shapes = {"question_embeds": ["batch", "question_rows", encoder.output_width], "question_mask": ["batch", "question_rows"]}
+    return [pixels, *(TensorSpec(name, "float32", shapes[name]) for name in encoder.reducer.spec.inputs)]
 
 
 def output_shapes(encoder: PruMergeEncoder, contract: Contract) -> dict:
@@ -101,7 +127,13 @@ def export_onnx(
     example_batch = 2 if batch_max >= 2 else 1
     dtype = next(encoder.parameters()).dtype
     example = torch.randn(example_batch, 3, encoder.image_size, encoder.image_size).to(dtype)
-    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=batch_max)}} if batch_max >= 2 else None
+    batch = torch.export.Dim("batch", min=1, max=batch_max)
+    dynamic_shapes = {INPUT_NAME: {0: batch}} if batch_max >= 2 else None
+    extra = question_example(encoder, example_batch)
+    if extra:  # the question's rows: any count (the runtime embeds whatever the user asked)
+        rows = torch.export.Dim("question_rows", min=1, max=MAX_QUESTION_ROWS)
+        dynamic_shapes = dynamic_shapes or {INPUT_NAME: {}}
+        dynamic_shapes |= {name: ({0: batch, 1: rows} if batch_max >= 2 else {1: rows}) for name in extra}
     size = sum(p.numel() * p.element_size() for p in encoder.parameters())
     path = Path(path)
     try:
@@ -110,10 +142,10 @@ def export_onnx(
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(
                 graph,
-                (example,),
+                (example, *extra.values()),
                 dynamo=True,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
+                input_names=[INPUT_NAME, *extra],
                 output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,

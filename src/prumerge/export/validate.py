@@ -107,7 +107,7 @@ def selection_within(scores, threshold: float, selected, plus: bool, min_keep: i
 
 
 def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance: float, provider: str, gaps=None,
-                    epsilon: float = 0.0, selection=None) -> ValidationResult:
+                    epsilon: float = 0.0, selection=None, tied=None) -> ValidationResult:
     """``candidate`` against ``reference`` token by token; candidate may be trimmed (dynamic contract).
 
     ``gaps [B, C]``: the reference's neighbour-boundary similarity gap per slot (``PruMergeEncoder.neighbor_gaps``);
@@ -115,7 +115,9 @@ def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance:
     min_keep, epsilon)`` from the reference (reduced precision only): an image whose selection differs is then
     checked with :func:`selection_within`, and its tokens are compared patch by patch where both kept the patch
     (a kept patch's merged token does not depend on which others were kept; the extra token does, so it is not
-    compared there). Without it any selection difference fails.
+    compared there). Without it any selection difference fails. ``tied [B]``: for a fixed-count method whose
+    greedy choice can tie (``ReducerSpec.near_ties``), whether each image's candidate set is one the reference may
+    have taken up to float error; such an image's tokens are compared where both kept the patch.
     """
     counts = bool(np.array_equal(reference.num_tokens, candidate.num_tokens))
     width = candidate.tokens.shape[1]
@@ -135,6 +137,11 @@ def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance:
             found["selection_moved"] += 1
             where = {int(p): i for i, p in enumerate(got_idx[:-1])}
             rows = np.array([i for i, p in enumerate(ref_idx[:-1]) if int(p) in where], dtype=int)
+            got_rows = np.array([where[int(ref_idx[i])] for i in rows], dtype=int)
+        elif tied is not None and tied[b] and n_ref == n_got:
+            found["selection_moved"] += 1
+            where = {int(p): i for i, p in enumerate(got_idx)}
+            rows = np.array([i for i, p in enumerate(ref_idx) if int(p) in where], dtype=int)
             got_rows = np.array([where[int(ref_idx[i])] for i in rows], dtype=int)
         else:
             found["selection_unexplained"] += 1
@@ -159,7 +166,7 @@ def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance:
 
 def require(result: ValidationResult, what: str) -> ValidationResult:
     if result.selection_unexplained or (not result.selection_moved and not (result.counts_identical and result.indices_identical)):
-        moved = f" ({result.selection_moved} more moved within the fp16 selection rule)" if result.selection_moved else ""
+        moved = f" ({result.selection_moved} more moved within the selection rule)" if result.selection_moved else ""
         if not result.counts_identical:
             raise ValidationError(f"{what}: token counts differ from the PyTorch reference on "
                                   f"{result.selection_unexplained or 'some'} image(s){moved}")
@@ -186,18 +193,29 @@ def selection_rule(reducer, scores, thresholds, precision: str) -> dict | None:
                 epsilon=ORDER_EPSILON_FP32 if same_set else SELECTION_EPSILON[precision])
 
 
-def validate_against(encoder, got: VisionOutput, pixels, precision: str, provider: str) -> ValidationResult:
-    """Compare runtime outputs ``got`` for ``pixels`` with ``encoder`` (PyTorch), near-ties explained."""
+def validate_against(encoder, got: VisionOutput, pixels, precision: str, provider: str,
+                     question: dict | None = None) -> ValidationResult:
+    """Compare runtime outputs ``got`` for ``pixels`` (and ``question``, for a graph that reads one) with
+    ``encoder`` (PyTorch), near-ties explained."""
     import torch
 
+    extra = {name: torch.from_numpy(array) for name, array in (question or {}).items()}
     with torch.no_grad():
         sink: list = []
-        ref = encoder(torch.from_numpy(pixels), tower_sink=sink)  # one tower pass: reference, keys, scores
+        ref = encoder(torch.from_numpy(pixels), tower_sink=sink, **extra)  # one tower pass: reference, keys, scores
         q, k = sink[0]
         gaps = selection = None
         if encoder.reducer.method.adaptive:  # PruMerge's neighbour boundaries and IQR selection
             gaps = encoder.neighbor_gaps(None, ref.indices, keys=k).numpy()
             scores, thresholds = encoder.selection_scores(q, k)
             selection = selection_rule(encoder.reducer, scores.numpy(), thresholds.numpy(), precision)
+        tied = None
+        spec = encoder.reducer.spec
+        if spec.near_ties is not None and not np.array_equal(ref.indices.numpy(), got.indices[:, :ref.indices.shape[1]]):
+            hidden, _, _ = encoder.tower_outputs(torch.from_numpy(pixels))
+            features = hidden[:, encoder.adapter.prefix_tokens:]
+            if spec.projected and encoder.projector is not None:
+                features = encoder.projector(features)
+            tied = spec.near_ties(features, *(extra[name] for name in spec.inputs), encoder.reducer, got.indices)
     return compare_outputs(reference_output(ref), got, TOLERANCE[precision], provider, gaps=gaps,
-                           epsilon=NEAR_TIE_EPSILON[precision], selection=selection)
+                           epsilon=NEAR_TIE_EPSILON[precision], selection=selection, tied=tied)

@@ -17,6 +17,7 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
                     expect_sha256: str | None = None) -> dict:
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
+    from ..artifact.contract import probe_question
     from ..runtime.vision import VisionSession
     from .validate import agreement, reference_output, require, synthetic_pixels, validate_against
 
@@ -25,7 +26,8 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     session = VisionSession.open(directory, provider=provider, verify=True, expect_sha256=expect_sha256)
     manifest = session.manifest
     pixels = synthetic_pixels(images, session.image_size, seed=seed)
-    got = session.run_pixels(pixels)
+    question = probe_question(images, session.question_width) if session.needs_question else None
+    got = session.run_pixels(pixels, question)
     report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "manifest_sha256": manifest.sha256,
               "pinned": expect_sha256 is not None, "provider": session.provider,
               "num_tokens": got.num_tokens.tolist()}
@@ -53,7 +55,8 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
         if not np.isfinite(got.tokens).all():
             raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")
         return report | {"reference_int8_agreement": result.to_dict()}
-    result = validate_against(encoder, got, pixels.astype(session.input_dtype), manifest.vision.precision, session.provider)
+    result = validate_against(encoder, got, pixels.astype(session.input_dtype), manifest.vision.precision, session.provider,
+                              question)
     require(result, f"verify {directory}")
     return report | {"reference": result.to_dict()}
 

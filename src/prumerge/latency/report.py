@@ -33,6 +33,10 @@ def table(report: ProfileReport):
                 *[f"{m.visual_tokens['mean']:.1f} [{m.visual_tokens['min']}, {m.visual_tokens['max']}]" for m in report.methods])
     out.add_row("reducer share of vision graph", *[f"{100 * m.node_share['reducer']:.2f}%" for m in report.methods])
     out.add_row("peak RSS MB (process so far)", *[f"{m.peak_rss_mb:.0f}" for m in report.methods])
+    out.add_row("artifact MB: vision / LLM / embeddings",
+                *[f"{m.artifact_mb.get('vision', 0):.1f} / {m.artifact_mb.get('llm_decoder', 0):.1f} / "
+                  f"{m.artifact_mb.get('embeddings', 0):.1f}" for m in report.methods])
+    out.add_row("KV cache MB at most positions", *[f"{_fmt(m.kv_cache_mb, 2)} @ {m.positions_max}" for m in report.methods])
     return out
 
 

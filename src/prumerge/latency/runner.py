@@ -41,6 +41,9 @@ class MethodProfile:
     node_share: dict  # share of each vision stage in the per-node profile
     peak_rss_mb: float  # process peak after this method's runs
     peak_device_mb: float | None
+    artifact_mb: dict = dataclasses.field(default_factory=dict)  # on disk by part (latency.memory.artifact_parts)
+    positions_max: int = 0  # the most positions (prompt + generated) a run reached
+    kv_cache_mb: float | None = None  # the decoder's KV cache at positions_max
 
 
 @dataclasses.dataclass
@@ -114,7 +117,7 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
                     samples.append(pipeline.generate(image, prompt, sampling=sampling))
                     tick(f"{method}: measuring", 1)
             shares = node_times(pipeline.vision.end_profiling(), _node_stages(directory, pipeline.vision.graph), skip_runs=warmup)
-        results.append(_method_profile(method, directory, graph, samples, shares))
+        results.append(_method_profile(method, directory, graph, samples, shares, pipeline))
     return ProfileReport(
         config={"artifacts": [str(a) for a in artifacts], "methods": list(chosen), "images": len(images),
                 "synthetic": synthetic, "prompt": prompt, "warmup": warmup, "runs": runs, "provider": provider,
@@ -124,7 +127,9 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
     )
 
 
-def _method_profile(method, directory, graph, samples, node_ms) -> MethodProfile:
+def _method_profile(method, directory, graph, samples, node_ms, pipeline) -> MethodProfile:
+    from .memory import artifact_parts, kv_cache_mb
+
     total_node = sum(node_ms.values()) or 1.0
     share = {stage: node_ms[stage] / total_node for stage in STAGES}
     per_stage = {name: [] for name in (*STAGE_ORDER, "vision", "end_to_end", "ttft")}
@@ -151,6 +156,9 @@ def _method_profile(method, directory, graph, samples, node_ms) -> MethodProfile
         node_share={k: round(v, 4) for k, v in share.items()},
         peak_rss_mb=peak_rss_mb(),
         peak_device_mb=None,
+        artifact_mb=artifact_parts(pipeline.vision.manifest, pipeline.vision.graph),
+        positions_max=(positions := max(r.prompt_tokens + r.generated_tokens for r in samples)),
+        kv_cache_mb=kv_cache_mb(pipeline.vision.manifest.llm, positions),
     )
 
 

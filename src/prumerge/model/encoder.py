@@ -65,6 +65,10 @@ class PruMergeEncoder(nn.Module):
                 raise ConfigError(f"{reducer.method.value} scores with the attention of the layer that outputs the "
                                   "features; the feature layer here is the embeddings, which have none")
             self.scoring_layer = self.feature_index - 1
+        if reducer.spec.inputs and reducer.spec.projected and projector is None:
+            raise ConfigError(f"{reducer.method.value} compares the projected tokens with the question in the LLM's "
+                              "embedding space: it needs the checkpoint's projector (a LLaVA checkpoint, without "
+                              "--no-project)")
         if reducer.method is Method.NONE:
             self.capacity = self.num_patches + (1 if self.keep_cls else 0)
         else:
@@ -233,10 +237,14 @@ class PruMergeEncoder(nn.Module):
         q, k = adapter.qk(adapter.layers[self.scoring_layer], states[self.scoring_layer], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
-    def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None) -> ReducedTokens:
+    def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None, **inputs) -> ReducedTokens:
         """``tower_sink``: a list that receives the last layer's ``(q, k)`` (validation reuses them for neighbour
-        gaps and selection scores instead of a second tower pass)."""
+        gaps and selection scores instead of a second tower pass). ``inputs``: what the method reads besides the
+        pixels (its spec's ``inputs``: CDPruner's question)."""
         self.check_pixels(pixel_values)
+        missing = [name for name in self.reducer.spec.inputs if inputs.get(name) is None]
+        if missing:
+            raise InputError(f"{self.reducer.method.value} reads {', '.join(missing)} besides the pixels: give them")
         hidden, q, k = self.tower_outputs(pixel_values)
         if tower_sink is not None:
             tower_sink.append((q, k))
@@ -255,7 +263,7 @@ class PruMergeEncoder(nn.Module):
             )
         elif spec.projected:  # chooses among the tokens the LLM receives: projected first
             features = hidden[:, prefix:] if self.projector is None else self.projector(hidden[:, prefix:])
-            return _fixed(*spec.run(self, features, q, k))
+            return _fixed(*spec.run(self, features, q, k, **inputs))
         else:
             out = spec.run(self, hidden, q, k)
             if not spec.adaptive:

@@ -33,13 +33,13 @@ class Explanation:
 
 
 def explain(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int = 1,
-            prefix: int = 1, importance: str = "cls_attention") -> Explanation:
+            prefix: int = 1, importance: str = "cls_attention", **inputs) -> Explanation:
     """Batch-1 ``features [1, P, D]`` (the tokens the method chooses among: projected for a ``projected`` method),
     ``q/k [1, prefix + P, D]`` -> :class:`Explanation` (prefix and importance as the tower's adapter gives them, so
     what is drawn is scored as the exported graph scores it). Each method's own ``explain`` (its registry spec)."""
     if config.spec.explain is None:
         raise ValueError("explain needs a reducing method")
-    return config.spec.explain(features.float(), q.float(), k.float(), config, num_heads, prefix, importance)
+    return config.spec.explain(features.float(), q.float(), k.float(), config, num_heads, prefix, importance, **inputs)
 
 
 def explain_prumerge(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config: ReducerConfig, num_heads: int,

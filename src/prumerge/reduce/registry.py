@@ -97,6 +97,10 @@ class ReducerSpec:
     scoring_layer: str | None = "last"
     legend: tuple = ("", "", "")
     ranked: bool = False
+    inputs: tuple = ()  # graph inputs the method reads besides the pixels (``artifact.contract.QUESTION_INPUTS``)
+    # validation of a fixed-count method whose choice can tie (near_ties(features, *inputs, config, candidate) ->
+    # [bool] per image: may the reference have chosen ``candidate`` up to float error); None: indices must match
+    near_ties: Callable | None = None
     summary: str = ("{method}: {tokens} tokens of {patches} patches; {extra_only} dropped\n"
                     "chosen patches: {kept_list}")
     listing: int = 100  # where tables list it (none first)

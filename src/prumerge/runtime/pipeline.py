@@ -238,6 +238,19 @@ class Pipeline:
         names = sorted(self._special_ids, key=len, reverse=True)  # longest first, as the tokenizer matches
         return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
 
+    def question(self, prompt: str, batch: int) -> dict:
+        """What a reducer that reads the question (cdpruner) is given: the user's words (image markers removed,
+        special-token strings kept as text), embedded with the decoder's own table, the same rows for each of the
+        ``batch`` images of the prompt."""
+        text = " ".join(prompt.replace(self.marker, " ").split())
+        ids = self._plain.encode(text, add_special_tokens=False).ids if text else []
+        if not ids:
+            raise InputError("this artifact's reducer keeps the tokens relevant to the question, and the prompt has "
+                             "no words besides its image markers")
+        embeds = self.decoder.embed(ids)
+        return {"question_embeds": np.broadcast_to(embeds, (batch, *embeds.shape)),
+                "question_mask": np.ones((batch, len(ids)), dtype=np.float32)}
+
     def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch, visual=None):
         """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded (or ``visual``,
         each image's tokens computed elsewhere), then embedded."""
@@ -258,8 +271,9 @@ class Pipeline:
         if images:
             with clock.timed("preprocess"):
                 pixels = preprocess_batch(list(images), self.vision.preprocess)
+            question = self.question(prompt, len(images)) if self.vision.needs_question else None
             with clock.timed("vision"):
-                out = self.vision.run_pixels(pixels)
+                out = self.vision.run_pixels(pixels, question)
             visual = [out.image(b).astype(np.float32) for b in range(len(images))]
         with clock.timed("embed"):
             parts = [visual[c.image] if c.kind == "image" else self.decoder.embed(list(c.ids)) for c in chunks]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact.contract import OUTPUT_NAMES, PADDING_INDEX, VisionOutput, concat_outputs
-from ..errors import InputError
+from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES, PADDING_INDEX, QUESTION_INPUTS, VisionOutput, concat_outputs
+from ..errors import ArtifactError, InputError
 from .preprocess import ImageLike, preprocess_batch
 
 
@@ -45,19 +45,52 @@ class VisionSessionBase:
         self.image_size = int(spec.shape[-1])
         self.batch_max = int(batch_max if batch_max is not None else graph.batch_max)
         self.padding_index = manifest.reducer.padding_index if manifest is not None else PADDING_INDEX
+        # a reducer that reads the question (cdpruner) takes its embedding rows beside the pixels
+        self.question_inputs = tuple(s.name for s in graph.inputs[1:])
+        unknown = [n for n in self.question_inputs if n not in QUESTION_INPUTS]
+        if unknown or (self.question_inputs and self.question_inputs != QUESTION_INPUTS):
+            raise ArtifactError(f"the vision graph takes {', '.join(s.name for s in graph.inputs)}; prumerge knows "
+                                f"{INPUT_NAME} and optionally {', '.join(QUESTION_INPUTS)}")
+        self.question_width = int(graph.inputs[1].shape[-1]) if self.question_inputs else None
 
-    def run(self, images: ImageLike | list[ImageLike]) -> VisionOutput:
+    @property
+    def needs_question(self) -> bool:
+        """Whether the graph's reducer reads the question (``run`` then takes its embeddings)."""
+        return bool(self.question_inputs)
+
+    def run(self, images: ImageLike | list[ImageLike], question: dict | None = None) -> VisionOutput:
         """Paths, bytes, PIL images or HWC arrays -> reduced tokens (preprocessed as the checkpoint's processor does)."""
         if self.preprocess is None:
             raise InputError("this session runs a bare graph file, which has no preprocessing config: pass pixels")
-        return self.run_pixels(preprocess_batch(images, self.preprocess))
+        return self.run_pixels(preprocess_batch(images, self.preprocess), question)
 
-    def run_pixels(self, pixel_values: np.ndarray) -> VisionOutput:
-        """``[B, 3, S, S]`` normalised pixels -> reduced tokens. Batches over ``batch_max`` are split."""
+    def run_pixels(self, pixel_values: np.ndarray, question: dict | None = None) -> VisionOutput:
+        """``[B, 3, S, S]`` normalised pixels -> reduced tokens. Batches over ``batch_max`` are split.
+        ``question``: ``{"question_embeds": [B, R, D], "question_mask": [B, R]}`` for a graph that reads it."""
         feed = self.check_pixels(pixel_values)
-        parts = [VisionOutput.from_named(self.run_batch(feed[i: i + self.batch_max]))
+        extra = self.check_question(question, len(feed))
+        parts = [VisionOutput.from_named(self.run_batch({self.input_name: feed[i: i + self.batch_max],
+                                                         **{n: a[i: i + self.batch_max] for n, a in extra.items()}}))
                  for i in range(0, len(feed), self.batch_max)]
         return parts[0] if len(parts) == 1 else concat_outputs(parts, self.padding_index)
+
+    def check_question(self, question: dict | None, batch: int) -> dict:
+        """The question's arrays as the graph takes them, or one InputError; ``{}`` for a graph that reads none."""
+        if not self.question_inputs:
+            if question:
+                raise InputError("this vision graph's reducer does not read the question: give none")
+            return {}
+        if not question or any(question.get(name) is None for name in QUESTION_INPUTS):
+            raise InputError(f"this vision graph's reducer reads the question: give {' and '.join(QUESTION_INPUTS)}")
+        embeds = np.asarray(question[QUESTION_INPUTS[0]], dtype=np.float32)
+        mask = np.asarray(question[QUESTION_INPUTS[1]], dtype=np.float32)
+        if embeds.ndim != 3 or embeds.shape[0] != batch or embeds.shape[2] != self.question_width or not embeds.shape[1]:
+            raise InputError(f"{QUESTION_INPUTS[0]} must be [{batch}, rows, {self.question_width}], got {embeds.shape}")
+        if mask.shape != embeds.shape[:2] or not np.isin(mask, (0.0, 1.0)).all() or not mask.any(axis=1).all():
+            raise InputError(f"{QUESTION_INPUTS[1]} must be [{batch}, {embeds.shape[1]}] of 0/1 with a real row per image")
+        if not np.isfinite(embeds).all():
+            raise InputError(f"{QUESTION_INPUTS[0]} contains NaN or Inf")
+        return {QUESTION_INPUTS[0]: np.ascontiguousarray(embeds), QUESTION_INPUTS[1]: np.ascontiguousarray(mask)}
 
     def check_pixels(self, pixel_values) -> np.ndarray:
         if not isinstance(pixel_values, np.ndarray):
@@ -69,8 +102,9 @@ class VisionSessionBase:
             raise InputError("pixel_values contains NaN or Inf")
         return np.ascontiguousarray(pixel_values.astype(self.input_dtype, copy=False))
 
-    def run_batch(self, feed: np.ndarray) -> dict:  # pragma: no cover - each implementation has its own
-        """One batch (at most ``batch_max``) -> ``{name: array}`` for every name in ``OUTPUT_NAMES``."""
+    def run_batch(self, feed: dict) -> dict:  # pragma: no cover - each implementation has its own
+        """One batch (``{input name: array}``, at most ``batch_max``) -> ``{name: array}`` for every name in
+        ``OUTPUT_NAMES``."""
         raise NotImplementedError
 
     def close(self) -> None:

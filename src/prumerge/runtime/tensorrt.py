@@ -46,9 +46,9 @@ class TensorRTSession(VisionSessionBase):
         except Exception as exc:  # deserialisation or context creation failed
             raise ArtifactError(f"TensorRT could not load {path}: {exc}") from exc
 
-    def run_batch(self, feed: np.ndarray) -> dict:
+    def run_batch(self, feed: dict) -> dict:
         try:
-            outputs = self.runner.infer({self.input_name: feed})
+            outputs = self.runner.infer(feed)
         except Exception as exc:
             raise ArtifactError(f"TensorRT execution failed: {exc}") from exc
         return {name: np.asarray(value) for name, value in outputs.items()}

@@ -72,20 +72,20 @@ class VisionSession(VisionSessionBase):
         artifact's session; the input spec is read from the graph itself."""
         path = Path(path)
         session, used = _ort_session(path, provider)
-        (graph_input,) = session.get_inputs()
+        graph_input, *others = session.get_inputs()
         size = graph_input.shape[-1]
         if not isinstance(size, int):
             raise ArtifactError(f"{path}: the vision graph's image size is not fixed ({graph_input.shape})")
         if graph_input.type not in _ORT_TYPES:
             raise ArtifactError(f"{path}: the vision graph's input type {graph_input.type} is not one prumerge runs")
-        spec = GraphIO([TensorSpec(graph_input.name, _ORT_TYPES[graph_input.type], list(graph_input.shape))],
+        spec = GraphIO([TensorSpec(i.name, _ORT_TYPES.get(i.type), list(i.shape)) for i in (graph_input, *others)],
                        [TensorSpec(o.name, _ORT_TYPES.get(o.type), list(o.shape)) for o in session.get_outputs()])
         _check_io(session, spec, path)
         return cls(None, None, spec, session, used, batch_max=batch_max)
 
     # ------------------------------------------------------------------ running
-    def run_batch(self, feed):
-        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), {self.input_name: feed})))
+    def run_batch(self, feed: dict):
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feed)))
 
     def end_profiling(self) -> Path:
         """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""
@@ -117,9 +117,10 @@ def _check_io(session, spec, directory: Path) -> None:
     """The graph's own inputs and outputs are what the manifest says (name, element type), before anything runs."""
     inputs = session.get_inputs()
     want = spec.inputs[0]
-    if len(inputs) != 1 or inputs[0].name != want.name or _ORT_TYPES.get(inputs[0].type) != want.dtype:
+    if [(i.name, _ORT_TYPES.get(i.type)) for i in inputs] != [(s.name, s.dtype) for s in spec.inputs]:
         got = ", ".join(f"{i.name} {i.type}" for i in inputs)
-        raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {want.name} {want.dtype}")
+        said = ", ".join(f"{s.name} {s.dtype}" for s in spec.inputs)
+        raise ArtifactError(f"{directory}: the vision graph takes {got}, but the manifest says {said}")
     actual = [d if isinstance(d, int) else None for d in inputs[0].shape]
     if len(actual) != len(want.shape) or any(a is not None and isinstance(w, int) and a != w
                                               for a, w in zip(actual, want.shape)):

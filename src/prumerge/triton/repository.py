@@ -55,6 +55,9 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
     vision = manifest.vision
     if vision.contract != "padded":
         raise ConfigError("Triton batches fixed shapes: build the artifact with --output padded (the default)")
+    if len(vision.inputs) > 1:  # the dynamic batcher joins requests of pixels alone
+        raise ConfigError(f"{artifact}'s {vision.method} graph reads the question besides the pixels; the Triton "
+                          "repository batches images alone (serve it with `prumerge-export serve` or `run`)")
     if not (manifest.llm and manifest.llm.decoder):
         raise ConfigError(f"{artifact} has no LLM (built with --no-llm): the repository serves image + prompt -> text")
     max_batch = int(options.max_batch if options.max_batch is not None else vision.batch_max)  # 0 is not "not given"

@@ -1,0 +1,220 @@
+"""CDPruner: the kept set is the released code's, step for step, in PyTorch and in the exported graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prumerge.errors import ConfigError, InputError
+from prumerge.reduce.config import ReducerConfig
+from prumerge.reduce.methods.cdpruner import cdpruner_indices, dpp_greedy
+
+
+def released_selection(image_features, image_embeds, text_embeds, visual_token_num):
+    """The selection of CDPruner's released ``encode_images`` (github.com/Theia-4869/CDPruner,
+    ``llava/model/llava_arch.py``, commit ed9c12d), copied with the projector call removed (``image_features`` are
+    given projected) and the index mask returned as the sorted indices it is made from."""
+    B, N, C = image_features.shape
+    device = image_features.device
+    image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+    image_normalized = image_normalized.float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N), device=device)
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long, device=device)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float('inf')
+    return torch.sort(select_idx.t()).values
+
+
+@pytest.mark.parametrize("seed,tokens,width,rows,keep", [(0, 64, 32, 5, 8), (1, 144, 48, 1, 20), (2, 256, 64, 12, 64),
+                                                          (3, 49, 96, 3, 30)])
+def test_matches_the_released_selection_at_batch_one(seed, tokens, width, rows, keep):
+    """With the released sign, the LLM-embedding relevance is the released rule with the projected tokens as image
+    embeddings and the question's rows as text embeddings: identical indices at batch 1 (how the released code
+    evaluates)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, tokens, width, generator=g) + 0.5 * torch.randn(1, 1, width, generator=g)
+    question = torch.randn(1, rows, width, generator=g)
+    got, _ = cdpruner_indices(features, question, torch.ones(1, rows), keep, sign="negated")
+    assert got.tolist() == released_selection(features, features, question[0], keep).tolist()
+
+
+def test_batch_scope_is_the_released_batch_rule_and_image_scope_is_per_image():
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(3, 81, 40, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(3, 1, 1)
+    question = torch.randn(1, 4, 40, generator=g)
+    shared = question.expand(3, -1, -1)
+    batch, _ = cdpruner_indices(features, shared, torch.ones(3, 4), 16, scope="batch", sign="negated")
+    assert batch.tolist() == released_selection(features, features, question[0], 16).tolist()
+    per_image, _ = cdpruner_indices(features, shared, torch.ones(3, 4), 16, scope="image", sign="negated")
+    for b in range(3):
+        assert per_image[b].tolist() == released_selection(features[b:b + 1], features[b:b + 1], question[0], 16)[0].tolist()
+
+
+def test_padding_rows_of_the_question_change_nothing():
+    g = torch.Generator().manual_seed(3)
+    features, question = torch.randn(1, 64, 24, generator=g), torch.randn(1, 3, 24, generator=g)
+    padded = torch.cat([question, 100 * torch.randn(1, 2, 24, generator=g)], dim=1)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(cdpruner_indices(features, question, torch.ones(1, 3), 12)[0],
+                       cdpruner_indices(features, padded, mask, 12)[0])
+
+
+def test_an_exhausted_kernel_still_picks_distinct_tokens():
+    """More steps than the kernel's rank: the released code takes sqrt of a non-positive pivot (NaN); here every
+    pick stays a distinct token."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(1, 40, 4, generator=g)  # rank 4
+    picks = dpp_greedy(torch.matmul(features, features.transpose(1, 2)), 12)
+    assert len(set(picks[0].tolist())) == 12
+
+
+def test_options_are_checked_from_their_declaration():
+    with pytest.raises(ConfigError, match="kept_tokens must be an integer >= 1"):
+        ReducerConfig(method="cdpruner", kept_tokens=0)
+    with pytest.raises(ConfigError, match="unknown relevance_scope"):
+        ReducerConfig(method="cdpruner", relevance_scope="global")
+    assert ReducerConfig(method="cdpruner", kept_tokens=34).fixed_count == 34
+
+
+# ------------------------------------------------------------------------------------------------ in the graph
+@pytest.fixture(scope="module")
+def cdpruner_artifact(llava_dir, tmp_path_factory):
+    """A tiny LLaVA built through the CLI with CDPruner (the graph reads the question), with its fp32 LLM."""
+    from click.testing import CliRunner
+
+    from prumerge.cli import main
+
+    out = tmp_path_factory.mktemp("cdpruner") / "art"
+    result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(out), "--method", "cdpruner",
+                                       "--kept-tokens", "9", "--llm-precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_graph_keeps_what_pytorch_keeps_for_each_question_and_verify_passes(cdpruner_artifact):
+    """The build validated the graph against PyTorch (indices identical) with a question input of its own; verify
+    does it again; another question keeps another set, and the same question the same set."""
+    from prumerge.artifact.contract import QUESTION_INPUTS, probe_question
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.export.verify import verify_artifact
+    from prumerge.runtime.vision import VisionSession
+
+    manifest = Manifest.read(cdpruner_artifact)
+    assert manifest.vision.validation.indices_identical and manifest.vision.method == "cdpruner"
+    assert tuple(s.name for s in manifest.vision.inputs[1:]) == QUESTION_INPUTS
+    assert verify_artifact(cdpruner_artifact, images=2)["reference"]["indices_identical"]
+    session = VisionSession.open(cdpruner_artifact)
+    pixels = np.random.default_rng(0).standard_normal((1, 3, session.image_size, session.image_size)).astype(np.float32)
+    kept = {seed: tuple(session.run_pixels(pixels, probe_question(1, session.question_width, 4, seed)).indices[0])
+            for seed in range(4)}
+    assert len(set(kept.values())) > 1  # the question decides
+    assert kept[0] == tuple(session.run_pixels(pixels, probe_question(1, session.question_width, 4, 0)).indices[0])
+    with pytest.raises(InputError, match="reads the question"):
+        session.run_pixels(pixels)
+
+
+def test_the_pipeline_embeds_the_question_and_answers(cdpruner_artifact):
+    from prumerge.runtime.pipeline import Pipeline, SamplingParams
+
+    pipeline = Pipeline.from_artifacts(cdpruner_artifact)
+    image = np.full((40, 40, 3), 128, dtype=np.uint8)
+    result = pipeline.generate(image, "<image>\nWhat colour is the square?", sampling=SamplingParams(3))
+    assert result.visual_tokens == [9] and result.generated_tokens >= 1
+    question = pipeline.question("<image>\nWhat colour?", 2)
+    assert question["question_embeds"].shape[0] == 2 and question["question_mask"].all()
+    with pytest.raises(InputError, match="no words besides its image markers"):
+        pipeline.generate(image, "<image>", sampling=SamplingParams(2))
+
+
+def test_what_cannot_be_built_with_a_question_yet_is_refused_in_one_line(llava_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from prumerge.cli import main
+
+    for flags, message in ((["--no-llm"], "--no-llm"), (["--llm-kv-cache", "int8"], "--llm-kv-cache int8"),
+                           (["--target", "server"], "--target / --engine"), (["--no-project"], "needs the checkpoint's projector")):
+        result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(tmp_path / "x"), "--method", "cdpruner",
+                                           *flags])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_inspect_draws_the_relevance_and_kept_set_and_profile_attributes_the_reducer(cdpruner_artifact, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from prumerge.artifact.node_stages import classify_nodes
+    from prumerge.cli import main
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    args = ["inspect", str(image), "--model", str(cdpruner_artifact), "--method", "cdpruner", "--out", str(tmp_path / "i.png")]
+    result = CliRunner().invoke(main, [*args, "--question", "What colour is the star?"])
+    assert result.exit_code == 0, result.output
+    assert "cdpruner: 9 tokens of" in result.output and (tmp_path / "i.png").is_file()
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "give the question" in refused.output
+    stages = classify_nodes(cdpruner_artifact / "vision.onnx")
+    assert list(stages.values()).count("reducer") > 20 and "projector" in stages.values()
+
+
+def test_the_positive_sign_is_the_released_rule_on_negated_embeddings():
+    """``positive`` differs from the released rule only by the sign of the cosine: the released code run on the
+    negated question gives the same set."""
+    g = torch.Generator().manual_seed(11)
+    features, question = torch.randn(1, 100, 32, generator=g), torch.randn(1, 4, 32, generator=g)
+    got, _ = cdpruner_indices(features, question, torch.ones(1, 4), 24, sign="positive")
+    assert got.tolist() == released_selection(features, features, -question[0], 24).tolist()
+
+
+def test_a_manifest_whose_question_inputs_are_renamed_or_dropped_is_refused(cdpruner_artifact, tmp_path):
+    """The runtime reads what the graph needs from the manifest's inputs: an edited list (the question dropped, or
+    an input prumerge does not know) is refused when read, before a session would run the graph without it."""
+    import shutil
+
+    from conftest import rehash_manifest
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.errors import ArtifactError
+
+    for name, edit in (("dropped", lambda d: d["vision"]["inputs"].pop()),
+                       ("renamed", lambda d: d["vision"]["inputs"][1].update(name="secret_input"))):
+        art = tmp_path / name
+        shutil.copytree(cdpruner_artifact, art)
+        rehash_manifest(art, edit)
+        with pytest.raises(ArtifactError, match="inputs must be pixel_values"):
+            Manifest.read(art)
+
+
+def test_validation_allows_a_set_only_where_the_reference_greedy_step_was_a_near_tie():
+    """Two tokens with the same direction and relevance tie exactly at the first step: a runtime that took the other
+    one kept a set the reference may take; a set that swaps a token no step was close about is refused."""
+    from prumerge.reduce.methods.cdpruner import moved_within_ties
+
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(1, 30, 16, generator=g)
+    features[0, 7] = features[0, 3]  # identical tokens: identical kernel rows, an exact tie wherever one is picked
+    question, mask = torch.randn(1, 3, 16, generator=g), torch.ones(1, 3)
+    config = ReducerConfig(method="cdpruner", kept_tokens=6)
+    reference, _ = cdpruner_indices(features, question, mask, 6)
+    kept = set(reference[0].tolist())
+    assert moved_within_ties(features, question, mask, config, reference) == [True]
+    if kept & {3, 7}:  # the tied pair was reached: the other twin is as good
+        twin = (kept - {3, 7}) | ({7} if 3 in kept else {3})
+        assert moved_within_ties(features, question, mask, config, torch.tensor([sorted(twin)])) == [True]
+    far = sorted((kept - {max(kept - {3, 7})}) | {next(i for i in range(30) if i not in kept | {3, 7})})
+    assert moved_within_ties(features, question, mask, config, torch.tensor([far])) == [False]
