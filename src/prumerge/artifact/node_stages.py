@@ -2,8 +2,9 @@
 
 The dynamo exporter stores each node's PyTorch module scope and stack trace in ``metadata_props``: nodes under
 ``encoder.tower`` are the vision encoder, under ``encoder.projector`` the projector, and nodes traced from a
-reducer's entry point (``REDUCER_CALLS``: the reducers are plain functions, so their nodes carry no module scope, only
-the call the encoder makes by name) the reducer.
+reducer the reducer: the reducers are plain functions, so their nodes carry no module scope, only a stack trace that
+passes through ``prumerge/reduce/`` or ends at ``REDUCER_CALL``, the one line where the encoder calls a registered
+method's function (``prumerge.reduce.registry``).
 Profiling splits time by it, INT8 keeps reducer nodes float by it, TensorRT pins them to FP32 by it. The build
 records the result in the manifest (``vision.node_stages``), so a device without onnx still has it.
 """
