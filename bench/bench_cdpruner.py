@@ -11,6 +11,10 @@ the demo should use (the released rule is negated).
 Everything is built through the CLI into ``--work`` (the demo checkpoint and its PruMerge artifact with the
 unreduced baseline come from ``prumerge-export demo``, as a user's first run makes them).
 
+Last, the reducers alone: CDPruner's and DivPrune's functions exported on their own (the demo's shapes: 256 projected
+tokens of width 576, a 9-row question) and timed side by side on onnxruntime (2 threads, median of 60 runs), the
+ratio printed.
+
 Usage: python bench/bench_cdpruner.py [--work /tmp/prumerge-answers] [--budgets 34,64] [--scenes 60]
        [--signs negated] [--docs docs]
 """
@@ -94,6 +98,58 @@ def main() -> None:
             sh("prumerge-export", "profile", *map(str, these), *images, "--runs", "3", "--max-new-tokens", "1",
                "--prompt", "<image>\nWhat colour is the circle?",
                "--json", str(args.docs / f"profile-{args.name}-{budget}.json"))
+    reducers_alone([budget for budget, _ in per_budget])
+
+
+def reducers_alone(budgets, threads: int = 2, runs: int = 60) -> None:
+    """CDPruner's and DivPrune's reducer functions exported alone and timed side by side on onnxruntime."""
+    import logging
+    import statistics
+    import tempfile
+    import time
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    from prumerge.reduce.divprune import divprune_indices
+    from prumerge.reduce.methods.cdpruner import cdpruner_indices
+
+    class CDPruner(torch.nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.keep = keep
+
+        def forward(self, tokens, question, mask):
+            return cdpruner_indices(tokens, question, mask, self.keep)[0]
+
+    class DivPrune(CDPruner):
+        def forward(self, tokens):
+            return divprune_indices(tokens, self.keep)
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    g = torch.Generator().manual_seed(0)
+    tokens, question = torch.randn(1, 256, 576, generator=g), torch.randn(1, 9, 576, generator=g)
+    with tempfile.TemporaryDirectory() as scratch:
+        for keep in budgets:
+            sessions = {}
+            for name, module, args in (("cdpruner", CDPruner(keep), (tokens, question, torch.ones(1, 9))),
+                                       ("divprune", DivPrune(keep), (tokens,))):
+                path = f"{scratch}/{name}-{keep}.onnx"
+                torch.onnx.export(module, args, dynamo=True, opset_version=18).save(path)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                sessions[name] = (session, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+            times = {name: [] for name in sessions}
+            for _ in range(runs):  # alternated, so both see the same machine
+                for name, (session, feed) in sessions.items():
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+            cd, dp = (statistics.median(times[n]) for n in ("cdpruner", "divprune"))
+            print(f"reducer alone at {keep} tokens: CDPruner {cd:.2f} ms, DivPrune {dp:.2f} ms = {cd / dp:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
         max_new_tokens: int = 16, progress: Callable[[str, int], None] | None = None) -> ProfileReport:
     """Profile ``methods`` side by side; ``images`` (paths or PIL images) or ``synthetic`` generated ones."""
     from ..runtime.pipeline import Pipeline, SamplingParams
+    from ..runtime.vision import VisionSession
 
     if runs < 1:
         raise ConfigError(f"runs must be >= 1, got {runs}")
@@ -105,18 +106,24 @@ def run(artifacts: Sequence[str | Path], methods: Sequence[str] | None = None, i
     tick = progress or (lambda label, n: None)
     results = []
     for method, (directory, graph) in chosen.items():
+        # timed without onnxruntime's profiler (it adds a cost per node, so graphs of many small nodes, such as an
+        # unrolled greedy reducer, would read slower than they run); the node shares come from a second, profiled
+        # session of the same graph run over the same images
+        pipeline = Pipeline.from_artifacts(directory, provider=provider, method="none" if graph == "baseline" else None)
+        for i in range(warmup):
+            pipeline.generate(images[i % len(images)], prompt, sampling=sampling)
+            tick(f"{method}: warm-up", 1)
+        samples = []
+        for _ in range(runs):
+            for image in images:
+                samples.append(pipeline.generate(image, prompt, sampling=sampling))
+                tick(f"{method}: measuring", 1)
         with tempfile.TemporaryDirectory(prefix="prumerge-profile-") as scratch:
-            pipeline = Pipeline.from_artifacts(directory, provider=provider, method="none" if graph == "baseline" else None,
-                                               profile_dir=scratch)
-            for i in range(warmup):
-                pipeline.generate(images[i % len(images)], prompt, sampling=sampling)
-                tick(f"{method}: warm-up", 1)
-            samples = []
-            for _ in range(runs):
-                for image in images:
-                    samples.append(pipeline.generate(image, prompt, sampling=sampling))
-                    tick(f"{method}: measuring", 1)
-            shares = node_times(pipeline.vision.end_profiling(), _node_stages(directory, pipeline.vision.graph), skip_runs=warmup)
+            profiled = VisionSession.open(directory, provider=provider, verify=False, graph=graph, profile_dir=scratch)
+            question = pipeline.question(prompt, 1) if profiled.needs_question else None
+            for image in [images[i % len(images)] for i in range(warmup)] + list(images) * runs:
+                profiled.run([image], question)
+            shares = node_times(profiled.end_profiling(), _node_stages(directory, profiled.graph), skip_runs=warmup)
         results.append(_method_profile(method, directory, graph, samples, shares, pipeline))
     return ProfileReport(
         config={"artifacts": [str(a) for a in artifacts], "methods": list(chosen), "images": len(images),
