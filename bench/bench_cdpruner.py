@@ -22,22 +22,11 @@ Usage: python bench/bench_cdpruner.py [--work /tmp/prumerge-answers] [--budgets 
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 from pathlib import Path
 
+from bench_reducers import sh, visionzip_split  # the same command echo and VisionZip budget split
+
 HERE = Path(__file__).resolve().parent
-
-
-def sh(*args: str) -> None:
-    print("$ " + shlex.join(args), flush=True)
-    subprocess.run(args, check=True)
-
-
-def visionzip_split(budget: int) -> tuple[int, int]:
-    """(dominant, contextual) for ``budget`` tokens in the official 54 + 10 proportion."""
-    contextual = max(1, round(budget * 10 / 64))
-    return budget - contextual, contextual
 
 
 def build(checkpoint: Path, out: Path, *flags: str) -> Path:
