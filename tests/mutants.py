@@ -16,6 +16,9 @@ SRC = ROOT / "src" / "prumerge"
 
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
+    "INT8 calibration of a question-reading graph feeds no question": (
+        "calib/int8.py", "extra = probe_question(1, question_width) if question_width else {}", "extra = {}",
+        ["tests/test_cdpruner.py::test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_the_reducer_float"]),
     "validation takes any moved CDPruner set as a near-tie": (
         "reduce/methods/cdpruner.py", "allowed = allowed or (len(top) > 1 and float(top[0] - top[1]) < NEAR_TIE * scale)",
         "allowed = True",

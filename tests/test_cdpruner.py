@@ -146,8 +146,8 @@ def test_what_cannot_be_built_with_a_question_yet_is_refused_in_one_line(llava_d
 
     from prumerge.cli import main
 
-    for flags, message in ((["--no-llm"], "--no-llm"), (["--llm-kv-cache", "int8"], "--llm-kv-cache int8"),
-                           (["--target", "server"], "--target / --engine"), (["--no-project"], "needs the checkpoint's projector")):
+    for flags, message in ((["--no-llm"], "--no-llm"), (["--target", "server"], "--target / --engine"),
+                           (["--no-project"], "needs the checkpoint's projector")):
         result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(tmp_path / "x"), "--method", "cdpruner",
                                            *flags])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
@@ -218,3 +218,33 @@ def test_validation_allows_a_set_only_where_the_reference_greedy_step_was_a_near
         assert moved_within_ties(features, question, mask, config, torch.tensor([sorted(twin)])) == [True]
     far = sorted((kept - {max(kept - {3, 7})}) | {next(i for i in range(30) if i not in kept | {3, 7})})
     assert moved_within_ties(features, question, mask, config, torch.tensor([far])) == [False]
+
+
+def test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_the_reducer_float(llava_dir, tmp_path):
+    """Static INT8 of a question-reading graph: calibrated on the images with the contract's probe question (the
+    tower's and projector's activations do not depend on it), no reducer node reads a quantised tensor, the agreement
+    with fp32 is recorded; the int8 KV cache calibrates on its prompts likewise; verify compares it with PyTorch."""
+    import onnx
+
+    from prumerge.artifact.node_stages import classify_nodes
+    from prumerge.calib.budget import calibrate_budget
+    from prumerge.calib.images import CalibrationSet
+    from prumerge.export.build import build_artifact
+    from prumerge.export.options import BuildOptions, Int8Options, LlmOptions
+    from prumerge.export.verify import verify_artifact
+
+    calibration = calibrate_budget(str(llava_dir), CalibrationSet.synthetic(6, 0), ["prumerge"], 0.9).write(tmp_path / "c.json")
+    manifest = build_artifact(str(llava_dir), tmp_path / "int8", BuildOptions(
+        ReducerConfig(method="cdpruner", kept_tokens=9), llm=LlmOptions(precision="fp32", kv_cache="int8"),
+        int8=Int8Options(), calibration=str(calibration)))
+    assert manifest.vision.precision == "int8" and manifest.llm.kv_dtype == "int8"
+    agreement = manifest.vision.int8.agreement
+    assert agreement.images == 6 and 0 < agreement.mean_jaccard <= 1 and agreement.mean_count_diff == 0
+    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
+    stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
+    produced_by = {o: n for n in graph.node for o in n.output}
+    reducer_nodes = [n for n in graph.node if stages.get(n.name) == "reducer"]
+    assert len(reducer_nodes) > 20 and sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
+    for node in reducer_nodes:
+        assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
+    assert "reference_int8_agreement" in verify_artifact(tmp_path / "int8", images=2)

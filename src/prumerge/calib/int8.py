@@ -84,10 +84,15 @@ def tower_part_of(graph) -> dict:
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over preprocessed images, one image per batch."""
+    """onnxruntime CalibrationDataReader over preprocessed images, one image per batch; a graph that reads the
+    question (cdpruner) also gets the contract's fixed probe question: the tower's and projector's activations, which
+    the scales are taken from, do not depend on it, and the reducer that reads it stays float."""
 
-    def __init__(self, pixels: np.ndarray, input_name: str) -> None:
-        self.items = iter([{input_name: pixels[i : i + 1]} for i in range(len(pixels))])
+    def __init__(self, pixels: np.ndarray, input_name: str, question_width: int | None = None) -> None:
+        from ..artifact.contract import probe_question
+
+        extra = probe_question(1, question_width) if question_width else {}
+        self.items = iter([{input_name: pixels[i : i + 1], **extra} for i in range(len(pixels))])
 
     def get_next(self):
         return next(self.items, None)
@@ -141,7 +146,7 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
                  "percentile": CalibrationMethod.Percentile}[method]
     try:
         quantize_static(
-            str(fp32_path), str(int8_path), _Reader(pixels.astype(np.float32), input_name),
+            str(fp32_path), str(int8_path), _Reader(pixels.astype(np.float32), input_name, _question_width(fp32_path)),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
             activation_type=QuantType.QInt8 if target == "tensorrt" else QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded, calibrate_method=calibrate, use_external_data_format=large,
@@ -156,12 +161,25 @@ def quantize_vision(fp32_path: Path, int8_path: Path, pixels: np.ndarray, method
                       seconds=round(time.perf_counter() - start, 1))
 
 
+def _question_width(onnx_path: Path) -> int | None:
+    """The width of the graph's question input (a question-reading graph), else None; read without the weights."""
+    import onnx
+
+    from ..artifact.contract import QUESTION_INPUTS
+
+    for graph_input in onnx.load(str(onnx_path), load_external_data=False).graph.input:
+        if graph_input.name == QUESTION_INPUTS[0]:
+            return int(graph_input.type.tensor_type.shape.dim[-1].dim_value)
+    return None
+
+
 def session_outputs(path: Path, pixels: np.ndarray, batch: int = 8) -> VisionOutput:
     """Run an ONNX vision graph on onnxruntime CPU over ``pixels`` (the runtime's session, in batches of
-    ``batch``)."""
+    ``batch``; a question-reading graph with the probe question)."""
     from ..runtime.vision import VisionSession
 
-    return VisionSession.from_graph(path, batch_max=batch).run_pixels(pixels)
+    session = VisionSession.from_graph(path, batch_max=batch)
+    return session.run_pixels(pixels, session.probe_question(len(pixels)))
 
 
 def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: int = 5) -> float:
@@ -174,11 +192,11 @@ def latency_ratio(fp32_path: Path, int8_path: Path, pixels: np.ndarray, runs: in
     feed = pixels[:1]
     times = ([], [])
     for s in sessions:
-        s.run_pixels(feed)
+        s.run_pixels(feed, s.probe_question(1))
     for _ in range(runs):
         for i, s in enumerate(sessions):
             start = time.perf_counter()
-            s.run_pixels(feed)
+            s.run_pixels(feed, s.probe_question(1))
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 

@@ -162,7 +162,8 @@ def _kv_calibration_tokens(encoder, stage: Path, calibration) -> tuple[list, dic
     visual = []
     for name in (VISION_FILE, BASELINE_FILE):
         if (stage / name).is_file():
-            out = VisionSession.from_graph(stage / name, batch_max=1).run_pixels(pixels)
+            session = VisionSession.from_graph(stage / name, batch_max=1)
+            out = session.run_pixels(pixels, session.probe_question(len(pixels)))
             visual += [out.image(b).astype("float32") for b in range(len(pixels))]
     return visual, dict(images.source, used=len(pixels))
 

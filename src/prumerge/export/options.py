@@ -144,14 +144,12 @@ class BuildOptions:
                               "10.3's ONNX parser does not take: a TensorRT --target needs the default --opset "
                               f"{PLAIN_OPSET}")
         if self.reducer.spec.inputs:  # the graph reads the question: what the rest of the build can do with it yet
-            refused = [flag for flag, given in (("--no-llm", self.llm is None), ("--precision int8", self.int8 is not None),
-                                                ("--target / --engine", self.engine is not None),
-                                                ("--llm-kv-cache int8", self.llm is not None and self.llm.kv_cache == "int8"))
-                       if given]
+            refused = [flag for flag, given in (("--no-llm", self.llm is None),
+                                                ("--target / --engine", self.engine is not None)) if given]
             if refused:
                 raise ConfigError(f"--method {self.method.value} reads the question (embedded with the LLM's own table): "
-                                  f"{', '.join(refused)} cannot be built with it yet (INT8, TensorRT and the int8 KV "
-                                  "cache calibrate on images alone)")
+                                  f"{', '.join(refused)} cannot be built with it yet (the TensorRT engine's shape "
+                                  "profiles cover the pixels alone)")
         if self.engine is not None:
             from .tensorrt import EngineOptions, check_batch
 

@@ -50,7 +50,8 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
         encoder = encoder.half()
     if manifest.vision.precision == "int8":  # selection may move with quantised features: report agreement
         with torch.no_grad():
-            ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)))
+            ref = encoder(torch.from_numpy(pixels.astype(session.input_dtype)),
+                          **{name: torch.from_numpy(array) for name, array in (question or {}).items()})
         result = agreement(reference_output(ref), got)
         if not np.isfinite(got.tokens).all():
             raise ArtifactError(f"verify {directory}: the INT8 graph produced non-finite tokens")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES, PADDING_INDEX, QUESTION_INPUTS, VisionOutput, concat_outputs
+from ..artifact.contract import (INPUT_NAME, OUTPUT_NAMES, PADDING_INDEX, QUESTION_INPUTS, VisionOutput, concat_outputs,
+                                 probe_question)
 from ..errors import ArtifactError, InputError
 from .preprocess import ImageLike, preprocess_batch
 
@@ -52,6 +53,11 @@ class VisionSessionBase:
             raise ArtifactError(f"the vision graph takes {', '.join(s.name for s in graph.inputs)}; prumerge knows "
                                 f"{INPUT_NAME} and optionally {', '.join(QUESTION_INPUTS)}")
         self.question_width = int(graph.inputs[1].shape[-1]) if self.question_inputs else None
+
+    def probe_question(self, batch: int) -> dict | None:
+        """The contract's fixed probe question for ``batch`` images when the graph reads one (None otherwise): what
+        build-time checks and calibration feed a question-reading graph (``artifact.contract.probe_question``)."""
+        return probe_question(batch, self.question_width) if self.question_inputs else None
 
     @property
     def needs_question(self) -> bool:
