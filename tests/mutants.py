@@ -16,6 +16,9 @@ SRC = ROOT / "src" / "prumerge"
 
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
+    "a stop whose exit was dropped still publishes the build": (
+        "export/staging.py", "stop_if_requested()  # a signal whose exit was dropped: nothing is published", "pass",
+        ["tests/test_bad_input.py::test_a_stop_whose_exit_was_dropped_still_publishes_nothing"]),
     "INT8 calibration of a question-reading graph feeds no question": (
         "calib/int8.py", "extra = probe_question(1, question_width) if question_width else {}", "extra = {}",
         ["tests/test_cdpruner.py::test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_the_reducer_float"]),

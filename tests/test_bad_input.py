@@ -765,3 +765,20 @@ def test_profile_defaults_to_the_methods_the_artifacts_provide(artifact_factory)
     assert list(resolve_methods([plain, plus], None)) == ["prumerge", "prumerge+"]
     with pytest.raises(ConfigError, match="no artifact provides none"):
         resolve_methods([plain], ["none"])
+
+
+def test_a_stop_whose_exit_was_dropped_still_publishes_nothing(tmp_path):
+    """Python drops an exception a signal handler raises while a finalizer runs: the CLI's SIGTERM handler also
+    records the stop, and a staged directory checks it before publishing, so the build ends with the signal's code
+    and leaves nothing (seen under load: a SIGTERM'd build finished and exited 0)."""
+    import prumerge.export.staging as staging
+
+    staging.request_stop(143)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with staging.staged_directory(tmp_path / "art", kind="checkpoint") as stage:
+                (stage / "weights").write_text("written before the dropped stop was noticed")
+        assert stopped.value.code == 143
+        assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
+    finally:
+        staging._STOP.clear()

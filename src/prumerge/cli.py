@@ -34,11 +34,13 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         import signal
+        import threading
+
+        from .export.staging import request_stop
 
         def terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: staging directories are removed on the way out
+            request_stop(128 + signum)  # and is remembered, in case Python drops the exit (see request_stop)
             raise SystemExit(128 + signum)
-
-        import threading
 
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, terminate)
@@ -64,12 +66,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="prumerge-export")
 def main() -> None:
     """Export LLaVA-style vision towers with the PruMerge / PruMerge+ token reducer inside the graph."""
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 class _Fraction(click.FloatRange):
@@ -182,9 +178,11 @@ def _options_from(kwargs, base: str | None = None, vision_tower: str | None = No
 
 
 def _build(model: str, out: Path, options, force: bool):
+    from rich.console import Console
+
     from .export.build import build_artifact
 
-    console = _console()
+    console = Console(stderr=True)
     with console.status("starting") as status:
         manifest = build_artifact(model, out, options, force=force,
                                   progress=lambda m: (status.update(m), console.log(m)))

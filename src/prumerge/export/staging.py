@@ -111,6 +111,22 @@ def remove_stale(target: Path) -> list:
     return removed
 
 
+_STOP: list = []
+
+
+def request_stop(code: int) -> None:
+    """Remember that the process was told to stop (the CLI's SIGTERM handler). The handler also raises SystemExit,
+    but Python drops an exception raised while a finalizer (``__del__``, a weakref callback) runs, and torch's export
+    runs many: seen under load, a SIGTERM'd build then finished and published its artifact, exit 0. A staged
+    directory checks this before it is published, so a stop that was dropped still stops the build there."""
+    _STOP.append(int(code))
+
+
+def stop_if_requested() -> None:
+    if _STOP:
+        raise SystemExit(_STOP[0])
+
+
 @contextmanager
 def build_lock(target: Path) -> Iterator[None]:
     """An exclusive lock on ``target`` for the whole build (``.NAME.lock`` beside it): a second build into the same
@@ -211,6 +227,7 @@ def staged_directory(target: str | os.PathLike, force: bool = False, kind: str =
                 if kind != "artifact":  # mark it so that a later --force of the same command may replace it
                     (staging / OWNED_MARKER).write_text(f"written by prumerge; --force of the same command may replace it\nkind: {kind}\n")
                 yield staging
+                stop_if_requested()  # a signal whose exit was dropped: nothing is published
                 _apply_umask(staging)
                 _replace(target, staging, force, kind)
             except BaseException:  # a failed build, a refused rename, a signal: nothing of ours is left
