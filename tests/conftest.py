@@ -161,3 +161,20 @@ def rehash_manifest(directory: Path, edit) -> None:
     data.pop("manifest_sha256", None)
     data["manifest_sha256"] = _self_hash(data)
     path.write_text(json.dumps(data))
+
+
+def quantised_reducer_check(onnx_path: Path) -> tuple[int, int]:
+    """(reducer nodes, QuantizeLinear nodes) of an INT8 graph, after asserting that no reducer node reads a
+    QuantizeLinear output (every reducer keeps its arithmetic float)."""
+    import onnx
+
+    from prumerge.artifact.node_stages import classify_nodes
+
+    graph = onnx.load(str(onnx_path)).graph
+    stages = classify_nodes(onnx_path)
+    produced_by = {o: n for n in graph.node for o in n.output}
+    reducer_nodes = [n for n in graph.node if stages.get(n.name) == "reducer"]
+    for node in reducer_nodes:
+        assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input), node.name
+    return len(reducer_nodes), sum(n.op_type == "QuantizeLinear" for n in graph.node)
+

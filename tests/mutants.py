@@ -224,8 +224,8 @@ MUTANTS = {
         "if isinstance(value, bool) or not isinstance(value, int):",
         ["tests/test_registry.py::test_options_are_declared_once_and_checked_from_their_declaration"]),
     "build_command drops a reducer option": (
-        "evaluate/budget.py", "if name in declared and value != registry.defaults()[name]:",
-        "if name in declared and value != registry.defaults()[name] and name != \"iqr_factor\":",
+        "evaluate/budget.py", "if name in declared and value != defaults[name]:",
+        "if name in declared and value != defaults[name] and name != \"iqr_factor\":",
         ["tests/test_evaluate.py"]),
     "triton --max-batch 0 taken as not given": (
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",

@@ -224,9 +224,7 @@ def test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_t
     """Static INT8 of a question-reading graph: calibrated on the images with the contract's probe question (the
     tower's and projector's activations do not depend on it), no reducer node reads a quantised tensor, the agreement
     with fp32 is recorded; the int8 KV cache calibrates on its prompts likewise; verify compares it with PyTorch."""
-    import onnx
-
-    from prumerge.artifact.node_stages import classify_nodes
+    from conftest import quantised_reducer_check
     from prumerge.calib.budget import calibrate_budget
     from prumerge.calib.images import CalibrationSet
     from prumerge.export.build import build_artifact
@@ -240,11 +238,6 @@ def test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_t
     assert manifest.vision.precision == "int8" and manifest.llm.kv_dtype == "int8"
     agreement = manifest.vision.int8.agreement
     assert agreement.images == 6 and 0 < agreement.mean_jaccard <= 1 and agreement.mean_count_diff == 0
-    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
-    stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
-    produced_by = {o: n for n in graph.node for o in n.output}
-    reducer_nodes = [n for n in graph.node if stages.get(n.name) == "reducer"]
-    assert len(reducer_nodes) > 20 and sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
-    for node in reducer_nodes:
-        assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
+    reducer_nodes, quantise_nodes = quantised_reducer_check(tmp_path / "int8" / "vision.onnx")
+    assert reducer_nodes > 20 and quantise_nodes > 5
     assert "reference_int8_agreement" in verify_artifact(tmp_path / "int8", images=2)

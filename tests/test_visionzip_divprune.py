@@ -264,9 +264,7 @@ def test_run_and_profile_from_the_cli(built, tmp_path, method, count):
 def test_int8_visionzip_keeps_its_reducer_float_and_records_agreement(llava_dir, tmp_path):
     """INT8 (static Q/DQ) of a VisionZip graph: the calibration file gives only the image set (no capacity), no node of
     the method reads a quantised tensor, and the recorded agreement pairs its CLS and contextual tokens."""
-    import onnx
-
-    from prumerge.artifact.node_stages import classify_nodes
+    from conftest import quantised_reducer_check
     from prumerge.calib.budget import calibrate_budget
     from prumerge.calib.images import CalibrationSet
     from prumerge.export.build import build_artifact
@@ -280,10 +278,5 @@ def test_int8_visionzip_keeps_its_reducer_float_and_records_agreement(llava_dir,
     agreement = manifest.vision.int8.agreement
     assert agreement.images == 6 and 0 < agreement.mean_jaccard <= 1 and agreement.mean_count_diff == 0
     assert 0.9 < agreement.mean_cosine <= 1.0 + 1e-6  # CLS, dominant and contextual tokens all paired
-    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx")).graph
-    stages = classify_nodes(tmp_path / "int8" / "vision.onnx")
-    produced_by = {o: n for n in graph.node for o in n.output}
-    reducer_nodes = [n for n in graph.node if stages.get(n.name) == "reducer"]
-    assert len(reducer_nodes) > 10 and sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
-    for node in reducer_nodes:
-        assert all(produced_by.get(i) is None or produced_by[i].op_type != "QuantizeLinear" for i in node.input)
+    reducer_nodes, quantise_nodes = quantised_reducer_check(tmp_path / "int8" / "vision.onnx")
+    assert reducer_nodes > 10 and quantise_nodes > 5

@@ -73,9 +73,9 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
     if facts["method"] != "none":
         if facts["method"] in ADAPTIVE_METHODS:  # the others' count is their options'
             args += ["--max-tokens", str(int(facts["capacity"]))]
-        declared = registry.options()  # each option's flag and default, from its method's declaration
+        declared, defaults = registry.options(), registry.defaults()  # each option's flag and default, declared once
         for name, value in (facts.get("reducer_options") or {}).items():
-            if name in declared and value != registry.defaults()[name]:
+            if name in declared and value != defaults[name]:
                 args += [declared[name].flag, str(value)]  # str(float): the shortest form that reads back equal
     if facts.get("opset") not in (None, PLAIN_OPSET):  # e.g. 23: fused attention
         args += ["--opset", str(facts["opset"])]

@@ -286,16 +286,10 @@ def _validate(encoder, path, pixels, precision):
 
     session = VisionSession.from_graph(path, batch_max=len(pixels))  # the runtime's own binding and checks
     feed = pixels.astype("float16") if precision == "fp16" else pixels
-    question = _probe_question(encoder, len(pixels))
+    question = session.probe_question(len(pixels))  # a question-reading graph: the contract's probe question
     got = session.run_pixels(feed, question)
     return validate_against(encoder, got, feed, precision, session.provider, question)
 
-
-def _probe_question(encoder, batch: int) -> dict | None:
-    """The fixed question build-time checks give a graph that reads one (None for the others)."""
-    from ..artifact.contract import probe_question
-
-    return probe_question(batch, encoder.output_width) if encoder.reducer.spec.inputs else None
 
 
 def _node_stages(path: Path) -> dict:

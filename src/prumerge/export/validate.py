@@ -135,14 +135,10 @@ def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance:
         ) and selection_within(selection["scores"][b], float(selection["thresholds"][b]), got_idx[:-1], selection["plus"],
                                selection["min_keep"], selection["epsilon"]):
             found["selection_moved"] += 1
-            where = {int(p): i for i, p in enumerate(got_idx[:-1])}
-            rows = np.array([i for i, p in enumerate(ref_idx[:-1]) if int(p) in where], dtype=int)
-            got_rows = np.array([where[int(ref_idx[i])] for i in rows], dtype=int)
+            rows, got_rows = _shared_rows(ref_idx[:-1], got_idx[:-1])  # the extra token depends on what was kept
         elif tied is not None and tied[b] and n_ref == n_got:
             found["selection_moved"] += 1
-            where = {int(p): i for i, p in enumerate(got_idx)}
-            rows = np.array([i for i, p in enumerate(ref_idx) if int(p) in where], dtype=int)
-            got_rows = np.array([where[int(ref_idx[i])] for i in rows], dtype=int)
+            rows, got_rows = _shared_rows(ref_idx, got_idx)
         else:
             found["selection_unexplained"] += 1
             continue
@@ -162,6 +158,13 @@ def compare_outputs(reference: VisionOutput, candidate: VisionOutput, tolerance:
     return ValidationResult(images=len(reference.num_tokens), counts_identical=counts, indices_identical=indices,
                             max_abs_error=max_error, tolerance=tolerance, provider=provider, near_tie_epsilon=epsilon,
                             selection_epsilon=0.0 if selection is None else float(selection["epsilon"]), **found)
+
+
+def _shared_rows(ref_idx, got_idx) -> tuple[np.ndarray, np.ndarray]:
+    """Slots of the reference and of the candidate that hold the same patch (a moved selection's comparable tokens)."""
+    where = {int(p): i for i, p in enumerate(got_idx)}
+    rows = np.array([i for i, p in enumerate(ref_idx) if int(p) in where], dtype=int)
+    return rows, np.array([where[int(ref_idx[i])] for i in rows], dtype=int)
 
 
 def require(result: ValidationResult, what: str) -> ValidationResult:

@@ -17,7 +17,6 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
                     expect_sha256: str | None = None) -> dict:
     """Re-hash every file, run the graph on onnxruntime and compare with the PyTorch reference rebuilt from the
     source checkpoint recorded in the manifest (``reference=False``: hashes and an onnxruntime run only)."""
-    from ..artifact.contract import probe_question
     from ..runtime.vision import VisionSession
     from .validate import agreement, reference_output, require, synthetic_pixels, validate_against
 
@@ -26,7 +25,7 @@ def verify_artifact(directory: str | Path, images: int = 4, provider: str = "cpu
     session = VisionSession.open(directory, provider=provider, verify=True, expect_sha256=expect_sha256)
     manifest = session.manifest
     pixels = synthetic_pixels(images, session.image_size, seed=seed)
-    question = probe_question(images, session.question_width) if session.needs_question else None
+    question = session.probe_question(images)
     got = session.run_pixels(pixels, question)
     report = {"directory": str(directory), "files": len(manifest.files), "hashes": "ok", "manifest_sha256": manifest.sha256,
               "pinned": expect_sha256 is not None, "provider": session.provider,

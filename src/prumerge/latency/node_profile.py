@@ -1,8 +1,9 @@
 """Which vision-graph node belongs to which stage, and how long each stage took in onnxruntime's profile.
 
 The dynamo exporter stores each node's PyTorch module scope and stack trace in ``metadata_props``: nodes under
-``encoder.tower`` are the CLIP encoder, under ``encoder.projector`` the projector, and nodes traced from
-``reduce_tokens`` (the reducer is plain functions, so its nodes carry no module scope, only the call) the reducer. So the reducer's share is measured per node, not inferred.
+``encoder.tower`` are the vision encoder, under ``encoder.projector`` the projector, and nodes traced from a
+reducer (``artifact.node_stages``: the reducers are plain functions, so their nodes carry no module scope, only
+their stack traces) the reducer. So the reducer's share is measured per node, not inferred.
 """
 
 from __future__ import annotations

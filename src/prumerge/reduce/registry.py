@@ -115,6 +115,7 @@ class ReducerSpec:
 
 _SPECS: dict = {}
 _LOADED = False
+_OPTIONS: dict = {}  # options(), made once: ReducerConfig reads it at every construction
 
 
 def register(spec: ReducerSpec) -> ReducerSpec:
@@ -123,6 +124,7 @@ def register(spec: ReducerSpec) -> ReducerSpec:
     if spec.name in _SPECS and _SPECS[spec.name] is not spec:
         raise ValueError(f"reducer {spec.name!r} registered twice")
     _SPECS[spec.name] = spec
+    _OPTIONS.clear()
     return spec
 
 
@@ -158,6 +160,8 @@ def get(name) -> ReducerSpec:
 
 def options() -> dict:
     """``{option name: OptionSpec}``: every method's options, each declared once (by its option class)."""
+    if _OPTIONS:
+        return _OPTIONS
     out: dict = {}
     declared: dict = {}
     for spec in specs().values():
@@ -171,7 +175,8 @@ def options() -> dict:
             kind = field.type if isinstance(field.type, type) else _resolve(spec.options, field.type)
             out[field.name] = OptionSpec(field.name, field.default, kind, field.metadata["help"],
                                          field.metadata["minimum"], owners)
-    return out
+    _OPTIONS.update(out)
+    return _OPTIONS
 
 
 def defaults() -> dict:
