@@ -21,8 +21,9 @@ if _WORKERS > 1:
 # take whole files (--dist loadfile) in collection order, so a long file collected last leaves the other worker idle
 # at the end. Only the order changes; a file not listed keeps its place after these.
 LONGEST_FILES = {"test_realweights.py": 173, "test_smollm2.py": 141, "test_bad_input.py": 108, "test_demovlm.py": 96,
-                 "test_export.py": 85, "test_pipeline.py": 63, "test_visionzip_divprune.py": 48, "test_serve.py": 46,
-                 "test_profile.py": 44, "test_hostile_outputs.py": 25, "test_hostile_manifests.py": 21}
+                 "test_cdpruner.py": 95, "test_export.py": 85, "test_triton.py": 70, "test_pipeline.py": 70,
+                 "test_visionzip_divprune.py": 48, "test_serve.py": 46, "test_profile.py": 44,
+                 "test_hostile_outputs.py": 25, "test_hostile_manifests.py": 21}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -121,6 +122,67 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory):
     return shared(tmp_path_factory, "llava", _save_llava)
+
+
+def tiny_clip_tokenizer():
+    """A byte-level BPE with CLIP's start/end tokens added by its post-processor (as CLIP's tokenizer.json does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["!", "<unk>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                       special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>"), bos, eos
+
+
+def _save_llava_clip(path, llava_dir):
+    """The full CLIP the tiny LLaVA's tower was "taken from": its vision model is the tower (weights equal), with a
+    text model, both projections and a CLIP tokenizer (16 positions, so a question spans several segments)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
+
+    tokenizer, bos, eos = tiny_clip_tokenizer()
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=bos, eos_token_id=eos,
+                          pad_token_id=0, projection_dim=24)
+    vision = llava.config.vision_config.to_dict() | {"projection_dim": 24}  # as a real CLIP's sub-configs say it
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=24)
+    torch.manual_seed(3)
+    clip = CLIPModel(config).eval()
+    tower = llava.model.vision_tower
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def llava_clip_dir(tmp_path_factory, llava_dir):
+    return shared(tmp_path_factory, "llava-clip", lambda path: _save_llava_clip(path, llava_dir))
+
+
+def _build_cdpruner(path, llava_dir):
+    from click.testing import CliRunner
+
+    from prumerge.cli import main
+
+    result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(path), "--method", "cdpruner",
+                                       "--kept-tokens", "9", "--llm-precision", "fp32", "--llm-kv-cache", "float"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="session")
+def cdpruner_artifact(tmp_path_factory, llava_dir):
+    """The tiny LLaVA built through the CLI with CDPruner keeping 9 of 64 patches (the graph reads the question),
+    with its fp32 LLM: made once for every test file that asks (test_cdpruner, test_triton)."""
+    return shared(tmp_path_factory, "cdpruner-9", lambda path: _build_cdpruner(path, llava_dir))
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,39 @@ SRC = ROOT / "src" / "prumerge"
 
 # name: (file, original text, mutated text, tests that must catch it)
 MUTANTS = {
+    "the mixed cache's prefill quantises by truncation, not rounding": (
+        "export/kv_cache.py", 'helper.make_node("Round", [f"{tag}/{which}_scaled"], [f"{tag}/{which}_rounded"]),',
+        'helper.make_node("Identity", [f"{tag}/{which}_scaled"], [f"{tag}/{which}_rounded"]),',
+        ["tests/test_pipeline.py::test_a_mixed_kv_cache_prefills_in_float_and_decodes_from_the_int8_cache"]),
+    "a mixed decoder prefills on the int8 kernel": (
+        "runtime/llm.py", "if self.prefill_switch and cache.length == 0:", "if False:",
+        ["tests/test_pipeline.py::test_a_mixed_kv_cache_prefills_in_float_and_decodes_from_the_int8_cache"]),
+    "the question reaches CLIP's text model without its start and end tokens": (
+        "runtime/text.py", "ids = self.tokenizer.encode(text).ids", "ids = self.tokenizer.encode(text, add_special_tokens=False).ids",
+        ["tests/test_cdpruner.py::test_the_clip_text_relevance_keeps_what_the_released_code_keeps"]),
+    "CLIP's image head skips post_layernorm": (
+        "model/text_relevance.py", "return self.visual_projection(self.post_layernorm(patches).float())",
+        "return self.visual_projection(patches.float())",
+        ["tests/test_cdpruner.py::test_the_clip_text_relevance_keeps_what_the_released_code_keeps"]),
+    "a CLIP whose vision weights are not the tower's is taken": (
+        "model/text_relevance.py", "    if differing:\n", "    if False:\n",
+        ["tests/test_cdpruner.py::test_a_text_encoder_that_is_not_the_towers_clip_or_not_for_cdpruner_is_refused"]),
+    "a text encoder keeps the LLM-space sign by default": (
+        "export/options.py", 'reducer["relevance_sign"] = "negated"', "pass",
+        ["tests/test_cdpruner.py::test_the_clip_text_relevance_keeps_what_the_released_code_keeps"]),
+    "a second question runs the tower again": (
+        "runtime/pipeline.py", "patches = self._towers.pop(key, None)", "patches = self._towers.pop(key, None) and None",
+        ["tests/test_cdpruner.py::test_a_second_question_on_an_image_runs_the_reducer_graph_alone"]),
+    "the engine profile gives the question rows the batch's range": (
+        "export/tensorrt.py", "QUESTION_ROWS_AXIS: (1, options.opt_question_rows, options.max_question_rows)}",
+        "QUESTION_ROWS_AXIS: (options.min_batch, options.opt_batch, options.max_batch)}",
+        ["tests/test_cdpruner.py::test_a_tensorrt_engine_for_a_question_graph_profiles_the_question_rows_and_refuses_longer_ones"]),
+    "a question longer than the engine's profile reaches TensorRT": (
+        "runtime/session.py", "if self.question_rows_max is not None and embeds.shape[1] > self.question_rows_max:", "if False:",
+        ["tests/test_cdpruner.py::test_a_tensorrt_engine_for_a_question_graph_profiles_the_question_rows_and_refuses_longer_ones"]),
+    "Triton's entry model sends no question": (
+        "triton/models/bls_model.py", "        if self.questions is not None:  # the reducer keeps", "        if False:  # the reducer keeps",
+        ["tests/test_triton.py::test_the_entry_model_passes_the_question_to_a_question_reading_graph"]),
     "a stop whose exit was dropped still publishes the build": (
         "export/staging.py", "stop_if_requested()  # a signal whose exit was dropped: nothing is published", "pass",
         ["tests/test_bad_input.py::test_a_stop_whose_exit_was_dropped_still_publishes_nothing"]),
@@ -83,7 +116,7 @@ MUTANTS = {
         "    return pil.convert(\"RGB\")\n",
         ["tests/test_preprocess.py", "tests/test_bad_input.py::test_transparent_pixels_become_white_as_in_transformers"]),
     "user text parsed for special tokens": (
-        "runtime/pipeline.py", "plain.encode_special_tokens = True", "plain.encode_special_tokens = False",
+        "runtime/llm.py", "plain.encode_special_tokens = True", "plain.encode_special_tokens = False",
         ["tests/test_bad_input.py::test_special_tokens_typed_by_a_user_stay_text"]),
     "manifest paths not confined": (
         "artifact/manifest.py", "    pure = PurePosixPath(name)\n", "    return Path(directory) / name\n",
@@ -224,8 +257,8 @@ MUTANTS = {
         "if isinstance(value, bool) or not isinstance(value, int):",
         ["tests/test_registry.py::test_options_are_declared_once_and_checked_from_their_declaration"]),
     "build_command drops a reducer option": (
-        "evaluate/budget.py", "if name in declared and value != defaults[name]:",
-        "if name in declared and value != defaults[name] and name != \"iqr_factor\":",
+        "evaluate/budget.py", "if name in declared and (value != defaults[name] or name in stated):",
+        "if name in declared and (value != defaults[name] or name in stated) and name != \"iqr_factor\":",
         ["tests/test_evaluate.py"]),
     "triton --max-batch 0 taken as not given": (
         "triton/repository.py", "int(options.max_batch if options.max_batch is not None else vision.batch_max)",
@@ -364,8 +397,8 @@ MUTANTS = {
         "export/options.py", "if self.engine is not None and self.graph.opset > PLAIN_OPSET:", "if False:",
         ["tests/test_hostile_outputs.py::test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line"]),
     "the chosen build line drops the int8 KV cache": (
-        "evaluate/budget.py", '        args += ["--llm-kv-cache", "int8"]', "        pass",
-        ["tests/test_hostile_outputs.py::test_the_chosen_build_line_keeps_the_int8_kv_cache_it_measured"]),
+        "evaluate/budget.py", '        args += ["--llm-kv-cache", str(facts["llm_kv_cache"])]', "        pass",
+        ["tests/test_hostile_outputs.py::test_the_chosen_build_line_keeps_the_kv_cache_it_measured"]),
     "the Triton hint pastes an unquoted path": (
         "cli.py", "{shlex.join(['tritonserver', '--model-repository', str(facts['model_repository'])])}",
         "tritonserver --model-repository {facts['model_repository']}",

@@ -25,9 +25,10 @@ from prumerge.reduce.config import Method, ReducerConfig
     (lambda: GraphOptions(validate_images=True), "validate_images must be an integer"),
     (lambda: LlmOptions(precision="int3"), "unknown LLM precision"),
     (lambda: LlmOptions(provider="tpu"), "unknown LLM provider"),
-    (lambda: LlmOptions(kv_cache="auto"), "unknown KV cache"),
+    (lambda: LlmOptions(kv_cache="bf16"), "unknown KV cache"),
     (lambda: LlmOptions(kv_cache="int8", provider="cuda"), "--llm-kv-cache int8 is for decoders with float32 inputs"),
     (lambda: LlmOptions(kv_cache="int8", precision="fp16"), "--llm-kv-cache int8 is for decoders with float32 inputs"),
+    (lambda: LlmOptions(kv_cache="mixed", provider="cuda"), "--llm-kv-cache mixed is for decoders with float32 inputs"),
     (lambda: Int8Options(method="mse"), "unknown calibration method"),
     (lambda: Int8Options(float_layers=-1), "float_layers must be an integer >= 0"),
 ])
@@ -70,9 +71,12 @@ def test_the_command_line_maps_each_flag_to_its_stage(tmp_path, monkeypatch):
     assert options.llm == LlmOptions("auto") and options.int8 is None
     assert options.engine.target == "server" and options.engine.build_here and options.graph.opset == 18
 
-    seen.clear()  # the KV cache: float unless int8 is asked for (faster decode, slower prefill)
+    seen.clear()  # the KV cache: auto (mixed on the CPU provider, float elsewhere) unless one is asked for
     CliRunner().invoke(main, ["build", "some/model", "--out", str(tmp_path / "o"), "--llm-kv-cache", "int8"])
-    assert seen["options"].llm == LlmOptions("auto", kv_cache="int8") and LlmOptions().kv_cache == "float"
+    assert seen["options"].llm == LlmOptions("auto", kv_cache="int8") and LlmOptions().kv_cache == "auto"
+    assert [LlmOptions().kv_cache_for(p) for p in ("int4", "fp32", "fp16")] == ["mixed", "mixed", "float"]
+    assert LlmOptions(provider="cuda").kv_cache_for("int4") == "float"
+    assert LlmOptions(kv_cache="float").kv_cache_for("int4") == "float"
 
     seen.clear()  # fused attention is asked for by its opset
     CliRunner().invoke(main, ["build", "some/model", "--out", str(tmp_path / "o"), "--no-llm", "--opset", "23"])

@@ -92,20 +92,6 @@ def test_options_are_checked_from_their_declaration():
 
 
 # ------------------------------------------------------------------------------------------------ in the graph
-@pytest.fixture(scope="module")
-def cdpruner_artifact(llava_dir, tmp_path_factory):
-    """A tiny LLaVA built through the CLI with CDPruner (the graph reads the question), with its fp32 LLM."""
-    from click.testing import CliRunner
-
-    from prumerge.cli import main
-
-    out = tmp_path_factory.mktemp("cdpruner") / "art"
-    result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(out), "--method", "cdpruner",
-                                       "--kept-tokens", "9", "--llm-precision", "fp32"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_the_graph_keeps_what_pytorch_keeps_for_each_question_and_verify_passes(cdpruner_artifact):
     """The build validated the graph against PyTorch (indices identical) with a question input of its own; verify
     does it again; another question keeps another set, and the same question the same set."""
@@ -141,13 +127,45 @@ def test_the_pipeline_embeds_the_question_and_answers(cdpruner_artifact):
         pipeline.generate(image, "<image>", sampling=SamplingParams(2))
 
 
-def test_what_cannot_be_built_with_a_question_yet_is_refused_in_one_line(llava_dir, tmp_path):
+def test_a_second_question_on_an_image_runs_the_reducer_graph_alone(cdpruner_artifact):
+    """The build writes the reducer alone (checked there against the whole graph); the pipeline keeps an image's
+    patch outputs, so a second question on it runs the reducer graph only (the tower graph runs once) and answers
+    exactly as a pipeline that runs the whole graph for it."""
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.runtime.pipeline import Pipeline, SamplingParams
+
+    manifest = Manifest.read(cdpruner_artifact)
+    assert manifest.vision.reducer_graph == "vision_reducer.onnx" and "vision_reducer.onnx" in manifest.files
+    assert "patch_tokens" in [o.name for o in manifest.vision.outputs]
+    image = np.full((40, 40, 3), 70, dtype=np.uint8)
+    image[5:20, 8:30] = (200, 40, 40)
+    questions = ("<image>\nWhat colour is the square?", "<image>\ndescribe the image in detail")
+    pipeline = Pipeline.from_artifacts(cdpruner_artifact)
+    calls = {"tower": 0, "reducer": 0}
+    for part, session in (("tower", pipeline.vision.session), ("reducer", pipeline.vision.reducer)):
+        run = session.run
+        session.run = lambda *a, _run=run, _part=part, **k: (calls.__setitem__(_part, calls[_part] + 1), _run(*a, **k))[1]
+    answers = [pipeline.generate(image, q, sampling=SamplingParams(4)) for q in questions]
+    assert calls == {"tower": 1, "reducer": 1}
+    for question, answer in zip(questions, answers):
+        fresh = Pipeline.from_artifacts(cdpruner_artifact)
+        fresh.vision.reducer = None  # the whole graph for every question
+        alone = fresh.generate(image, question, sampling=SamplingParams(4))
+        assert (answer.token_ids, answer.visual_tokens) == (alone.token_ids, alone.visual_tokens)
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 112, 112)).astype(np.float32)
+    first, patches = pipeline.vision.run_keeping_patches(pixels, pipeline.question(questions[0], 2))
+    other = pipeline.question(questions[1], 2)
+    assert np.array_equal(pipeline.vision.reduce_patches(patches, other).indices,
+                          pipeline.vision.run_pixels(pixels, other).indices)
+
+
+def test_what_cannot_be_built_with_a_question_is_refused_in_one_line(llava_dir, tmp_path):
     from click.testing import CliRunner
 
     from prumerge.cli import main
 
-    for flags, message in ((["--no-llm"], "--no-llm"), (["--target", "server"], "--target / --engine"),
-                           (["--no-project"], "needs the checkpoint's projector")):
+    for flags, message in ((["--no-llm"], "--no-llm"), (["--no-project"], "needs the checkpoint's projector"),
+                           (["--target", "server", "--max-question-rows", "5000"], "question rows profile")):
         result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(tmp_path / "x"), "--method", "cdpruner",
                                            *flags])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
@@ -200,6 +218,34 @@ def test_a_manifest_whose_question_inputs_are_renamed_or_dropped_is_refused(cdpr
             Manifest.read(art)
 
 
+def test_a_manifest_whose_reducer_graph_or_text_side_is_edited_is_refused(cdpruner_artifact, clip_text_artifact,
+                                                                          tmp_path):
+    """The reducer graph and the text graph are read from where the manifest says, inside the artifact only; a
+    reducer graph on a graph that reads no question, or a text width the vision graph does not take, is refused."""
+    import shutil
+
+    from conftest import rehash_manifest
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.errors import ArtifactError
+    from prumerge.runtime.vision import VisionSession
+
+    from prumerge.runtime.pipeline import Pipeline
+
+    vision = lambda art: VisionSession.open(art, verify=False)  # noqa: E731
+    pipeline = lambda art: Pipeline.from_artifacts(art, verify=False)  # noqa: E731
+    cases = ((cdpruner_artifact, lambda d: d["vision"].update(reducer_graph="../../outside.onnx"), "outside", vision),
+             (cdpruner_artifact, lambda d: d["vision"].update(inputs=d["vision"]["inputs"][:1]), "reducer_graph",
+              Manifest.read),
+             (clip_text_artifact, lambda d: d["text"].update(width=d["text"]["width"] + 1), "text.width", Manifest.read),
+             (clip_text_artifact, lambda d: d["text"].update(directory="../.."), "outside", pipeline))
+    for i, (source, edit, message, read) in enumerate(cases):
+        art = tmp_path / str(i)
+        shutil.copytree(source, art)
+        rehash_manifest(art, edit)
+        with pytest.raises(ArtifactError, match=message):
+            read(art)
+
+
 def test_validation_allows_a_set_only_where_the_reference_greedy_step_was_a_near_tie():
     """Two tokens with the same direction and relevance tie exactly at the first step: a runtime that took the other
     one kept a set the reference may take; a set that swaps a token no step was close about is refused."""
@@ -241,3 +287,147 @@ def test_int8_and_the_int8_kv_cache_calibrate_with_the_probe_question_and_keep_t
     reducer_nodes, quantise_nodes = quantised_reducer_check(tmp_path / "int8" / "vision.onnx")
     assert reducer_nodes > 20 and quantise_nodes > 5
     assert "reference_int8_agreement" in verify_artifact(tmp_path / "int8", images=2)
+
+
+def test_a_tensorrt_engine_for_a_question_graph_profiles_the_question_rows_and_refuses_longer_ones(cdpruner_artifact):
+    """The engine's optimization profile covers the question inputs' token axis (1 / opt / max question rows) beside
+    the batch; build_engine.sh passes the same bounds to ``prumerge-export engine``; a session bound by an engine's
+    profile refuses a longer question in one line (TensorRT itself would fail mid-run)."""
+    from prumerge.artifact.contract import probe_question
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.export.tensorrt import EngineOptions, build_script, optimization_profile, trtexec_command
+    from prumerge.runtime.vision import VisionSession
+
+    inputs = Manifest.read(cdpruner_artifact).vision.inputs
+    options = EngineOptions.for_target("server", max_batch=4, opt_question_rows=16, max_question_rows=64)
+    profile = optimization_profile(inputs, options)
+    width = inputs[1].shape[2]
+    assert profile["question_embeds"] == ((1, 1, width), (1, 16, width), (4, 64, width))
+    assert profile["question_mask"] == ((1, 1), (1, 16), (4, 64))
+    assert profile["pixel_values"][2][0] == 4
+    command = trtexec_command("vision.onnx", "vision.engine", inputs, options)
+    assert f"question_embeds:4x64x{width}" in next(c for c in command if c.startswith("--maxShapes="))
+    assert "--opt-question-rows 16 --max-question-rows 64" in build_script(inputs, options)
+    assert "question-rows" not in build_script(inputs[:1], options)  # a pixels-only graph has no such axis
+
+    session = VisionSession.open(cdpruner_artifact)
+    pixels = np.zeros((1, 3, session.image_size, session.image_size), np.float32)
+    session.question_rows_max = 5  # as a TensorRTSession sets it from its engine's profile
+    session.run_pixels(pixels, probe_question(1, session.question_width, 5))
+    with pytest.raises(InputError, match="6 tokens long; this .* built for at most 5"):
+        session.run_pixels(pixels, probe_question(1, session.question_width, 6))
+
+
+# ------------------------------------------------------------------------------------------------ CLIP's text side
+def released_text_embeds(tokenizer, text_tower, texts):
+    """The released text path (CDPruner ``llava/model/multimodal_encoder/clip_encoder.py`` ``forward``, commit
+    ed9c12d): the instruction tokenised once, zero-padded to whole ``max_position_embeddings`` segments, one CLIP
+    text embedding per segment (the CUDA streams dropped)."""
+    max_position_embeddings = text_tower.config.max_position_embeddings
+    text_inputs = tokenizer(text=texts, return_tensors="pt")
+    text_segment = (text_inputs.input_ids.shape[1] - 1) // max_position_embeddings + 1
+    text_padding = max_position_embeddings * text_segment - text_inputs.input_ids.shape[1]
+    text_inputs = {
+        k: torch.cat([v, v.new_zeros((v.shape[0], text_padding))], dim=1).reshape(-1, max_position_embeddings)
+        for k, v in text_inputs.items() if k in ("input_ids", "attention_mask")
+    }
+    return text_tower(**text_inputs).text_embeds
+
+
+@pytest.fixture(scope="module")
+def clip_text_artifact(llava_dir, llava_clip_dir, tmp_path_factory):
+    """The tiny LLaVA with CDPruner reading the question through its CLIP's text side, with its fp32 LLM."""
+    from click.testing import CliRunner
+
+    from prumerge.cli import main
+
+    out = tmp_path_factory.mktemp("cdpruner-text") / "art"
+    result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(out), "--method", "cdpruner",
+                                       "--kept-tokens", "9", "--text-encoder", str(llava_clip_dir), "--llm-precision", "fp32",
+                                       "--llm-kv-cache", "float"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+QUESTIONS = ("what is in this picture", "there are two birds and a tree " * 6, "red green blue yellow")
+
+
+def test_the_clip_text_relevance_keeps_what_the_released_code_keeps(clip_text_artifact, llava_dir, llava_clip_dir):
+    """``--text-encoder``: the device embeds the question with the artifact's text graph and CLIP tokenizer
+    (tokenizers + onnxruntime) as the released code does with transformers (segments of 16 positions here; the
+    second question spans several), and the vision graph keeps exactly the released selection: relevance from CLIP
+    image embeddings of the feature layer's patches (post_layernorm, visual_projection), negated (the released
+    sign, the default with a text encoder), the DPP over the projected tokens."""
+    from transformers import (AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
+                              LlavaForConditionalGeneration)
+
+    from prumerge.artifact.manifest import Manifest
+    from prumerge.runtime.text import TextEncoder
+    from prumerge.runtime.vision import VisionSession
+
+    manifest = Manifest.read(clip_text_artifact)
+    assert manifest.reducer.options["relevance_sign"] == "negated" and manifest.text.width == 24
+    assert manifest.vision.inputs[1].shape[-1] == 24 and manifest.text.validation["max_relative_error"] <= 1e-4
+    assert {"text/text.onnx", "text/tokenizer.json"} <= set(manifest.files)
+    manifest.verify_files(clip_text_artifact)
+    session, text = VisionSession.open(clip_text_artifact), TextEncoder(clip_text_artifact, manifest.text)
+
+    tokenizer = AutoTokenizer.from_pretrained(llava_clip_dir)
+    text_tower = CLIPTextModelWithProjection.from_pretrained(llava_clip_dir).eval()
+    image_tower = CLIPVisionModelWithProjection.from_pretrained(llava_clip_dir).eval()
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    pixels = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, 112, 112)).astype(np.float32))
+    with torch.no_grad():
+        outputs = image_tower(pixels, output_hidden_states=True)
+        patches = outputs.hidden_states[llava.config.vision_feature_layer][:, 1:]
+        image_embeds = image_tower.visual_projection(image_tower.vision_model.post_layernorm(patches))
+        projected = llava.model.multi_modal_projector(patches)
+    segments_seen = set()
+    for question in QUESTIONS:
+        with torch.no_grad():
+            want = released_text_embeds(tokenizer, text_tower, [question])
+        got = text.embed(question)
+        segments_seen.add(len(got))
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+        kept = session.run_pixels(pixels.numpy(), {"question_embeds": np.broadcast_to(got, (2, *got.shape)),
+                                                   "question_mask": np.ones((2, len(got)), np.float32)}).indices
+        for b in range(2):  # the released code evaluates at batch 1
+            released = released_selection(projected[b: b + 1], image_embeds[b: b + 1], want, 9)
+            assert kept[b].tolist() == released[0].tolist(), question
+    assert len(segments_seen) > 1  # one question was cut into several segments
+
+
+def test_the_pipeline_embeds_the_question_with_the_text_graph_and_answers(clip_text_artifact):
+    from prumerge.runtime.pipeline import Pipeline, SamplingParams
+
+    pipeline = Pipeline.from_artifacts(clip_text_artifact)
+    question = pipeline.question("<image>\n" + QUESTIONS[1], 2)
+    np.testing.assert_array_equal(question["question_embeds"][1], pipeline.text.embed(QUESTIONS[1].strip()))
+    assert question["question_embeds"].shape[1:] == (len(pipeline.text.embed(QUESTIONS[1])), 24)
+    result = pipeline.generate(np.full((40, 40, 3), 90, np.uint8), "<image>\nWhat colour?", sampling=SamplingParams(3))
+    assert result.visual_tokens == [9] and result.generated_tokens >= 1
+    with pytest.raises(InputError, match="CLIP tokens long"):
+        pipeline.question("word " * (pipeline.text.spec.max_segments * pipeline.text.spec.positions), 1)
+
+
+def test_a_text_encoder_that_is_not_the_towers_clip_or_not_for_cdpruner_is_refused(llava_dir, llava_clip_dir,
+                                                                                    clip_dir, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from transformers import CLIPModel
+
+    from prumerge.cli import main
+
+    other = tmp_path / "other-clip"
+    clip = CLIPModel.from_pretrained(llava_clip_dir)
+    with torch.no_grad():
+        clip.vision_model.encoder.layers[0].mlp.fc1.weight.add_(0.01)
+    clip.save_pretrained(other)
+    shutil.copyfile(llava_clip_dir / "tokenizer.json", other / "tokenizer.json")
+    for flags, message in (([str(other)], "not this checkpoint's tower"), ([str(clip_dir)], "not a full CLIP"),
+                           ([str(llava_clip_dir), "--method", "divprune"], "not for --method divprune")):
+        result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(tmp_path / "x"), "--method", "cdpruner",
+                                           "--no-llm", "--text-encoder", *flags])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "x").exists()

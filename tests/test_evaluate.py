@@ -248,11 +248,13 @@ def test_build_command_parsed_by_build_gives_the_configuration_back(seed, tmp_pa
     facts = {"source": "ckpt", "revision": rng.choice([None, "v1"]), "method": method, "capacity": reducer.capacity,
              "precision": "int8" if int8 else rng.choice(["fp32", "fp16"]), "opset": rng.choice([18, 23]),
              "output": rng.choice(["padded", "dynamic"]), "image_size": rng.choice([None, 224, 336]),
-             "llm_precision": rng.choice(["int4", "int8", "fp32"]), "llm_kv_cache": rng.choice(["float", "int8"]),
+             "llm_precision": rng.choice(["int4", "int8", "fp32"]), "llm_kv_cache": rng.choice(["float", "int8", "mixed"]),
              "int8_calibration_method": rng.choice(["minmax", "entropy", "percentile"]) if int8 else None,
              "int8_float_layers": rng.choice([0, 2]) if int8 else None,
              "reducer_options": {k: v for k, v in reducer.to_dict().items() if k not in ("method", "capacity")}}
-    if facts["llm_kv_cache"] == "int8" and (facts["llm_precision"] == "fp16" or reads_question):
+    if reads_question and rng.random() < 0.5:  # CLIP's text side (its sign's default is the released negated)
+        facts["text_encoder"] = "clip-dir"
+    if facts["llm_kv_cache"] != "float" and facts["llm_precision"] == "fp16":
         facts["llm_kv_cache"] = "float"
     seen = {}
 
@@ -268,8 +270,8 @@ def test_build_command_parsed_by_build_gives_the_configuration_back(seed, tmp_pa
     assert parsed.reducer == (reducer if method != "none" else ReducerConfig(method="none"))
     assert (parsed.graph.opset, parsed.graph.contract, parsed.graph.image_size, parsed.graph.precision) == \
         (facts["opset"], facts["output"], facts["image_size"], "fp16" if facts["precision"] == "fp16" else "fp32")
-    assert (parsed.llm.precision, parsed.llm.kv_cache, parsed.source.revision) == \
-        (facts["llm_precision"], facts["llm_kv_cache"], facts["revision"])
+    assert (parsed.llm.precision, parsed.llm.kv_cache, parsed.source.revision, parsed.source.text_encoder) == \
+        (facts["llm_precision"], facts["llm_kv_cache"], facts["revision"], facts.get("text_encoder"))
     assert (parsed.int8 is not None) == int8
     if int8:
         assert (parsed.int8.method, parsed.int8.float_layers) == (facts["int8_calibration_method"], facts["int8_float_layers"])

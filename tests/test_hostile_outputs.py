@@ -264,14 +264,16 @@ def test_options_a_build_would_ignore_or_cannot_honour_are_refused_in_one_line(t
         assert "Traceback" not in result.output and not (tmp_path / "a").exists()
 
 
-def test_the_chosen_build_line_keeps_the_int8_kv_cache_it_measured():
+def test_the_chosen_build_line_keeps_the_kv_cache_it_measured():
+    """Every cache is stated: the default (auto) resolves by provider where the line is run, so a measured float or
+    int8 cache must not silently become the mixed one."""
     from prumerge.evaluate import budget
 
     row = {"build": {"source": "ckpt", "method": "prumerge", "capacity": 40, "precision": "fp32", "llm_precision": "int4",
                      "llm_kv_cache": "int8", "image_size": 224, "output": "padded", "reducer_options": {}}}
-    assert "--llm-kv-cache int8" in budget.build_command(row)
-    row["build"]["llm_kv_cache"] = "float"
-    assert "--llm-kv-cache" not in budget.build_command(row)
+    for cache in ("int8", "float", "mixed"):
+        row["build"]["llm_kv_cache"] = cache
+        assert f"--llm-kv-cache {cache}" in budget.build_command(row)
 
 
 def test_the_triton_hint_quotes_the_repository_path_and_small_files_are_copies(llm_artifact, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -110,6 +111,18 @@ def test_kv_cache_decode_equals_full_recompute(llm_artifact):
         decoder.step(np.zeros((5, embeds.shape[1]), np.float32), shared)
 
 
+def decode_rows(decoder, prompt, capacity, tokens=None):
+    """Each step's logits [9, V] after ``prompt`` and the tokens fed: the given ones (teacher forcing), else greedy."""
+    cache = decoder.start(capacity=capacity)
+    logits, cache = decoder.step(prompt, cache)
+    rows, fed = [logits], []
+    for step in range(8):
+        fed.append(tokens[step] if tokens else int(np.argmax(logits)))
+        logits, cache = decoder.step(decoder.embed([fed[-1]]), cache)
+        rows.append(logits)
+    return np.stack(rows), fed
+
+
 def test_an_int8_kv_cache_is_calibrated_written_and_decodes_like_the_float_one(llm_artifact, artifact_factory):
     """``--llm-kv-cache int8``: the same builder output with an int8 cache whose per-channel scales come from
     prompts holding the artifact's own visual tokens (its calibration images through its vision graph). The graph
@@ -146,25 +159,67 @@ def test_an_int8_kv_cache_is_calibrated_written_and_decodes_like_the_float_one(l
     pipeline = Pipeline.from_artifacts(llm_artifact)
     prompt, _ = pipeline.build_prompt(images(1, seed=11), "<image>\nwhat is in this picture", True, Stopwatch())
 
-    def run(decoder, capacity, tokens=None):
-        """Each step's logits [9, V] and the tokens fed: the given ones (teacher forcing), else greedy."""
-        cache = decoder.start(capacity=capacity)
-        logits, cache = decoder.step(prompt, cache)
-        rows, fed = [logits], []
-        for step in range(8):
-            fed.append(tokens[step] if tokens else int(np.argmax(logits)))
-            logits, cache = decoder.step(decoder.embed([fed[-1]]), cache)
-            rows.append(logits)
-        return np.stack(rows), fed
-
-    reference_rows, greedy = run(reference, len(prompt) + 9)
-    grown, _ = run(quantised, None, greedy)
-    shared, _ = run(quantised, len(prompt) + 9, greedy)
+    reference_rows, greedy = decode_rows(reference, prompt, len(prompt) + 9)
+    grown, _ = decode_rows(quantised, prompt, None, greedy)
+    shared, _ = decode_rows(quantised, prompt, len(prompt) + 9, greedy)
     np.testing.assert_array_equal(shared, grown)
     span = float(reference_rows.max() - reference_rows.min())
     print(f"int8 KV cache: max |logit difference| {float(np.abs(shared - reference_rows).max()) / span:.4f} of the range")
     assert float(np.abs(shared - reference_rows).max()) <= 0.02 * span
     assert [int(np.argmax(r)) for r in shared[:-1]] == greedy
+
+
+def test_a_mixed_kv_cache_prefills_in_float_and_decodes_from_the_int8_cache(llm_artifact, artifact_factory):
+    """``--llm-kv-cache mixed`` (the default on the CPU provider): one decoder whose attention is an ``If`` per
+    layer. A first step runs float attention, so its logits are the float decoder's (same kernel, same inputs), and
+    the cache it leaves is the float presents quantised with the layer's calibrated scales, ``round(x / scale)``
+    clipped to int8, in both the shared-buffer and the growing form; later steps read that int8 cache (shared buffers
+    equal concatenation bit for bit, logits within 2 % of the float decoder's range, the same greedy tokens)."""
+    import onnx
+
+    from prumerge.runtime.llm import Stopwatch, check_decoder_io
+
+    artifact = artifact_factory("llava", "prumerge", "padded", llm_precision="fp32", llm_kv_cache="mixed")
+    mixed, reference = Pipeline.from_artifacts(artifact).decoder, Pipeline.from_artifacts(llm_artifact).decoder
+    spec = mixed.spec
+    assert (spec.kv_cache_kind, spec.kv_dtype, reference.spec.kv_cache_kind) == ("mixed", "int8", "float")
+    path = artifact / spec.directory / spec.decoder
+    graph = onnx.load(str(path), load_external_data=False).graph
+    switch = spec.kv_cache["prefill_switch"]
+    assert [i.type.tensor_type.elem_type for i in graph.input if i.name == switch] == [onnx.TensorProto.BOOL]
+    assert not [n for n in graph.node if n.op_type == "GroupQueryAttention"]  # every layer's is inside its If
+    assert len([n for n in graph.node if n.op_type == "If" and n.input[0] == switch]) == spec.num_layers
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(("k_scale", "v_scale"))}
+
+    pipeline = Pipeline.from_artifacts(llm_artifact)
+    prompt, _ = pipeline.build_prompt(images(1, seed=12), "<image>\nwhat is in this picture", True, Stopwatch())
+    count = len(prompt)
+    float_logits, float_cache = reference.step(prompt, reference.start())
+    for capacity in (None, count + 9):
+        cache = mixed.start(capacity=capacity)
+        logits, cache = mixed.step(prompt, cache)
+        np.testing.assert_allclose(logits, float_logits, rtol=0, atol=1e-5 * float(np.abs(float_logits).max()))
+        for layer, (past_key, past_value) in enumerate(zip(spec.io.past_keys, spec.io.past_values)):
+            for name, kind in ((past_key, "k"), (past_value, "v")):
+                scale = scales[f"model.layers.{layer}.attn.{kind}_scale"].reshape(1, spec.num_kv_heads, 1, -1)
+                expected = np.clip(np.rint(float_cache.values[name].numpy() / scale), -128, 127).astype(np.int8)
+                held = cache.bound.arrays[name][:, :, :count] if capacity else cache.values[name].numpy()
+                np.testing.assert_array_equal(held, expected)
+
+    reference_rows, greedy = decode_rows(reference, prompt, count + 9)
+    shared, _ = decode_rows(mixed, prompt, count + 9, greedy)
+    grown, _ = decode_rows(mixed, prompt, None, greedy)
+    np.testing.assert_array_equal(shared, grown)
+    span = float(reference_rows.max() - reference_rows.min())
+    print(f"mixed KV cache: max |logit difference| {float(np.abs(shared - reference_rows).max()) / span:.4f} of the range")
+    assert float(np.abs(shared - reference_rows).max()) <= 0.02 * span
+    assert [int(np.argmax(r)) for r in shared[:-1]] == greedy
+
+    altered = dataclasses.replace(spec, kv_cache=dict(spec.kv_cache, prefill_switch="past_key_values.0.key"))
+    with pytest.raises(ArtifactError, match="not a bool"):
+        check_decoder_io(mixed.session, altered, path)
+    with pytest.raises(ArtifactError, match="does not have"):
+        check_decoder_io(mixed.session, dataclasses.replace(spec, kv_cache=dict(spec.kv_cache, prefill_switch="x")), path)
 
 
 def test_the_rotary_envelope_bounds_a_key_at_every_position():

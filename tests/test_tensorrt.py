@@ -47,6 +47,11 @@ def test_optimization_profile():
     assert profile == {"pixel_values": ((1, 3, 336, 336), (2, 3, 336, 336), (4, 3, 336, 336))}
     with pytest.raises(ConfigError, match="only a leading 'batch' axis"):
         optimization_profile([TensorSpec("x", "float32", ["batch", 3, "h", 336])], EngineOptions())
+    with pytest.raises(ConfigError, match="only a leading 'batch' axis"):
+        optimization_profile([TensorSpec("x", "float32", ["question_rows", "batch", 4])], EngineOptions())
+    for bad in (dict(opt_question_rows=0), dict(opt_question_rows=9, max_question_rows=8), dict(max_question_rows=5000)):
+        with pytest.raises(ConfigError, match="question rows profile"):
+            EngineOptions(**bad)
 
 
 STRONG = {"strongly_typed": True, "fp16": False, "pin_fp32": False}

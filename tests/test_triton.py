@@ -343,3 +343,54 @@ def test_cancel_board_keys_never_leave_the_board(tmp_path):
     shared.chmod(0o777)
     with pytest.raises(PermissionError, match="not a private directory"):
         CancelBoard(shared)
+
+
+# ------------------------------------------------------------------------------------------------ question graphs
+@pytest.fixture(scope="module")
+def question_artifact(cdpruner_artifact):
+    """CDPruner keeping 9 of 64 patches: the vision graph reads the question besides the pixels (conftest's)."""
+    return cdpruner_artifact
+
+
+@pytest.fixture(scope="module")
+def question_server(question_artifact, tmp_path_factory):
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("triton-question") / "repo"
+    write_repository(question_artifact, out, TritonOptions(instances=1, max_batch=4, max_queue_delay_us=1000))
+    config = _parse((out / "models" / "prumerge_vision" / "config.pbtxt").read_text())
+    assert [list(i.dims) for i in config.input][1:] == [[-1, 64], [-1]]  # the question's rows: any count
+    with LocalTriton(out / "models", tmp_path_factory.mktemp("tritonserver-question")) as running:
+        yield running
+
+
+def test_the_entry_model_passes_the_question_to_a_question_reading_graph(question_server, question_artifact):
+    """The entry model embeds each request's prompt (the artifact's tokenizer and table, padded with masked rows to
+    a multiple of 16 so that nearby lengths batch) and sends it with the pixels: each streamed answer is ``run``'s
+    for that prompt, and a direct ``prumerge_vision`` call with a question keeps the session's set."""
+    import tritonclient.http as http
+
+    from prumerge.runtime.preprocess import preprocess_batch
+
+    image = synthetic_images(1, seed=4)[0]
+    pipeline = Pipeline.from_artifacts(question_artifact)
+    feed = preprocess_batch([image], pipeline.vision.preprocess)
+    kept = {}
+    for prompt in ("<image> what is in this picture", "<image> describe the image in detail red green blue"):
+        pieces, final = _stream(question_server, [_png(image)], prompt)
+        expected = pipeline.generate(image, prompt, max_new_tokens=8)
+        assert isinstance(final, dict), final
+        assert "".join(pieces) == expected.text and final["token_ids"] == expected.token_ids
+        question = pipeline.question(prompt, 1)
+        direct = pipeline.vision.run_pixels(feed, question)
+        client = http.InferenceServerClient(question_server.http)
+        inputs = [http.InferInput("pixel_values", list(feed.shape), "FP32")]
+        inputs[0].set_data_from_numpy(feed)
+        for name, array in question.items():
+            inputs.append(http.InferInput(name, list(array.shape), "FP32"))
+            inputs[-1].set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        served = client.infer("prumerge_vision", inputs)
+        assert np.array_equal(served.as_numpy("indices"), direct.indices)
+        kept[prompt] = tuple(direct.indices[0])
+    assert len(set(kept.values())) == 2  # the two questions keep different sets: the question reached the graph

@@ -185,7 +185,7 @@ def built(llava_dir, tmp_path_factory):
                           ("divprune", ["--diverse-tokens", "12"])):
         directory = tmp_path_factory.mktemp("fixed") / method
         result = CliRunner().invoke(main, ["build", str(llava_dir), "--out", str(directory), "--method", method,
-                                           "--llm-precision", "fp32", *flags])
+                                           "--llm-precision", "fp32", "--llm-kv-cache", "float", *flags])
         assert result.exit_code == 0, result.output
         out[method] = directory
     return out

@@ -96,9 +96,9 @@ def engine_tuning_options() -> list:
     return [
         click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None, help="engine precision"),
         click.option("--workspace", type=int, default=None, help="builder workspace, MiB"),
-        click.option("--min-batch", type=int, default=None),
-        click.option("--opt-batch", type=int, default=None),
-        click.option("--max-batch", type=int, default=None),
+        *(click.option(f"--{bound}-batch", type=int, default=None) for bound in ("min", "opt", "max")),
+        click.option("--opt-question-rows", type=int, default=None, help="cdpruner: question tokens the engine is tuned for"),
+        click.option("--max-question-rows", type=int, default=None, help="cdpruner: the longest question (default 256)"),
         click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache file (read and updated)"),
     ]
 
@@ -143,10 +143,9 @@ def build_options(func):
                      help="language model precision (default: int4 for LLaVA checkpoints)"),
         click.option("--llm-provider", type=click.Choice(LLM_PROVIDERS), default="cpu", show_default=True,
                      help="execution provider the LLM is built for"),
-        click.option("--llm-kv-cache", type=click.Choice(KV_CACHES), default="float", show_default=True,
-                     help="the decoder's KV cache; int8: per-channel scales calibrated on the calibration images' "
-                          "prompts, decode after long prompts faster (1.6x after 2000 positions) but prefill slower "
-                          "(0.7x at 589): for long answers"),
+        click.option("--llm-kv-cache", type=click.Choice(KV_CACHES), default="auto", show_default=True,
+                     help="mixed: int8, calibrated per channel, the first step's attention in float (float's prefill, "
+                          "int8's decode); int8: every step int8; float: the builder's; auto: mixed on the CPU provider"),
         click.option("--no-llm", is_flag=True, help="vision graph only"),
         click.option("--baseline", is_flag=True, help="also export the unreduced (method none) graph for comparisons"),
         click.option("--target", type=click.Choice(ENGINE_TARGETS), default=None,
@@ -170,11 +169,13 @@ def build_options(func):
     ])(func)
 
 
-def _options_from(kwargs, base: str | None = None, vision_tower: str | None = None):
+def _options_from(kwargs, base: str | None = None, vision_tower: str | None = None, text_encoder: str | None = None):
     """The build's typed stages from the command line's flags (``export.options.from_flags``: one mapping)."""
     from .export.options import from_flags
 
-    return from_flags(kwargs, base, vision_tower)
+    context = click.get_current_context()  # which flags were left at their default (from_flags says why it asks)
+    defaulted = frozenset(n for n in kwargs if context.get_parameter_source(n) is click.core.ParameterSource.DEFAULT)
+    return from_flags(kwargs, base, vision_tower, text_encoder, defaulted)
 
 
 def _build(model: str, out: Path, options, force: bool):
@@ -184,9 +185,7 @@ def _build(model: str, out: Path, options, force: bool):
 
     console = Console(stderr=True)
     with console.status("starting") as status:
-        manifest = build_artifact(model, out, options, force=force,
-                                  progress=lambda m: (status.update(m), console.log(m)))
-    return manifest
+        return build_artifact(model, out, options, force=force, progress=lambda m: (status.update(m), console.log(m)))
 
 
 def _print_manifest_summary(manifest, out: Path) -> None:
@@ -206,11 +205,13 @@ def _print_manifest_summary(manifest, out: Path) -> None:
 @click.option("--no-project", is_flag=True, help="stop before the LLaVA projector (tokens in vision width)")
 @click.option("--base", default=None, help="original-layout LoRA checkpoint: its base LLM (dir or hub id)")
 @click.option("--vision-tower", default=None, help="original-layout checkpoint: the CLIP tower (default: its mm_vision_tower)")
+@click.option("--text-encoder", default=None, help="cdpruner: the full CLIP (dir or hub id) the tower is from; its text "
+              "model embeds the question as the released code does (--relevance-sign defaults to negated then)")
 @build_options
-def build(model, out, force, base, vision_tower, **kwargs):
+def build(model, out, force, base, vision_tower, text_encoder, **kwargs):
     """Export MODEL (hub id like llava-hf/llava-1.5-7b-hf, or a local checkpoint: llava-hf, CLIP, DINOv2, SigLIP,
     or original LLaVA layout, merged or LoRA) to an artifact directory."""
-    options = _options_from(kwargs, base, vision_tower)
+    options = _options_from(kwargs, base, vision_tower, text_encoder)
     _print_manifest_summary(_build(model, out, options, force), out)
 
 

@@ -93,7 +93,7 @@ def render(image, model: str | Path | None = None, method: str = "prumerge", out
         if projected and encoder.projector is not None:
             features = encoder.projector(features)
         info = explain(features, q, k, encoder.reducer, num_heads=encoder.num_heads, prefix=prefix,
-                       importance=encoder.adapter.importance, **inputs)
+                       importance=encoder.adapter.importance, **inputs, **encoder.relevance_inputs(hidden[:, prefix:]))
         reduced = encoder(pixels, **inputs)
     num_tokens = int(reduced.num_tokens[0])
     reducer_indices = [p for p in reduced.indices[0, :num_tokens].tolist() if p >= 0]  # patches (no extra/CLS/merged)

@@ -19,6 +19,11 @@ QUESTION_INPUTS = ("question_embeds", "question_mask")
 # padded: static [B, K_max, D] (TensorRT 10.3); dynamic: the token axis trimmed to the batch's longest count
 CONTRACTS = ("padded", "dynamic")
 OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")
+# a question-reading graph also outputs what its reducer chooses among (the projected patches; with a CLIP text side
+# their CLIP image embeddings), so a second question on the same image runs the reducer graph alone on them
+PATCH_OUTPUTS = ("patch_tokens", "patch_embeds")
+REDUCER_GRAPH_FILE = "vision_reducer.onnx"
+TEXT_INPUTS = ("input_ids", "attention_mask")  # the text graph's (build --text-encoder)
 EXTRA_TOKEN_INDEX = -1
 PADDING_INDEX = -2
 CLS_TOKEN_INDEX = -3
@@ -107,3 +112,15 @@ def probe_question(batch: int, width: int, rows: int = 6, seed: int = 0) -> dict
     mask[:, -1] = 0.0
     return dict(zip(QUESTION_INPUTS, (embeds, mask)))
 
+
+
+def text_segments(ids: list, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids [S, positions], attention_mask [S, positions])`` for the text graph: a question's token ids
+    zero-padded to whole segments (id 0, mask 0) and cut, as the released CDPruner code pads the tokenizer's output
+    and reshapes it. The build exports and validates with it; the runtime feeds the graph with it."""
+    count = max(1, -(-len(ids) // positions))
+    padded = np.zeros(count * positions, dtype=np.int64)
+    padded[: len(ids)] = ids
+    mask = np.zeros(count * positions, dtype=np.int64)
+    mask[: len(ids)] = 1
+    return padded.reshape(count, positions), mask.reshape(count, positions)

@@ -204,8 +204,12 @@ class EngineTarget(Section):
     max_batch: int
     timing_cache: str | None
     plan: dict  # {"strongly_typed": bool, "fp16": bool, "pin_fp32": bool}
+    opt_question_rows: int = 32  # the question inputs' token axis (a question-reading graph's profile)
+    max_question_rows: int = 256
 
     def check(self, where: str) -> None:
+        _integer(self.opt_question_rows, f"{where}.opt_question_rows", 1, 4096)
+        _integer(self.max_question_rows, f"{where}.max_question_rows", self.opt_question_rows, 4096)
         if not isinstance(self.target, str) or not self.target:
             raise ArtifactError(f"manifest field {where}.target must name a target")
         _choice(self.precision, f"{where}.precision", ("fp32", "fp16", "int8"))

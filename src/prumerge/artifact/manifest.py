@@ -26,7 +26,7 @@ from .preprocess_config import PreprocessConfig
 # the sections, read by attribute and checked when read; importable from here, where the manifest is
 from .fields import DecoderIO, Section, TensorSpec  # noqa: F401
 from .graph_facts import EngineFacts, EngineTarget, Int8Record, OpSupport, SelectionAgreement  # noqa: F401
-from .sections import (GraphSection, LLMSection, ReducerSection, SourceSection, ValidationSection,  # noqa: F401
+from .sections import (GraphSection, LLMSection, ReducerSection, SourceSection, TextSection, ValidationSection,  # noqa: F401
                        _preprocess)
 
 FORMAT = "prumerge-artifact"
@@ -35,7 +35,7 @@ MANIFEST_NAME = "manifest.json"
 
 
 _SECTIONS = {"source": SourceSection, "reducer": ReducerSection, "vision": GraphSection, "baseline": GraphSection,
-             "llm": LLMSection}
+             "llm": LLMSection, "text": TextSection}
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class Manifest:
     preprocess: PreprocessConfig  # prumerge.artifact.preprocess_config owns its fields
     llm: LLMSection | None = None
     baseline: GraphSection | None = None  # the unreduced (method none) graph, when the build exported it
+    text: TextSection | None = None  # CLIP's text graph, when the reducer compares the question in CLIP's space
     packages: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)
     created_utc: str = ""
@@ -66,6 +67,9 @@ class Manifest:
         for name, graph in (("vision", self.vision), ("baseline", self.baseline)):
             if graph is not None:
                 sizes[f"{name}.inputs[0].shape"] = tuple(graph.inputs[0].shape[2:])
+        if self.text is not None and (len(self.vision.inputs) < 2 or self.vision.inputs[1].shape[-1] != self.text.width):
+            raise ArtifactError(f"manifest field text.width is {self.text.width} but the vision graph takes no question "
+                                "rows of that width: it does not describe one artifact")
         if len({v if isinstance(v, tuple) else (v, v) for v in sizes.values()}) != 1:
             raise ArtifactError("the manifest's image sizes disagree (" + ", ".join(f"{k} {v}" for k, v in sizes.items())
                                 + "): it does not describe one artifact")

@@ -154,6 +154,9 @@ class GraphSection(Section):
     # "fused": the encoder's attention is ONNX's Attention op (opset 23: onnxruntime >= 1.23 runs it, TensorRT 10.3
     # parses it not); "plain": MatMul + Softmax, which every runtime here runs
     attention: str = "plain"
+    # a question-reading graph: the reducer alone (contract.REDUCER_GRAPH_FILE), run on this graph's patch outputs
+    # (contract.PATCH_OUTPUTS) when the same image is asked another question
+    reducer_graph: str | None = None
 
     def __post_init__(self) -> None:
         self.validation = ValidationSection.from_dict(self.validation, f"{self.file}.validation")
@@ -170,6 +173,10 @@ class GraphSection(Section):
         _choice(self.attention, f"{where}.attention", ("fused", "plain"))
         _choice(self.precision, f"{where}.precision", ("fp32", "fp16", "int8"))
         _choice(self.contract, f"{where}.contract", CONTRACTS)
+        if self.reducer_graph is not None and (not isinstance(self.reducer_graph, str) or not self.reducer_graph
+                                               or len(self.inputs) < 2):
+            raise ArtifactError(f"manifest field {where}.reducer_graph must name the reducer graph of a graph that "
+                                "reads the question")
         _integer(self.batch_max, f"{where}.batch_max", 1, 4096)
         _integer(self.capacity, f"{where}.capacity", 1, 1 << 16)
         _integer(self.output_width, f"{where}.output_width", 1, 1 << 16)
@@ -220,8 +227,16 @@ class LLMSection(Section):
     image_marker: str | None = None
     kv_share_buffer: bool | None = None  # the decoder writes into one preallocated KV buffer (GQA), no copy per step
     logits: str | None = None  # "last": one row per step (LM head on the last position only); "all"/None: every row
-    # an int8 KV cache's record (prumerge.export.kv_cache): {dtype, scales, rotary_envelope, calibration}; None: float
+    # an int8 KV cache's record (prumerge.export.kv_cache): {dtype, scales, rotary_envelope, calibration}, and with a
+    # float first step (a mixed cache) prefill_switch: the decoder's bool input that selects it; None: float
     kv_cache: dict | None = None
+
+    @property
+    def kv_cache_kind(self) -> str:
+        """What ``build --llm-kv-cache`` made: float, int8, or mixed (int8 with a float first step)."""
+        if self.kv_dtype != "int8":
+            return "float"
+        return "mixed" if (self.kv_cache or {}).get("prefill_switch") else "int8"
 
     def check(self, where: str) -> None:
         _integer(self.hidden_size, f"{where}.hidden_size", 1, 1 << 16)
@@ -242,6 +257,9 @@ class LLMSection(Section):
                                           or self.kv_dtype != "int8"):
             raise ArtifactError(f"manifest field {where}.kv_cache must record an int8 cache (dtype \"int8\") of a "
                                 "decoder whose kv_dtype is int8")
+        switch = (self.kv_cache or {}).get("prefill_switch")
+        if switch is not None and (not isinstance(switch, str) or not switch):
+            raise ArtifactError(f"manifest field {where}.kv_cache.prefill_switch must name the decoder's bool input")
         if self.prompt_format is not None:
             fmt = self.prompt_format
             try:
@@ -263,3 +281,27 @@ class LLMSection(Section):
                 raise ArtifactError(f"manifest field {where}.image_marker must be the prompt's image placeholder")
             _choice(self.add_bos, f"{where}.add_bos", (True, False), optional=True)
             self.io = DecoderIO.parse(self.io, f"{where}.io", self.num_layers)
+
+
+@dataclasses.dataclass
+class TextSection(Section):
+    """CLIP's text side (``build --text-encoder``): the text graph embedding a question for a reducer that compares
+    it with CLIP image embeddings (CDPruner's released relevance), its tokenizer, the segment length it was exported
+    for and the embeddings' width (the vision graph's question input width)."""
+
+    directory: str
+    graph: str
+    tokenizer: str
+    positions: int
+    width: int
+    max_segments: int
+    source: str | None = None
+    validation: dict | None = None  # the text graph against PyTorch at build time
+
+    def check(self, where: str) -> None:
+        for name in ("directory", "graph", "tokenizer"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ArtifactError(f"manifest field {where}.{name} must be a path in the artifact")
+        _integer(self.positions, f"{where}.positions", 1, 1 << 16)
+        _integer(self.width, f"{where}.width", 1, 1 << 16)
+        _integer(self.max_segments, f"{where}.max_segments", 1, 1 << 16)

@@ -70,12 +70,16 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
     args = ["prumerge-export", "build", str(facts["source"]), "--out", out, "--method", facts["method"]]
     if facts.get("revision"):
         args += ["--revision", str(facts["revision"])]
+    if facts.get("text_encoder"):
+        args += ["--text-encoder", str(facts["text_encoder"])]
     if facts["method"] != "none":
         if facts["method"] in ADAPTIVE_METHODS:  # the others' count is their options'
             args += ["--max-tokens", str(int(facts["capacity"]))]
         declared, defaults = registry.options(), registry.defaults()  # each option's flag and default, declared once
+        # with a text encoder the sign's default is another (from_flags): say it whatever it is
+        stated = {"relevance_sign"} if facts.get("text_encoder") else set()
         for name, value in (facts.get("reducer_options") or {}).items():
-            if name in declared and value != defaults[name]:
+            if name in declared and (value != defaults[name] or name in stated):
                 args += [declared[name].flag, str(value)]  # str(float): the shortest form that reads back equal
     if facts.get("opset") not in (None, PLAIN_OPSET):  # e.g. 23: fused attention
         args += ["--opset", str(facts["opset"])]
@@ -93,8 +97,8 @@ def build_command(row: dict, out: str = "artifacts/chosen") -> str:
             args += ["--int8-target-jaccard", f"{facts['int8_target_jaccard']:g}"]
     if facts.get("llm_precision"):
         args += ["--llm-precision", str(facts["llm_precision"])]
-    if facts.get("llm_kv_cache") == "int8":  # the cache measured, not the default float one
-        args += ["--llm-kv-cache", "int8"]
+    if facts.get("llm_kv_cache"):  # the cache measured, whatever the default resolves to where it is rebuilt
+        args += ["--llm-kv-cache", str(facts["llm_kv_cache"])]
     if facts.get("image_size"):
         args += ["--image-size", str(facts["image_size"])]
     return shlex.join(args)

@@ -91,7 +91,8 @@ def _build_facts(manifest: Manifest, graph) -> dict:
             "int8_float_layers": graph.int8.float_layers if graph.int8 else None,
             "int8_target_jaccard": graph.int8.target_jaccard if graph.int8 else None,
             "int8_calibration_method": graph.int8.calibration_method if graph.int8 else None,
-            "llm_precision": manifest.llm.precision, "llm_kv_cache": "int8" if manifest.llm.kv_dtype == "int8" else "float",
+            "llm_precision": manifest.llm.precision, "llm_kv_cache": manifest.llm.kv_cache_kind,
+            "text_encoder": manifest.text.source if manifest.text is not None else None,
             "image_size": manifest.reducer.image_size,
             "output": graph.contract, "reducer_options": dict(manifest.reducer.options or {})}
 
@@ -133,6 +134,10 @@ def _answer(questions, configs, out: Path, provider: str, max_new_tokens: int, p
             continue
         pipeline = Pipeline.from_artifacts(config.artifact, provider=provider,
                                            method="none" if config.graph == "baseline" else None)
+        # every question's TTFT cold, so that configurations compare alike: a question-reading graph would otherwise
+        # run the tower once per image (the pipeline keeps its patch outputs) and look faster than it is for one
+        # question (bench/bench_second_question.py measures that reuse on its own)
+        pipeline.TOWER_CACHE = 0
         model_id = f"{Path(str(config.build['source'])).name}-{config.label}"
         with open_answers(path) as handle:
             for q in todo:

@@ -16,8 +16,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
-from ..artifact.manifest import EngineFacts, EngineTarget, GraphSection, Manifest, TensorSpec, describe_files
+from ..errors import ConfigError, ExportError
+from ..artifact.manifest import (EngineFacts, EngineTarget, GraphSection, Manifest, TensorSpec, TextSection,
+                                 describe_files)
 from .staging import staged_directory
 from ..reduce.config import Method
 from .options import BuildOptions, GraphOptions, Int8Options
@@ -42,24 +43,47 @@ def build_artifact(model: str, out: str | Path, options: BuildOptions = BuildOpt
     step = progress or (lambda message: None)
     calibration, options = _calibration(options)
     source = options.source
-    with staged_directory(out, force=force, inputs=(model, source.base, source.vision_tower, options.calibration)) as stage, \
+    with staged_directory(out, force=force, inputs=(model, source.base, source.vision_tower, source.text_encoder,
+                                                    options.calibration)) as stage, \
             as_llava_hf(model, source.base, source.vision_tower, target=Path(out).resolve(), progress=step) as (checkpoint, converted):
         encoder = _vision_side(model, checkpoint, converted, options, calibration, step)
+        text_tower = _text_side(encoder, options, step)
         llm_precision = _llm_precision(encoder, checkpoint, options)
         _copy_processor_config(encoder.processor, stage)
         vision = _vision_graph(encoder, stage / VISION_FILE, options.graph, step)
         if options.int8 is not None:
             vision = _quantize(vision, encoder, stage, calibration, options.int8, options.engine is not None, step)
+        if encoder.patch_output_names():
+            vision = _reducer_graph(encoder, stage, vision, options.graph, step)
         baseline = _baseline_graph(checkpoint, encoder, stage, options, step)
         llm = _language_model(checkpoint, encoder, stage, options, llm_precision, calibration, step)
         if options.engine is not None:
             vision = _tensorrt(stage, vision, options.engine, step)
+        text = None
+        if text_tower is not None:
+            from .text import export_text_side
+
+            step(f"exporting the text graph (CLIP's text model from {source.text_encoder})")
+            text = export_text_side(*text_tower, stage, options.graph.opset, source.text_encoder)
         step("writing manifest")
         manifest = _manifest(encoder, vision, baseline, llm)
+        manifest.text = TextSection.from_dict(text, "text")
         manifest.files = describe_files(stage)
         manifest.write(stage)
     step(f"artifact ready: {Path(out)}")
     return manifest
+
+
+def _text_side(encoder, options: BuildOptions, step: Progress):
+    """With ``--text-encoder``: CLIP's image head goes into the encoder (the vision graph computes the patches'
+    image embeddings); returns (the text tower, its tokenizer file) for the text graph. None otherwise."""
+    if options.source.text_encoder is None:
+        return None
+    from ..model.text_relevance import load_text_side
+
+    step(f"loading CLIP's text side from {options.source.text_encoder}")
+    encoder.image_head, tower, tokenizer = load_text_side(options.source.text_encoder, encoder.tower)
+    return tower, tokenizer
 
 
 def _calibration(options: BuildOptions):
@@ -130,12 +154,13 @@ def _language_model(checkpoint, encoder, stage: Path, options: BuildOptions, pre
 
         step(f"converting the language model to an {precision} ONNX decoder (onnxruntime-genai builder)")
         visual, images = None, None
-        if options.llm.kv_cache == "int8":
+        kv_cache = options.llm.kv_cache_for(precision)
+        if kv_cache in ("int8", "mixed"):
             visual, images = _kv_calibration_tokens(encoder, stage, calibration)
-            step(f"then an int8 KV cache, calibrated on {len(visual)} prompts (the vision graphs' tokens for "
-                 f"{images['used']} calibration images)")
+            step(f"then an int8 KV cache{' (float prefill)' if kv_cache == 'mixed' else ''}, calibrated on "
+                 f"{len(visual)} prompts (the vision graphs' tokens for {images['used']} calibration images)")
         llm = build_llm(checkpoint, options.source.revision, config, stage, precision, options.llm.provider,
-                        kv_visual=visual, kv_images=images)
+                        kv_visual=visual, kv_images=images, kv_prefill="float" if kv_cache == "mixed" else "int8")
     else:
         llm = _llm_facts(config)
     if llm["hidden_size"] != encoder.output_width:
@@ -197,6 +222,34 @@ def _manifest(encoder, vision: GraphSection, baseline: GraphSection | None, llm:
         packages=_package_versions() | {"python": platform.python_version()},
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _reducer_graph(encoder, stage: Path, vision: GraphSection, options: GraphOptions, step: Progress) -> GraphSection:
+    """A question-reading graph's reducer alone (``vision_reducer.onnx``), checked on onnxruntime against the main
+    graph: on the main graph's patch outputs it gives the main graph's tokens for the same question."""
+    import numpy as np
+
+    from ..artifact.contract import OUTPUT_NAMES, REDUCER_GRAPH_FILE
+    from ..runtime.vision import VisionSession
+    from .graph import Contract, export_reducer_graph
+    from .validate import synthetic_pixels
+
+    step(f"exporting {REDUCER_GRAPH_FILE}: the {vision.method} reducer alone (a second question on an image)")
+    export_reducer_graph(encoder, stage / REDUCER_GRAPH_FILE, Contract.parse(options.contract), options.opset,
+                         options.batch_max)
+    session = VisionSession.from_graph(stage / VISION_FILE, batch_max=options.batch_max)
+    session.open_reducer(stage / REDUCER_GRAPH_FILE)
+    pixels = synthetic_pixels(2, encoder.image_size).astype(session.input_dtype)
+    question = session.probe_question(len(pixels))
+    whole, patches = session.run_keeping_patches(pixels, question)
+    alone = session.reduce_patches(patches, question)
+    for name in OUTPUT_NAMES:
+        a, b = getattr(whole, name), getattr(alone, name)
+        same = np.array_equal(a, b) if name != "tokens" else np.allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(a).max()))
+        if not same:
+            raise ExportError(f"{REDUCER_GRAPH_FILE} disagrees with {VISION_FILE} on {name} for the same patches "
+                              "and question")
+    return dataclasses.replace(vision, reducer_graph=REDUCER_GRAPH_FILE)
 
 
 def _quantize(vision: GraphSection, encoder, stage: Path, calibration, int8: Int8Options, for_tensorrt: bool,

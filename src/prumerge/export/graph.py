@@ -50,12 +50,69 @@ class VisionGraph(nn.Module):
                 question_mask: torch.Tensor | None = None):
         # the contract's optional inputs by name (torch.export names the graph's inputs after these parameters)
         extra = {"question_embeds": question_embeds, "question_mask": question_mask}
-        out = self.encoder(pixel_values, **{name: extra[name] for name in self.encoder.reducer.spec.inputs})
-        if self.contract is Contract.PADDED:
-            return out.tokens, out.num_tokens, out.indices, out.truncated
-        slots = torch.arange(out.tokens.shape[1], device=out.tokens.device)
-        keep = torch.nonzero(slots < out.num_tokens.max()).squeeze(1)  # data-dependent length
-        return out.tokens.index_select(1, keep), out.num_tokens, out.indices.index_select(1, keep), out.truncated
+        patches: list = []  # a question-reading graph's patch outputs (none for the others)
+        out = self.encoder(pixel_values, patch_sink=patches if self.encoder.patch_output_names() else None,
+                           **{name: extra[name] for name in self.encoder.reducer.spec.inputs})
+        return (*in_contract(out, self.contract), *patches)
+
+
+def in_contract(out, contract: Contract) -> tuple:
+    """The reducer's output as the contract's four outputs (the dynamic contract trims the token axis)."""
+    if contract is Contract.PADDED:
+        return out.tokens, out.num_tokens, out.indices, out.truncated
+    slots = torch.arange(out.tokens.shape[1], device=out.tokens.device)
+    keep = torch.nonzero(slots < out.num_tokens.max()).squeeze(1)  # data-dependent length
+    return out.tokens.index_select(1, keep), out.num_tokens, out.indices.index_select(1, keep), out.truncated
+
+
+class ReducerGraph(nn.Module):
+    """A question-reading reducer alone: the main graph's patch outputs and a question in, the contract out. An
+    image asked a second question runs this (milliseconds) instead of the whole tower again."""
+
+    def __init__(self, encoder: PruMergeEncoder, contract: Contract = Contract.PADDED) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.contract = Contract.parse(contract)
+
+    def forward(self, patch_tokens: torch.Tensor, question_embeds: torch.Tensor, question_mask: torch.Tensor,
+                patch_embeds: torch.Tensor | None = None):
+        from ..model.encoder import _fixed
+
+        spec = self.encoder.reducer.spec
+        relevance = {} if patch_embeds is None else {"image_embeds": patch_embeds}
+        out = _fixed(*spec.run(self.encoder, patch_tokens, None, None, question_embeds=question_embeds,
+                               question_mask=question_mask, **relevance))
+        return in_contract(out, self.contract)
+
+
+def export_reducer_graph(encoder: PruMergeEncoder, path: Path, contract: Contract, opset: int, batch_max: int) -> Path:
+    """``vision_reducer.onnx`` (:class:`ReducerGraph`): inputs ``patch_tokens`` (+ ``patch_embeds``), the question;
+    batch and question rows dynamic."""
+    graph = ReducerGraph(encoder, contract).eval()
+    example_batch = 2 if batch_max >= 2 else 1
+    pixels = torch.randn(example_batch, 3, encoder.image_size, encoder.image_size).to(next(encoder.parameters()).dtype)
+    question = question_example(encoder, example_batch)
+    with torch.no_grad():
+        patches: list = []
+        encoder(pixels, patch_sink=patches, **question)
+    names = encoder.patch_output_names()
+    example = dict(zip(names, patches)) | question
+    batch = torch.export.Dim("batch", min=1, max=batch_max)
+    rows = torch.export.Dim("question_rows", min=1, max=MAX_QUESTION_ROWS)
+    axes = {name: ({0: batch} if batch_max >= 2 else {}) for name in names}
+    axes |= {name: ({0: batch, 1: rows} if batch_max >= 2 else {1: rows}) for name in question}
+    order = ["patch_tokens", *question, *names[1:]]  # forward's parameter order
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(graph, tuple(example[n] for n in order), dynamo=True, opset_version=opset,
+                                        input_names=order, output_names=list(OUTPUT_NAMES),
+                                        dynamic_shapes={n: axes[n] for n in order}, optimize=True, verbose=False)
+            program.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for the reducer graph: {exc}") from exc
+    return path
 
 
 MAX_QUESTION_ROWS = 4096  # the most embedding rows a question may have (a 4k-token prompt)
@@ -68,7 +125,7 @@ def question_example(encoder: PruMergeEncoder, batch: int) -> dict:
         return {}
     from ..artifact.contract import probe_question
 
-    return {name: torch.from_numpy(array) for name, array in probe_question(batch, encoder.output_width, 5).items()}
+    return {name: torch.from_numpy(array) for name, array in probe_question(batch, encoder.question_width, 5).items()}
 
 
 def input_specs(encoder: PruMergeEncoder, precision: str) -> list:
@@ -77,7 +134,7 @@ def input_specs(encoder: PruMergeEncoder, precision: str) -> list:
 
     pixels = TensorSpec(INPUT_NAME, "float32" if precision == "fp32" else "float16",
                         ["batch", 3, encoder.image_size, encoder.image_size])
-    shapes = {"question_embeds": ["batch", "question_rows", encoder.output_width], "question_mask": ["batch", "question_rows"]}
+    shapes = {"question_embeds": ["batch", "question_rows", encoder.question_width], "question_mask": ["batch", "question_rows"]}
     return [pixels, *(TensorSpec(name, "float32", shapes[name]) for name in encoder.reducer.spec.inputs)]
 
 
@@ -86,7 +143,8 @@ def output_shapes(encoder: PruMergeEncoder, contract: Contract) -> dict:
     width = encoder.output_width
     slots = encoder.capacity if Contract.parse(contract) is Contract.PADDED else "num_tokens_max"
     shapes = (["batch", slots, width], ["batch"], ["batch", slots], ["batch"])
-    return dict(zip(OUTPUT_NAMES, shapes))
+    patches = (["batch", encoder.num_patches, width], ["batch", encoder.num_patches, encoder.question_width])
+    return dict(zip(OUTPUT_NAMES, shapes)) | dict(zip(encoder.patch_output_names(), patches))
 
 
 def max_opset() -> int:
@@ -146,7 +204,7 @@ def export_onnx(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME, *extra],
-                output_names=list(OUTPUT_NAMES),
+                output_names=[*OUTPUT_NAMES, *encoder.patch_output_names()],
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,

@@ -194,12 +194,13 @@ def prompt_format(hf_dir: Path) -> tuple[str, bool]:
 
 
 def build_llm(source: str, revision: str | None, config, stage: Path, precision: str, provider: str,
-              kv_visual: list | None = None, kv_images: dict | None = None) -> dict:
+              kv_visual: list | None = None, kv_images: dict | None = None, kv_prefill: str = "int8") -> dict:
     """Build ``stage/llm/`` and return the manifest's ``llm`` section (measured from the built decoder).
 
     ``kv_visual`` (a list, possibly empty): the decoder keeps an int8 KV cache calibrated on prompts holding these
     visual tokens (one image's each; text alone when empty), see :mod:`prumerge.export.kv_cache`; ``kv_images``
-    says where they came from. None: the builder's float cache."""
+    says where they came from; ``kv_prefill`` "float": the first step's attention in float (a mixed cache). None: the
+    builder's float cache."""
     import numpy as np
     import onnx
     from safetensors import safe_open
@@ -260,6 +261,6 @@ def build_llm(source: str, revision: str | None, config, stage: Path, precision:
     if kv_visual is not None:
         from .kv_cache import int8_kv_cache
 
-        section["kv_cache"] = int8_kv_cache(stage, section, kv_visual, kv_images or {})
+        section["kv_cache"] = int8_kv_cache(stage, section, kv_visual, kv_images or {}, prefill=kv_prefill)
         section["kv_dtype"] = "int8"
     return section

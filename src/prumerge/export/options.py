@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..reduce.config import Method, ReducerConfig
 
 LLM_PROVIDERS = ("cpu", "cuda")
-KV_CACHES = ("float", "int8")
+KV_CACHES = ("auto", "float", "int8", "mixed")
 LLM_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # what onnxruntime-genai's builder writes (export.llm)
 
 
@@ -33,6 +33,8 @@ class SourceOptions:
     revision: str | None = None  # hub revision (branch, tag or commit)
     base: str | None = None  # original-layout LoRA checkpoints: the base LLM (local dir or hub id)
     vision_tower: str | None = None  # original-layout checkpoints: the CLIP tower, instead of config's mm_vision_tower
+    # a full CLIP checkpoint (dir or hub id) whose text side embeds the question for cdpruner (the released relevance)
+    text_encoder: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +72,11 @@ class LlmOptions:
 
     precision: str = "auto"
     provider: str = "cpu"
-    # float: the builder's cache; int8: calibrated per channel (prumerge.export.kv_cache), for long generations: measured
-    # on the demo's SmolLM2, decode 1.58x faster after 2000 positions but a 589-position prefill 0.71x as fast
-    kv_cache: str = "float"
+    # float: the builder's cache; int8: calibrated per channel (prumerge.export.kv_cache), every step on the int8
+    # kernel (decode after 2000 positions 1.5x faster than float, a 589-position prefill 0.7x as fast); mixed: the same
+    # int8 cache, the first step's attention in float (export.kv_cache.float_prefill): float's prefill, int8's decode;
+    # auto: mixed where the int8 cache applies (CPU provider, float32 inputs), else float
+    kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
         choices = ("auto", *LLM_PRECISIONS)  # auto: int4 for LLaVA checkpoints with a projector
@@ -82,9 +86,18 @@ class LlmOptions:
             raise ConfigError(f"unknown LLM provider {self.provider!r}; choose one of: {', '.join(LLM_PROVIDERS)}")
         if self.kv_cache not in KV_CACHES:
             raise ConfigError(f"unknown KV cache {self.kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
-        if self.kv_cache == "int8" and (self.provider != "cpu" or self.precision == "fp16"):
-            raise ConfigError("--llm-kv-cache int8 is for decoders with float32 inputs on the CPU provider (where it "
-                              "was measured); leave it out with --llm-provider cuda or --llm-precision fp16")
+        if self.kv_cache in ("int8", "mixed") and not self._int8_cache_applies(self.precision):
+            raise ConfigError(f"--llm-kv-cache {self.kv_cache} is for decoders with float32 inputs on the CPU provider "
+                              "(where it was measured); use float with --llm-provider cuda or --llm-precision fp16")
+
+    def _int8_cache_applies(self, precision: str | None) -> bool:
+        return self.provider == "cpu" and precision != "fp16"
+
+    def kv_cache_for(self, precision: str | None) -> str:
+        """The cache to build for the decoder precision chosen (``auto`` resolved: mixed where it applies)."""
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        return "mixed" if self._int8_cache_applies(precision) else "float"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +157,16 @@ class BuildOptions:
                               "10.3's ONNX parser does not take: a TensorRT --target needs the default --opset "
                               f"{PLAIN_OPSET}")
         if self.reducer.spec.inputs:  # the graph reads the question: what the rest of the build can do with it yet
-            refused = [flag for flag, given in (("--no-llm", self.llm is None),
-                                                ("--target / --engine", self.engine is not None)) if given]
-            if refused:
-                raise ConfigError(f"--method {self.method.value} reads the question (embedded with the LLM's own table): "
-                                  f"{', '.join(refused)} cannot be built with it yet (the TensorRT engine's shape "
-                                  "profiles cover the pixels alone)")
+            if self.llm is None and self.source.text_encoder is None:
+                raise ConfigError(f"--method {self.method.value} reads the question (embedded with the LLM's own "
+                                  "table): --no-llm cannot be built with it (unless --text-encoder embeds it)")
+        if self.source.text_encoder is not None:
+            if not self.reducer.spec.inputs:
+                raise ConfigError(f"--text-encoder embeds the question for a reducer that reads it (cdpruner), not "
+                                  f"for --method {self.method.value}")
+            if self.int8 is not None:
+                raise ConfigError("--text-encoder with an INT8 vision graph is not built yet (CLIP's image head would "
+                                  "be quantised, unmeasured): build it in fp32 or fp16")
         if self.engine is not None:
             from .tensorrt import EngineOptions, check_batch
 
@@ -165,14 +182,19 @@ class BuildOptions:
         return dataclasses.replace(self, reducer=self.reducer.replace(capacity=capacity))
 
 
-def from_flags(kwargs: dict, base: str | None = None, vision_tower: str | None = None) -> "BuildOptions":
+def from_flags(kwargs: dict, base: str | None = None, vision_tower: str | None = None,
+               text_encoder: str | None = None, defaulted: frozenset = frozenset()) -> "BuildOptions":
     """The one place the command line's flags (click's parameter names: ``build`` and ``demo`` share them) become
-    the build's typed stages. A flag its stage would ignore is refused in one line, not silently dropped."""
+    the build's typed stages. A flag its stage would ignore is refused in one line, not silently dropped.
+    ``defaulted``: the flags the user left at their default (one default depends on another flag: CDPruner's
+    relevance sign is the released ``negated`` when the question is CLIP text, ``--text-encoder``)."""
     from ..reduce import registry
     from .tensorrt import EngineOptions, engine_overrides
 
     kwargs = dict(kwargs)
     reducer = {name: kwargs.pop(name) for name in registry.options()}
+    if text_encoder and "relevance_sign" in defaulted:
+        reducer["relevance_sign"] = "negated"
     method = kwargs.pop("method")
     if method == "none":
         reducer = {}
@@ -195,7 +217,7 @@ def from_flags(kwargs: dict, base: str | None = None, vision_tower: str | None =
         raise ConfigError(f"{', '.join(unused)} apply to an INT8 vision graph only: add --precision int8 "
                           "--calibration FILE, or leave them out")
     unused = [flag for flag, given in (("--llm-precision", llm_precision is not None),
-                                       ("--llm-kv-cache", llm_kv_cache != "float"),
+                                       ("--llm-kv-cache", llm_kv_cache != "auto"),
                                        ("--llm-provider", llm_provider != "cpu")) if given and no_llm]
     if unused:
         raise ConfigError(f"{', '.join(unused)} apply to the language model, and --no-llm builds none")
@@ -205,7 +227,8 @@ def from_flags(kwargs: dict, base: str | None = None, vision_tower: str | None =
                            batch_max=kwargs.pop("batch_max"), project=not kwargs.pop("no_project", False),
                            slim=not kwargs.pop("no_slim"), image_size=kwargs.pop("image_size"),
                            baseline=kwargs.pop("baseline")),
-        source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower),
+        source=SourceOptions(revision=kwargs.pop("revision", None), base=base, vision_tower=vision_tower,
+                             text_encoder=text_encoder),
         llm=None if no_llm else LlmOptions(precision=llm_precision or "auto", provider=llm_provider,
                                            kv_cache=llm_kv_cache),
         engine=engine,

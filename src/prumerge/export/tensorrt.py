@@ -47,6 +47,10 @@ class EngineOptions:
     opt_batch: int = 1
     max_batch: int = 8
     timing_cache: str | None = None
+    # a question-reading graph (cdpruner): the profile of its question_rows axis (the question's tokens); a longer
+    # question is refused by the runtime in one line
+    opt_question_rows: int = 32
+    max_question_rows: int = 256
     build_here: bool = False  # build: also build vision.engine now (needs TensorRT and the target GPU), not a fact
 
     def __post_init__(self) -> None:
@@ -58,6 +62,11 @@ class EngineOptions:
             raise ConfigError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if self.workspace_mib < 16:
             raise ConfigError(f"workspace must be at least 16 MiB, got {self.workspace_mib}")
+        from .graph import MAX_QUESTION_ROWS
+
+        if not 1 <= self.opt_question_rows <= self.max_question_rows <= MAX_QUESTION_ROWS:
+            raise ConfigError("question rows profile must satisfy 1 <= opt <= max <= "
+                              f"{MAX_QUESTION_ROWS}, got {self.opt_question_rows}/{self.max_question_rows}")
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> "EngineOptions":
@@ -77,16 +86,23 @@ class EngineOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "build_here"}
 
 
+QUESTION_ROWS_AXIS = "question_rows"  # the question inputs' token axis (export.graph)
+
+
 def optimization_profile(inputs: list, options: EngineOptions) -> dict:
-    """``{input name: (min, opt, max) shapes}`` for the batch axis; refuses unknown or extra dynamic axes."""
+    """``{input name: (min, opt, max) shapes}``: the leading ``batch`` axis from the batch profile, a question's
+    ``question_rows`` axis from 1 / ``opt_question_rows`` / ``max_question_rows``; refuses any other dynamic axis."""
+    ranges = {"batch": (options.min_batch, options.opt_batch, options.max_batch),
+              QUESTION_ROWS_AXIS: (1, options.opt_question_rows, options.max_question_rows)}
     profile = {}
     for spec in inputs:
         shape = spec.shape
         dynamic = [i for i, d in enumerate(shape) if isinstance(d, str)]
-        if dynamic != [0] or shape[0] != "batch":
-            raise ConfigError(f"input {spec.name} has dynamic axes {dynamic}; only a leading 'batch' axis is supported")
-        rest = tuple(int(d) for d in shape[1:])
-        profile[spec.name] = tuple((b, *rest) for b in (options.min_batch, options.opt_batch, options.max_batch))
+        if not dynamic or dynamic[0] != 0 or shape[0] != "batch" or any(shape[i] not in ranges for i in dynamic[1:]):
+            raise ConfigError(f"input {spec.name} has dynamic axes {dynamic}; only a leading 'batch' axis (and a "
+                              f"question's '{QUESTION_ROWS_AXIS}') is supported")
+        profile[spec.name] = tuple(tuple(ranges[d][k] if isinstance(d, str) else int(d) for d in shape)
+                                   for k in range(3))
     return profile
 
 
@@ -194,6 +210,8 @@ def build_script(inputs: list, options: EngineOptions, onnx_file: str = "vision.
     """``build_engine.sh``: run on the target device (engines are tied to one GPU and TensorRT version)."""
     command = " ".join(shlex.quote(c) for c in trtexec_command(onnx_file, ENGINE_FILE, inputs, options, plan, op_stage))
     batch = f"--min-batch {options.min_batch} --opt-batch {options.opt_batch} --max-batch {options.max_batch}"
+    if any(QUESTION_ROWS_AXIS in spec.shape for spec in inputs):
+        batch += f" --opt-question-rows {options.opt_question_rows} --max-question-rows {options.max_question_rows}"
     return f"""#!/usr/bin/env bash
 # Build the TensorRT engine for this artifact ON THE DEVICE THAT WILL RUN IT ({options.target}).
 # An engine is tied to one GPU model and one TensorRT version; building elsewhere gives an engine the runtime refuses.
@@ -334,4 +352,5 @@ def engine_overrides(flags: dict) -> dict:
     timing_cache = flags.pop("timing_cache")
     return {"precision": flags.pop("precision"), "workspace_mib": flags.pop("workspace"),
             "min_batch": flags.pop("min_batch"), "opt_batch": flags.pop("opt_batch"), "max_batch": flags.pop("max_batch"),
+            "opt_question_rows": flags.pop("opt_question_rows"), "max_question_rows": flags.pop("max_question_rows"),
             "timing_cache": str(timing_cache) if timing_cache else None}

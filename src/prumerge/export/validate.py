@@ -216,9 +216,9 @@ def validate_against(encoder, got: VisionOutput, pixels, precision: str, provide
         spec = encoder.reducer.spec
         if spec.near_ties is not None and not np.array_equal(ref.indices.numpy(), got.indices[:, :ref.indices.shape[1]]):
             hidden, _, _ = encoder.tower_outputs(torch.from_numpy(pixels))
-            features = hidden[:, encoder.adapter.prefix_tokens:]
-            if spec.projected and encoder.projector is not None:
-                features = encoder.projector(features)
-            tied = spec.near_ties(features, *(extra[name] for name in spec.inputs), encoder.reducer, got.indices)
+            patches = hidden[:, encoder.adapter.prefix_tokens:]
+            features = encoder.projector(patches) if spec.projected and encoder.projector is not None else patches
+            tied = spec.near_ties(features, *(extra[name] for name in spec.inputs), encoder.reducer, got.indices,
+                                  **encoder.relevance_inputs(patches))
     return compare_outputs(reference_output(ref), got, TOLERANCE[precision], provider, gaps=gaps,
                            epsilon=NEAR_TIE_EPSILON[precision], selection=selection, tied=tied)

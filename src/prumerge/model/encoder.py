@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, is_projector_key, is_vision_key, projector_state, vision_state
+from ..artifact.contract import PATCH_OUTPUTS
 from ..errors import CheckpointError, ConfigError, InputError
 from ..reduce.config import Method, ReducerConfig
 from ..reduce.reducer import ReducedTokens, check_inputs, reduce_tokens
@@ -45,6 +46,7 @@ class PruMergeEncoder(nn.Module):
         self.projector = projector
         self.keep_cls = keep_cls and self.adapter.prefix_tokens > 0
         self.source = source or {}
+        self.image_head: nn.Module | None = None  # CLIP's image head (model.text_relevance): build --text-encoder
         config = tower.config
         if feature_layer is None:
             feature_layer = self.adapter.default_feature_layer
@@ -209,6 +211,18 @@ class PruMergeEncoder(nn.Module):
         prefix = self.adapter.prefix_tokens
         return neighbor_gaps(keys[:, prefix:].double(), indices, self.reducer.neighbors)
 
+    # ------------------------------------------------------------------ the question's side
+    def relevance_inputs(self, patches: torch.Tensor) -> dict:
+        """What a question-reading reducer compares the question with besides the tokens it chooses among:
+        CLIP image embeddings of the feature layer's ``patches`` when the artifact has a CLIP text side."""
+        return {} if self.image_head is None else {"image_embeds": self.image_head(patches)}
+
+    @property
+    def question_width(self) -> int:
+        """The width of the question's rows the graph takes: CLIP's text embeddings, else the LLM's input
+        embeddings (the projected tokens' width)."""
+        return self.image_head.width if self.image_head is not None else self.output_width
+
     # ------------------------------------------------------------------ forward
     @property
     def output_width(self) -> int:
@@ -237,10 +251,19 @@ class PruMergeEncoder(nn.Module):
         q, k = adapter.qk(adapter.layers[self.scoring_layer], states[self.scoring_layer], query_rows)
         return adapter.finish(states[self.feature_index], self.feature_index), q, k
 
-    def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None, **inputs) -> ReducedTokens:
+    def patch_output_names(self) -> tuple:
+        """The extra outputs of a question-reading graph (``artifact.contract.PATCH_OUTPUTS``): what its reducer
+        chooses among, for the reducer graph to run on again with another question."""
+        if not self.reducer.spec.inputs:
+            return ()
+        return PATCH_OUTPUTS if self.image_head is not None else PATCH_OUTPUTS[:1]
+
+    def forward(self, pixel_values: torch.Tensor, tower_sink: list | None = None, patch_sink: list | None = None,
+                **inputs) -> ReducedTokens:
         """``tower_sink``: a list that receives the last layer's ``(q, k)`` (validation reuses them for neighbour
-        gaps and selection scores instead of a second tower pass). ``inputs``: what the method reads besides the
-        pixels (its spec's ``inputs``: CDPruner's question)."""
+        gaps and selection scores instead of a second tower pass). ``patch_sink``: a list that receives what a
+        question-reading reducer chose among (:meth:`patch_output_names`). ``inputs``: what the method reads
+        besides the pixels (its spec's ``inputs``: CDPruner's question)."""
         self.check_pixels(pixel_values)
         missing = [name for name in self.reducer.spec.inputs if inputs.get(name) is None]
         if missing:
@@ -263,7 +286,10 @@ class PruMergeEncoder(nn.Module):
             )
         elif spec.projected:  # chooses among the tokens the LLM receives: projected first
             features = hidden[:, prefix:] if self.projector is None else self.projector(hidden[:, prefix:])
-            return _fixed(*spec.run(self, features, q, k, **inputs))
+            relevance = self.relevance_inputs(hidden[:, prefix:])
+            if patch_sink is not None:
+                patch_sink.extend([features, *relevance.values()])  # PATCH_OUTPUTS' order
+            return _fixed(*spec.run(self, features, q, k, **inputs, **relevance))
         else:
             out = spec.run(self, hidden, q, k)
             if not spec.adaptive:

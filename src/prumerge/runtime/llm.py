@@ -52,16 +52,15 @@ class OnnxDecoder:
         self.embeds_dtype = np.dtype(spec.embeds_dtype)
         self.context_length = spec.context_length
         self._names = self.io.cache_names()
+        # a mixed decoder (export.kv_cache.float_prefill): a first step's attention in float, the cache int8
+        self.prefill_switch = (spec.kv_cache or {}).get("prefill_switch")
         check_decoder_io(self.session, spec, base / spec.decoder)
         if self.embeddings.ndim != 2 or self.embeddings.shape[1] != spec.hidden_size:
             raise ArtifactError(f"the embedding table {base / spec.embeddings} has shape {self.embeddings.shape}, "
                                 f"the manifest says [vocabulary, {spec.hidden_size}]: the artifact was altered")
 
     def embed(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
-            raise InputError(f"token id out of range for a vocabulary of {self.embeddings.shape[0]}")
-        return np.asarray(self.embeddings[ids], dtype=np.float32)
+        return embed_ids(self.embeddings, token_ids)
 
     def start(self, capacity: int | None = None) -> "KVCache":
         """An empty cache. ``capacity`` (positions the generation can reach): with a decoder that shares past and
@@ -73,13 +72,13 @@ class OnnxDecoder:
         if capacity and self.spec.kv_share_buffer:
             length = min(int(capacity), self.context_length)
             shape = (1, self.kv_shape[0], length, self.kv_shape[1])
-            values = {past: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype))
-                      for past, _ in self._names}
-            return KVCache(values, 0, capacity=length, bound=self._bind_shared(values, length))
+            arrays = {past: np.zeros(shape, dtype=self.kv_dtype) for past, _ in self._names}
+            values = {past: ort.OrtValue.ortvalue_from_numpy(array) for past, array in arrays.items()}  # no copy
+            return KVCache(values, 0, capacity=length, bound=self._bind_shared(values, length, arrays))
         empty = np.zeros((1, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.kv_dtype)
         return KVCache({past: ort.OrtValue.ortvalue_from_numpy(empty) for past, _ in self._names}, 0)
 
-    def _bind_shared(self, values: dict, length: int) -> "SharedBinding":
+    def _bind_shared(self, values: dict, length: int, arrays: dict) -> "SharedBinding":
         """One I/O binding for a whole generation on shared buffers: past and present are the same buffers at
         every step, so they are bound once instead of 2 x layers binds a step; a decoder whose logits are one row
         (pruned LM head) writes them into one preallocated buffer; the attention mask is a view of one row of ones.
@@ -95,7 +94,9 @@ class OnnxDecoder:
             dtype = _NP_TYPES[next(o.type for o in self.session.get_outputs() if o.name == self.io.logits)]
             logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.spec.vocab_size), dtype=dtype))
             binding.bind_ortvalue_output(self.io.logits, logits)
-        return SharedBinding(binding, logits, np.ones((1, length), dtype=np.int64))
+        if self.prefill_switch:
+            binding.bind_cpu_input(self.prefill_switch, _FALSE)
+        return SharedBinding(binding, logits, np.ones((1, length), dtype=np.int64), arrays)
 
     def step(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
         """Run ``embeds [T, D]`` after ``cache``; return the last position's logits [V] (or all, [T, V], from a
@@ -110,6 +111,8 @@ class OnnxDecoder:
         if cache.capacity is not None and total > cache.capacity:
             raise InputError(f"the sequence needs {total} positions but the cache was allocated for {cache.capacity}")
         embeds = np.ascontiguousarray(embeds[None].astype(self.embeds_dtype))
+        if self.prefill_switch and cache.length == 0:
+            return self._float_prefill(embeds, cache, all_logits)
         if cache.bound is not None:  # shared buffers: only the embeddings and the mask's length change
             shared = cache.bound
             shared.binding.bind_cpu_input(self.io.inputs_embeds, embeds)
@@ -119,20 +122,56 @@ class OnnxDecoder:
             self.session.run_with_iobinding(shared.binding)
             raw = shared.logits if shared.logits is not None else shared.binding.get_outputs()[-1]
             return _rows(raw, all_logits), KVCache(cache.values, total, capacity=cache.capacity, bound=shared)
+        logits, values = self._run_growing(embeds, total, cache.values, _FALSE)
+        return _rows(logits, all_logits), KVCache(values, total)
+
+    def _run_growing(self, embeds: np.ndarray, total: int, past: dict, switch: np.ndarray) -> tuple:
+        """One step whose presents onnxruntime allocates (past + new positions): (logits, {past name: present})."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.io.inputs_embeds, embeds)
         binding.bind_cpu_input(self.io.attention_mask, np.ones((1, total), dtype=np.int64))
+        if self.prefill_switch:
+            binding.bind_cpu_input(self.prefill_switch, switch)
         bound = []
-        for past, present in self._names:
-            binding.bind_ortvalue_input(past, cache.values[past])
+        for name, present in self._names:
+            binding.bind_ortvalue_input(name, past[name])
             binding.bind_output(present, "cpu")
             bound.append(present)
         binding.bind_output(self.io.logits, "cpu")
         bound.append(self.io.logits)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(bound, binding.get_outputs()))  # get_outputs() follows the binding order
-        grown = KVCache({past: outputs[present] for past, present in self._names}, total)
-        return _rows(outputs[self.io.logits], all_logits), grown
+        return outputs[self.io.logits], {name: outputs[present] for name, present in self._names}
+
+    def _float_prefill(self, embeds: np.ndarray, cache: "KVCache", all_logits: bool) -> tuple:
+        """A mixed decoder's first step: attention in float over the new positions, the presents (int8, quantised
+        in the graph) written into the preallocated buffers when the generation has them, else the new cache."""
+        import onnxruntime as ort
+
+        count = embeds.shape[1]
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype))
+        logits, presents = self._run_growing(embeds, count, {name: empty for name, _ in self._names}, _TRUE)
+        if cache.bound is None:
+            return _rows(logits, all_logits), KVCache(presents, count)
+        for name, array in cache.bound.arrays.items():  # the buffers the shared binding reads and writes
+            array[:, :, :count] = presents[name].numpy()
+        return _rows(logits, all_logits), KVCache(cache.values, count, capacity=cache.capacity, bound=cache.bound)
+
+
+def embed_ids(table: np.ndarray, token_ids) -> np.ndarray:
+    """``[T, D]`` float32 rows of the embedding ``table`` for ``token_ids`` (checked against its vocabulary)."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise InputError(f"token id out of range for a vocabulary of {table.shape[0]}")
+    return np.asarray(table[ids], dtype=np.float32)
+
+
+def plain_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` (``tokenizers.Tokenizer``) that encodes special-token strings as plain text: a user
+    typing ``<|im_end|>`` gets text, not the control token."""
+    plain = type(tokenizer).from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _rows(logits, all_logits: bool) -> np.ndarray:
@@ -161,10 +200,16 @@ def check_decoder_io(session, spec, path) -> None:
     io = spec.io
     wanted_in = [io.inputs_embeds, io.attention_mask, *io.past_keys, *io.past_values]
     wanted_out = [io.logits, *io.present_keys, *io.present_values]
+    switch = (spec.kv_cache or {}).get("prefill_switch")
+    if switch:
+        wanted_in.append(switch)
     missing = [n for n in wanted_in if n not in inputs] + [n for n in wanted_out if n not in outputs]
     if missing:
         raise ArtifactError(f"the manifest names decoder tensors {', '.join(missing[:4])} that {path} does not have: "
                             "the manifest does not describe this decoder")
+    if switch and inputs[switch].type != "tensor(bool)":
+        raise ArtifactError(f"the decoder {path} input {switch} (llm.kv_cache.prefill_switch) is "
+                            f"{inputs[switch].type}, not a bool: the manifest does not describe this decoder")
     checks = [("llm.embeds_dtype", spec.embeds_dtype, _ORT_TYPES.get(inputs[io.inputs_embeds].type)),
               ("llm.kv_dtype", spec.kv_dtype, _ORT_TYPES.get(inputs[io.past_keys[0]].type))]
     shape = inputs[io.past_keys[0]].shape  # [batch, kv heads, positions, head size]
@@ -181,17 +226,19 @@ def check_decoder_io(session, spec, path) -> None:
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_TRUE, _FALSE = np.array(True), np.array(False)  # a mixed decoder's prefill switch
 
 
 class SharedBinding:
     """What a shared-buffer generation binds once: the I/O binding (past = present buffers), the preallocated
     logits buffer (None: the decoder's logits are every row, allocated by onnxruntime each step), a row of ones the
-    attention mask is a view of."""
+    attention mask is a view of, the buffers' numpy arrays."""
 
-    def __init__(self, binding, logits, mask: np.ndarray) -> None:
+    def __init__(self, binding, logits, mask: np.ndarray, arrays: dict) -> None:
         self.binding = binding
         self.logits = logits
         self.mask = mask
+        self.arrays = arrays  # the numpy memory of the bound buffers (a mixed decoder's prefill writes into it)
 
 
 class KVCache:

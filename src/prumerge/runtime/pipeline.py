@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import ArtifactError, ConfigError, InputError
 from ..artifact.manifest import inside
-from .llm import OnnxDecoder, Stopwatch, choose_token, ensure_tokenizers
+from .llm import OnnxDecoder, Stopwatch, choose_token, ensure_tokenizers, plain_tokenizer
 from .preprocess import ImageLike, preprocess_batch
 from .vision import VisionSession
 
@@ -124,6 +125,9 @@ class Pipeline:
         graph = graph if graph is not None else (vision.graph if vision is not None else None)
         self.method = graph.method if graph is not None else "?"
         self.output_width = graph.output_width if graph is not None else None
+        self.text = None  # the artifact's CLIP text graph (runtime.text.TextEncoder), when it has one
+        self._towers: dict = {}  # pixels' digest -> the vision graph's patch outputs (see _vision)
+        self._towers_lock = threading.Lock()
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, provider: str = "cpu", method: str | None = None,
@@ -153,7 +157,12 @@ class Pipeline:
             raise ArtifactError(f"the LLM takes {spec.hidden_size}-wide embeddings but the vision graph gives {graph.output_width}")
         Tokenizer = ensure_tokenizers()
         tokenizer = Tokenizer.from_file(str(inside(inside(directory, spec.directory), spec.tokenizer)))
-        return cls(vision, OnnxDecoder(directory, spec, provider, threads=llm_threads), tokenizer, spec, graph)
+        pipeline = cls(vision, OnnxDecoder(directory, spec, provider, threads=llm_threads), tokenizer, spec, graph)
+        if manifest.text is not None:  # CLIP's text graph embeds the question for the reducer
+            from .text import TextEncoder
+
+            pipeline.text = TextEncoder(directory, manifest.text, provider)
+        return pipeline
 
     # ------------------------------------------------------------------ prompt assembly
     def prompt_chunks(self, prompt: str, num_images: int, template: bool = True) -> list:
@@ -223,9 +232,7 @@ class Pipeline:
     @functools.cached_property
     def _plain(self):
         """A copy of the tokenizer that encodes special-token strings as plain text."""
-        plain = type(self.tokenizer).from_str(self.tokenizer.to_str())
-        plain.encode_special_tokens = True
-        return plain
+        return plain_tokenizer(self.tokenizer)
 
     @functools.cached_property
     def _special_ids(self) -> dict:
@@ -240,16 +247,11 @@ class Pipeline:
 
     def question(self, prompt: str, batch: int) -> dict:
         """What a reducer that reads the question (cdpruner) is given: the user's words (image markers removed,
-        special-token strings kept as text), embedded with the decoder's own table, the same rows for each of the
-        ``batch`` images of the prompt."""
-        text = " ".join(prompt.replace(self.marker, " ").split())
-        ids = self._plain.encode(text, add_special_tokens=False).ids if text else []
-        if not ids:
-            raise InputError("this artifact's reducer keeps the tokens relevant to the question, and the prompt has "
-                             "no words besides its image markers")
-        embeds = self.decoder.embed(ids)
-        return {"question_embeds": np.broadcast_to(embeds, (batch, *embeds.shape)),
-                "question_mask": np.ones((batch, len(ids)), dtype=np.float32)}
+        special-token strings kept as text), embedded with the decoder's own table (or the artifact's CLIP text
+        graph), the same rows for each of the ``batch`` images of the prompt (:class:`QuestionEmbedder`)."""
+        from .question import QuestionEmbedder
+
+        return QuestionEmbedder(self.marker, self._plain, self.decoder.embed, self.text).arrays(prompt, batch)
 
     def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch, visual=None):
         """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded (or ``visual``,
@@ -273,7 +275,7 @@ class Pipeline:
                 pixels = preprocess_batch(list(images), self.vision.preprocess)
             question = self.question(prompt, len(images)) if self.vision.needs_question else None
             with clock.timed("vision"):
-                out = self.vision.run_pixels(pixels, question)
+                out = self._vision(pixels, question)
             visual = [out.image(b).astype(np.float32) for b in range(len(images))]
         with clock.timed("embed"):
             parts = [visual[c.image] if c.kind == "image" else self.decoder.embed(list(c.ids)) for c in chunks]
@@ -281,6 +283,30 @@ class Pipeline:
         if embeds.shape[0] >= self.decoder.context_length:
             raise InputError(f"the prompt needs {embeds.shape[0]} positions (visual tokens included) but the model's context is {self.decoder.context_length}")
         return embeds, [int(v.shape[0]) for v in visual]
+
+    TOWER_CACHE = 4  # images whose patch outputs are kept for another question (LLaVA-7B: 9.4 MB each)
+
+    def _vision(self, pixels: np.ndarray, question: dict | None):
+        """The vision graph's tokens for ``pixels``. A question-reading graph with a reducer graph runs the tower
+        once per image: the patch outputs of the last few images are kept (keyed by their pixels' bytes), and another
+        question on one of them runs the reducer graph alone."""
+        if (question is None or getattr(self.vision, "reducer", None) is None or not self.TOWER_CACHE
+                or len(pixels) > self.vision.batch_max):
+            return self.vision.run_pixels(pixels, question)
+        import hashlib
+
+        key = hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).digest()
+        with self._towers_lock:
+            patches = self._towers.pop(key, None)
+        if patches is None:
+            out, patches = self.vision.run_keeping_patches(pixels, question)
+        else:
+            out = self.vision.reduce_patches(patches, question)
+        with self._towers_lock:  # callers on several threads share the cache
+            self._towers[key] = patches  # most recent last
+            while len(self._towers) > self.TOWER_CACHE:
+                self._towers.pop(next(iter(self._towers)))
+        return out
 
     # ------------------------------------------------------------------ generation
     def generate(self, images: ImageLike | Sequence[ImageLike] | None, prompt: str, max_new_tokens: int = 128,

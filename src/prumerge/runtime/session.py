@@ -31,6 +31,7 @@ class GraphIO:
 
 class VisionSessionBase:
     provider = "?"
+    question_rows_max: int | None = None  # a TensorRT engine's profile bound on the question's tokens
 
     def __init__(self, directory: Path | None, manifest, graph, batch_max: int | None = None) -> None:
         """``graph``: the artifact's ``GraphSection``, or a bare graph file's :class:`GraphIO`. ``manifest`` None: a
@@ -92,6 +93,10 @@ class VisionSessionBase:
         mask = np.asarray(question[QUESTION_INPUTS[1]], dtype=np.float32)
         if embeds.ndim != 3 or embeds.shape[0] != batch or embeds.shape[2] != self.question_width or not embeds.shape[1]:
             raise InputError(f"{QUESTION_INPUTS[0]} must be [{batch}, rows, {self.question_width}], got {embeds.shape}")
+        if self.question_rows_max is not None and embeds.shape[1] > self.question_rows_max:
+            raise InputError(f"the question is {embeds.shape[1]} tokens long; this {self.provider} engine was built for "
+                             f"at most {self.question_rows_max}: shorten it, or rebuild the engine with "
+                             "--max-question-rows")
         if mask.shape != embeds.shape[:2] or not np.isin(mask, (0.0, 1.0)).all() or not mask.any(axis=1).all():
             raise InputError(f"{QUESTION_INPUTS[1]} must be [{batch}, {embeds.shape[1]}] of 0/1 with a real row per image")
         if not np.isfinite(embeds).all():

@@ -40,6 +40,7 @@ class TensorRTSession(VisionSessionBase):
             raise ArtifactError(f"{path} cannot run here: {problem}")
         super().__init__(directory, manifest, graph, batch_max=engine_facts.max_batch)
         self.provider = "TensorRT"
+        self.question_rows_max = engine_facts.options.get("max_question_rows")
         self.runner = TrtRunner(EngineFromBytes(path.read_bytes()))
         try:
             self.runner.activate()

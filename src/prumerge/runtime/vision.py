@@ -9,7 +9,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..artifact.contract import OUTPUT_NAMES
+import numpy as np
+
+from ..artifact.contract import OUTPUT_NAMES, PATCH_OUTPUTS, QUESTION_INPUTS, VisionOutput
 from ..artifact.manifest import Manifest, TensorSpec, inside
 from ..errors import ArtifactError, BackendUnavailableError, InputError
 from .session import GraphIO, VisionSessionBase
@@ -63,7 +65,10 @@ class VisionSession(VisionSessionBase):
             _require_fused_attention(directory)
         session, used = _ort_session(inside(directory, spec.file), provider, profile_dir)
         _check_io(session, spec, directory)
-        return cls(directory, manifest, spec, session, used)
+        opened = cls(directory, manifest, spec, session, used)
+        if spec.reducer_graph is not None:
+            opened.open_reducer(inside(directory, spec.reducer_graph), provider)
+        return opened
 
     @classmethod
     def from_graph(cls, path: str | Path, provider: str = "cpu", batch_max: int = 8) -> "VisionSession":
@@ -86,6 +91,35 @@ class VisionSession(VisionSessionBase):
     # ------------------------------------------------------------------ running
     def run_batch(self, feed: dict):
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feed)))
+
+    # ------------------------------------------------------------------ a second question on an image
+    reducer = None  # the reducer graph's session (a question-reading graph with contract.REDUCER_GRAPH_FILE)
+
+    def open_reducer(self, path: Path, provider: str = "cpu") -> None:
+        self.reducer, _ = _ort_session(path, provider)
+        names = {i.name for i in self.reducer.get_inputs()}
+        self.patch_names = [n for n in PATCH_OUTPUTS if n in names]
+        produced = {o.name for o in self.session.get_outputs()}
+        if not self.patch_names or not set(self.patch_names) <= produced or not set(QUESTION_INPUTS) <= names:
+            raise ArtifactError(f"{path}: the reducer graph takes {', '.join(sorted(names))}, which the vision graph's "
+                                "outputs and the question do not provide")
+
+    def run_keeping_patches(self, pixel_values: np.ndarray, question: dict) -> tuple:
+        """``(VisionOutput, patches)``: the whole graph, and what its reducer chose among (``{name: [B, N, W]}``)
+        for :meth:`reduce_patches` with another question. One batch (at most ``batch_max`` images)."""
+        feed = self.check_pixels(pixel_values)
+        if len(feed) > self.batch_max:
+            raise InputError(f"at most {self.batch_max} images at once here, got {len(feed)}")
+        wanted = [*OUTPUT_NAMES, *self.patch_names]
+        values = dict(zip(wanted, self.session.run(wanted, {self.input_name: feed, **self.check_question(question, len(feed))})))
+        return VisionOutput.from_named(values), {n: values[n] for n in self.patch_names}
+
+    def reduce_patches(self, patches: dict, question: dict) -> VisionOutput:
+        """The reducer graph alone on an image's kept ``patches`` with ``question``: the whole graph's output for
+        that question, without the tower."""
+        batch = len(next(iter(patches.values())))
+        feed = {**patches, **self.check_question(question, batch)}
+        return VisionOutput.from_named(dict(zip(OUTPUT_NAMES, self.reducer.run(list(OUTPUT_NAMES), feed))))
 
     def end_profiling(self) -> Path:
         """Stop onnxruntime's profiler; return its JSON file (sessions opened with ``profile_dir``)."""

@@ -31,6 +31,7 @@ LLM_MODEL = "prumerge_llm"
 BLS_MODEL = "prumerge"
 MODELS_DIR = "models"
 ARTIFACT_DIR = "artifact"
+QUESTION_ROWS_MULTIPLE = 16  # the entry model pads a question's rows to this multiple (padding rows are masked)
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "bool": "TYPE_BOOL"}
 
 
@@ -55,9 +56,6 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
     vision = manifest.vision
     if vision.contract != "padded":
         raise ConfigError("Triton batches fixed shapes: build the artifact with --output padded (the default)")
-    if len(vision.inputs) > 1:  # the dynamic batcher joins requests of pixels alone
-        raise ConfigError(f"{artifact}'s {vision.method} graph reads the question besides the pixels; the Triton "
-                          "repository batches images alone (serve it with `prumerge-export serve` or `run`)")
     if not (manifest.llm and manifest.llm.decoder):
         raise ConfigError(f"{artifact} has no LLM (built with --no-llm): the repository serves image + prompt -> text")
     max_batch = int(options.max_batch if options.max_batch is not None else vision.batch_max)  # 0 is not "not given"
@@ -85,13 +83,16 @@ def write_repository(artifact: str | Path, out: str | Path, options: TritonOptio
 
 # ------------------------------------------------------------------------------------------------ configs
 def _io(name: str, dtype: str, dims: list, reshape: bool = False) -> str:
-    shape = ", ".join(str(d) for d in dims)
+    shape = ", ".join(str(d) if isinstance(d, int) else "-1" for d in dims)  # a question's rows: any count
     extra = " reshape: { shape: [ ] }" if reshape else ""
     return f'  {{ name: "{name}" data_type: {_TYPES[dtype]} dims: [ {shape} ]{extra} }}'
 
 
 def vision_io(manifest) -> str:
-    """Inputs and outputs of the vision graph without the batch axis (``[B]`` outputs as ``[1]`` reshaped)."""
+    """Inputs and outputs of the vision graph without the batch axis (``[B]`` outputs as ``[1]`` reshaped). A graph
+    that reads the question takes its rows as ``[-1, width]`` and ``[-1]``: the dynamic batcher joins requests whose
+    row counts are equal (the entry model pads questions to a multiple of ``QUESTION_ROWS_MULTIPLE`` rows, masked,
+    so that most do)."""
     spec = manifest.vision
     inputs = [_io(i.name, i.dtype, i.shape[1:]) for i in spec.inputs]
     outputs = []

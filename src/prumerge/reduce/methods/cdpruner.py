@@ -105,8 +105,11 @@ def dpp_greedy(kernel, keep: int):
     return torch.stack(picks, dim=-1)
 
 
-def cdpruner_indices(tokens, question, mask, keep: int, scope: str = "image", sign: str = "positive"):
-    """``([B, keep] raster-order indices, relevance [B, N])`` CDPruner keeps of ``tokens [B, N, D]`` (float32)."""
+def cdpruner_indices(tokens, question, mask, keep: int, scope: str = "image", sign: str = "positive",
+                     image_embeds=None):
+    """``([B, keep] raster-order indices, relevance [B, N])`` CDPruner keeps of ``tokens [B, N, D]`` (float32).
+    ``image_embeds [B, N, E]``: what the question is compared with when it is CLIP text (the released source);
+    None: the tokens themselves (the question in the LLM's embedding space)."""
     import torch
 
     from ..ranking import top_indices
@@ -114,7 +117,7 @@ def cdpruner_indices(tokens, question, mask, keep: int, scope: str = "image", si
     tokens, question = tokens.float(), question.float()
     unit = tokens / torch.clamp(torch.linalg.vector_norm(tokens, dim=-1, keepdim=True), min=1e-12)
     similarity = torch.matmul(unit, unit.transpose(1, 2))  # [B, N, N]
-    score = relevance(tokens, question, mask, scope, sign)
+    score = relevance(tokens if image_embeds is None else image_embeds.float(), question, mask, scope, sign)
     kernel = score.unsqueeze(2) * similarity * score.unsqueeze(1)
     picks = dpp_greedy(kernel, keep)
     # raster order, sorted as floats (exact below 2**24): TopK on float is what every runtime takes
@@ -124,7 +127,7 @@ def cdpruner_indices(tokens, question, mask, keep: int, scope: str = "image", si
 NEAR_TIE = 1e-4  # a greedy step whose two best residuals are closer than this x the kernel's largest diagonal
 
 
-def moved_within_ties(features, question_embeds, question_mask, config, candidate) -> list:
+def moved_within_ties(features, question_embeds, question_mask, config, candidate, image_embeds=None) -> list:
     """For each image, whether ``candidate`` (another runtime's kept indices) is a set the reference may take up to
     float error: the DPP is re-run in float64 on the reference's projected tokens, and a set is allowed when, at or
     before the first step whose reference pick the candidate lacks, the two best remaining residuals were within
@@ -138,7 +141,8 @@ def moved_within_ties(features, question_embeds, question_mask, config, candidat
     sign = getattr(config.relevance_sign, "value", config.relevance_sign)
     tokens, question = features.double(), question_embeds.double()
     unit = tokens / torch.clamp(torch.linalg.vector_norm(tokens, dim=-1, keepdim=True), min=1e-12)
-    score = relevance(tokens, question, question_mask.double(), scope, sign)
+    against = tokens if image_embeds is None else image_embeds.double()
+    score = relevance(against, question, question_mask.double(), scope, sign)
     kernel = score.unsqueeze(2) * torch.matmul(unit, unit.transpose(1, 2)) * score.unsqueeze(1)
     out = []
     for b in range(kernel.shape[0]):
@@ -162,29 +166,33 @@ def moved_within_ties(features, question_embeds, question_mask, config, candidat
     return out
 
 
-def run(encoder, features, q, k, question_embeds=None, question_mask=None):
-    """``features``: the projected patches (the similarity is the released code's, after the projector)."""
+def run(encoder, features, q, k, question_embeds=None, question_mask=None, image_embeds=None):
+    """``features``: the projected patches (the similarity is the released code's, after the projector);
+    ``image_embeds``: the patches' CLIP image embeddings, with a CLIP text side (``build --text-encoder``)."""
     from ...errors import InputError
 
     if question_embeds is None or question_mask is None:
         raise InputError("cdpruner keeps the tokens relevant to the question: give the question's embeddings")
     config = encoder.reducer
-    if question_embeds.shape[-1] != features.shape[-1]:
-        raise InputError(f"the question's embeddings are {question_embeds.shape[-1]} wide but the projected tokens "
-                         f"{features.shape[-1]}: cdpruner compares them in the LLM's embedding space")
+    against = features if image_embeds is None else image_embeds
+    if question_embeds.shape[-1] != against.shape[-1]:
+        space = "the LLM's embedding space" if image_embeds is None else "CLIP's text-image space"
+        raise InputError(f"the question's embeddings are {question_embeds.shape[-1]} wide but the tokens they are "
+                         f"compared with {against.shape[-1]}: cdpruner compares them in {space}")
     indices, _ = cdpruner_indices(features, question_embeds, question_mask, config.kept_tokens,
                                   getattr(config.relevance_scope, "value", config.relevance_scope),
-                                  getattr(config.relevance_sign, "value", config.relevance_sign))
+                                  getattr(config.relevance_sign, "value", config.relevance_sign), image_embeds)
     return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1])), indices
 
 
-def explain(features, q, k, config, num_heads, prefix, importance, question_embeds=None, question_mask=None):
+def explain(features, q, k, config, num_heads, prefix, importance, question_embeds=None, question_mask=None,
+            image_embeds=None):
     """What ``inspect`` draws: each patch's relevance to the question (the heat map) and the kept set."""
     from ..explain import Explanation
 
     indices, score = cdpruner_indices(features, question_embeds, question_mask, config.kept_tokens,
                                       getattr(config.relevance_scope, "value", config.relevance_scope),
-                                      getattr(config.relevance_sign, "value", config.relevance_sign))
+                                      getattr(config.relevance_sign, "value", config.relevance_sign), image_embeds)
     kept = indices[0].tolist()
     return Explanation(scores=score[0].tolist(), outliers=len(kept), kept=kept, sampled=[], neighbors={},
                        pruned_only_in_extra=sorted(set(range(features.shape[1])) - set(kept)), truncated=False)

@@ -27,7 +27,8 @@ from prumerge.artifact.manifest import Manifest
 from prumerge.errors import PruMergeError
 from prumerge.runtime.preprocess import preprocess_batch
 from prumerge.triton.cancel import CancelBoard
-from prumerge.triton.models._common import artifact_dir, parameter
+from prumerge.triton.models._common import artifact_dir, parameter, text
+from prumerge.triton.repository import QUESTION_ROWS_MULTIPLE
 
 GENERATION = ("MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED")
 
@@ -46,6 +47,11 @@ class TritonPythonModel:
         self.workers = ThreadPoolExecutor(max_workers=self.max_inflight + 1, thread_name_prefix="prumerge-bls")
         self.slots = None  # an asyncio.Semaphore, made on the backend's own loop at the first request
         self.cancels = CancelBoard.for_repository(args["model_repository"])
+        self.questions = None  # a graph that reads the question: its embedder (the artifact's table or text graph)
+        if len(manifest.vision.inputs) > 1:
+            from prumerge.runtime.question import QuestionEmbedder
+
+            self.questions = QuestionEmbedder.from_artifact(artifact_dir(args), manifest)
 
     async def execute(self, requests):
         if self.slots is None:
@@ -75,8 +81,14 @@ class TritonPythonModel:
         pixels = pixels.astype(self.input_dtype)
         preprocess_ms = (time.perf_counter() - start) * 1e3
         vision_start = time.perf_counter()
+        vision_inputs = [pb_utils.Tensor(INPUT_NAME, pixels)]
+        if self.questions is not None:  # the reducer keeps what the question asks for: its rows go with the pixels
+            prompt = text(pb_utils, request, "PROMPT")
+            question = await loop.run_in_executor(self.workers, self.questions.arrays, prompt, len(pixels),
+                                                  QUESTION_ROWS_MULTIPLE)
+            vision_inputs += [pb_utils.Tensor(name, array) for name, array in question.items()]
         vision = await pb_utils.InferenceRequest(model_name="prumerge_vision", requested_output_names=["tokens", "num_tokens"],
-                                                 inputs=[pb_utils.Tensor(INPUT_NAME, pixels)]).async_exec()
+                                                 inputs=vision_inputs).async_exec()
         if vision.has_error():
             raise PruMergeError(f"prumerge_vision: {vision.error().message()}")
         tokens = pb_utils.get_output_tensor_by_name(vision, "tokens").as_numpy()
