@@ -232,11 +232,16 @@ class LLMSection(Section):
     kv_cache: dict | None = None
 
     @property
+    def prefill_switch(self) -> str | None:
+        """A mixed cache's decoder input that runs a first step's attention in float (export.kv_cache)."""
+        return (self.kv_cache or {}).get("prefill_switch")
+
+    @property
     def kv_cache_kind(self) -> str:
         """What ``build --llm-kv-cache`` made: float, int8, or mixed (int8 with a float first step)."""
         if self.kv_dtype != "int8":
             return "float"
-        return "mixed" if (self.kv_cache or {}).get("prefill_switch") else "int8"
+        return "mixed" if self.prefill_switch else "int8"
 
     def check(self, where: str) -> None:
         _integer(self.hidden_size, f"{where}.hidden_size", 1, 1 << 16)
@@ -257,8 +262,7 @@ class LLMSection(Section):
                                           or self.kv_dtype != "int8"):
             raise ArtifactError(f"manifest field {where}.kv_cache must record an int8 cache (dtype \"int8\") of a "
                                 "decoder whose kv_dtype is int8")
-        switch = (self.kv_cache or {}).get("prefill_switch")
-        if switch is not None and (not isinstance(switch, str) or not switch):
+        if self.prefill_switch is not None and (not isinstance(self.prefill_switch, str) or not self.prefill_switch):
             raise ArtifactError(f"manifest field {where}.kv_cache.prefill_switch must name the decoder's bool input")
         if self.prompt_format is not None:
             fmt = self.prompt_format

@@ -129,8 +129,8 @@ def float_prefill(model, model_path: Path) -> None:
     """Give the int8-cache decoder ``model`` a float prefill: each layer's GroupQueryAttention becomes an ``If`` on
     the scalar input ``float_prefill``. True (a first step, from an empty cache): attention over the new positions
     in float32, as the float decoder computes it, and the presents quantised in the graph with the layer's own
-    calibrated scales (``round(x / scale)`` clipped to int8, the kernel's own rule), so the cache the decode steps
-    read is the int8 cache. False: the int8 kernel, unchanged.
+    calibrated scales (``round(x / scale)`` clipped to int8: a first layer's keys equal those the int8 kernel writes),
+    so the cache the decode steps read is the int8 cache. False: the int8 kernel, unchanged.
 
     Why: onnxruntime's CPU kernel is slow at a prefill over an int8 cache (measured on the demo's SmolLM2, 2 cores:
     1554 vs 1103 ms at 589 positions, 9.8 vs 4.7 s at 2000) and fast at decoding from one (14.3 vs 21.6 ms a token
@@ -145,12 +145,12 @@ def float_prefill(model, model_path: Path) -> None:
     if not nodes or any(len(n.input) < 14 or not n.input[12] for n in nodes):
         raise ExportError(f"{model_path}: a float prefill needs the int8-cache GroupQueryAttention decoder "
                           "(quantize_cache first)")
-    rewritten = []
+    rewritten, layer = [], -1
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
             rewritten.append(node)
             continue
-        layer = len([n for n in rewritten if n.op_type == "If"])
+        layer += 1
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         heads = attributes["kv_num_heads"]
         out, key, value = node.output

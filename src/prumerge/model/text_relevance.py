@@ -36,7 +36,10 @@ class ImageHead(nn.Module):
         return self.visual_projection.out_features
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.post_layernorm(patches).float())
+        """In float32 whatever the graph's precision (the released code also projects ``.float()``)."""
+        projection = self.visual_projection
+        bias = None if projection.bias is None else projection.bias.float()
+        return nn.functional.linear(self.post_layernorm(patches).float(), projection.weight.float(), bias)
 
 
 class TextTower(nn.Module):

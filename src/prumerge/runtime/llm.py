@@ -53,7 +53,7 @@ class OnnxDecoder:
         self.context_length = spec.context_length
         self._names = self.io.cache_names()
         # a mixed decoder (export.kv_cache.float_prefill): a first step's attention in float, the cache int8
-        self.prefill_switch = (spec.kv_cache or {}).get("prefill_switch")
+        self.prefill_switch = spec.prefill_switch
         check_decoder_io(self.session, spec, base / spec.decoder)
         if self.embeddings.ndim != 2 or self.embeddings.shape[1] != spec.hidden_size:
             raise ArtifactError(f"the embedding table {base / spec.embeddings} has shape {self.embeddings.shape}, "
@@ -200,7 +200,7 @@ def check_decoder_io(session, spec, path) -> None:
     io = spec.io
     wanted_in = [io.inputs_embeds, io.attention_mask, *io.past_keys, *io.past_values]
     wanted_out = [io.logits, *io.present_keys, *io.present_values]
-    switch = (spec.kv_cache or {}).get("prefill_switch")
+    switch = spec.prefill_switch
     if switch:
         wanted_in.append(switch)
     missing = [n for n in wanted_in if n not in inputs] + [n for n in wanted_out if n not in outputs]
