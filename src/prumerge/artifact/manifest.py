@@ -101,8 +101,14 @@ class Manifest:
             rows.append(("INT8", vision.int8.line()))
         rows.append(("TensorRT", "; ".join(f"{version}: {report.line()}" for version, report in vision.tensorrt.items())))
         llm = self.llm
-        rows.append(("LLM", f"{llm.model_type} {llm.precision} decoder ({llm.builder}), hidden {llm.hidden_size}"
-                     if llm is not None and llm.decoder else "none in this artifact"))
+        rows.append(("LLM", f"{llm.model_type} {llm.precision} decoder ({llm.builder}), hidden {llm.hidden_size}, "
+                     f"{llm.kv_cache_kind} KV cache" if llm is not None and llm.decoder else "none in this artifact"))
+        if vision.reducer_graph:
+            rows.append(("question", f"read by the reducer ({vision.inputs[1].shape[-1]}-wide rows); a second question "
+                                     f"on an image runs {vision.reducer_graph} alone"))
+        if self.text is not None:
+            rows.append(("text graph", f"{self.text.directory}/{self.text.graph}: CLIP text from {self.text.source}, "
+                                       f"{self.text.positions}-token segments, {self.text.width}-wide"))
         if self.baseline:
             rows.append(("baseline", f"{self.baseline.file} (method none, {self.baseline.capacity} tokens)"))
         rows.append(("files", ", ".join(f"{n} ({m['bytes'] / 1e6:.1f} MB)" for n, m in self.files.items())))
