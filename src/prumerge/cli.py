@@ -520,7 +520,7 @@ def serve(artifact, host, port, max_queue, images_dir, allow_remote_images, mode
 @click.option("--questions", required=True, type=click.Path(path_type=Path),
               help="LLaVA question file (JSON lines: question_id, image, text, optional answer, category)")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="image folder (default: the question file's)")
-@click.option("--methods", default=None, help="comma-separated: none,prumerge,prumerge+,visionzip,divprune (default: all the artifacts provide)")
+@click.option("--methods", default=None, help=f"comma-separated: {','.join(registry.specs())} (default: all the artifacts provide)")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="folder for the answer files (LLaVA format, one per configuration); a rerun resumes from them")
 @click.option("--limit", type=int, default=None, help="the first N questions only")
