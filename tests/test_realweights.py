@@ -97,6 +97,35 @@ def test_fixed_count_methods_match_torch_on_real_photos(dinov2_s, pixels, tmp_pa
     assert got.num_tokens.tolist() == [64 if method == "visionzip" else 34] * len(pixels)
 
 
+def test_cdpruner_keeps_the_released_selection_on_real_features(dinov2_s, pixels):
+    """CDPruner's selection against the released ``encode_images`` (copied in ``test_cdpruner.py``) on the real
+    DINOv2-S's patches of every real photo, through a fixed random projector (no trained one is at hand for this
+    tower), with a random question in both relevance sources (the tokens themselves, and separate "image
+    embeddings" as CLIP's head gives): the same 34 patches, or a set the near-tie rule allows (the two compute the
+    same sums in another order; a swap where no greedy step was that close fails)."""
+    from test_cdpruner import released_selection
+
+    from prumerge.reduce.methods.cdpruner import cdpruner_indices, moved_within_ties
+
+    encoder = PruMergeEncoder.from_pretrained(dinov2_s, method="divprune")
+    with torch.no_grad():
+        hidden, _, _ = encoder.tower_outputs(torch.from_numpy(pixels))
+    patches = hidden[:, encoder.adapter.prefix_tokens:].double()
+    g = torch.Generator().manual_seed(0)
+    features = (patches @ torch.randn(patches.shape[-1], 96, generator=g, dtype=torch.float64)).float()
+    embeds = (patches @ torch.randn(patches.shape[-1], 48, generator=g, dtype=torch.float64)).float()
+    config = ReducerConfig(method="cdpruner", kept_tokens=34, relevance_sign="negated")
+    for against, width in ((None, 96), (embeds, 48)):
+        question = torch.randn(1, 5, width, generator=g)
+        for b in range(len(pixels)):
+            extra = {} if against is None else {"image_embeds": against[b: b + 1]}
+            ours, _ = cdpruner_indices(features[b: b + 1], question, torch.ones(1, 5), 34, sign="negated", **extra)
+            released = released_selection(features[b: b + 1], features[b: b + 1] if against is None else against[b: b + 1],
+                                           question[0], 34)
+            if ours.tolist() != released.tolist():
+                assert moved_within_ties(features[b: b + 1], question, torch.ones(1, 5), config, ours, **extra) == [True]
+
+
 @pytest.mark.slow
 def test_real_weights_build_at_the_config_size_too(dinov2_s, tmp_path):
     """At its 518 px config (37x37 = 1369 patches) the real DINOv2-S was refused: same count and set, two kept
