@@ -16,6 +16,7 @@ INPUT_NAME = "pixel_values"
 # a graph whose reducer reads the question (cdpruner) takes its rows in the LLM's input-embedding space and which of
 # them are real: ``question_embeds [B, S, D]`` float, ``question_mask [B, S]`` float (1 real, 0 padding)
 QUESTION_INPUTS = ("question_embeds", "question_mask")
+QUESTION_ROWS_AXIS = "question_rows"  # their token axis, dynamic (the graph's, the manifest's, TensorRT's profile)
 # padded: static [B, K_max, D] (TensorRT 10.3); dynamic: the token axis trimmed to the batch's longest count
 CONTRACTS = ("padded", "dynamic")
 OUTPUT_NAMES = ("tokens", "num_tokens", "indices", "truncated")

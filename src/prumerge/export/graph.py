@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..model.encoder import PruMergeEncoder
-from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES, PLAIN_OPSET
+from ..artifact.contract import INPUT_NAME, OUTPUT_NAMES, PLAIN_OPSET, QUESTION_ROWS_AXIS
 from ..errors import ConfigError, ExportError
 
 ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # a graph holding one of these runs fused attention
@@ -98,21 +98,35 @@ def export_reducer_graph(encoder: PruMergeEncoder, path: Path, contract: Contrac
     names = encoder.patch_output_names()
     example = dict(zip(names, patches)) | question
     batch = torch.export.Dim("batch", min=1, max=batch_max)
-    rows = torch.export.Dim("question_rows", min=1, max=MAX_QUESTION_ROWS)
-    axes = {name: ({0: batch} if batch_max >= 2 else {}) for name in names}
-    axes |= {name: ({0: batch, 1: rows} if batch_max >= 2 else {1: rows}) for name in question}
+    axes = {name: ({0: batch} if batch_max >= 2 else {}) for name in names} | question_axes(question, batch, batch_max)
     order = ["patch_tokens", *question, *names[1:]]  # forward's parameter order
+    trace_to_onnx(graph, {n: example[n] for n in order}, {n: axes[n] for n in order}, OUTPUT_NAMES, path, opset,
+                  external_data=False, what="the reducer graph")
+    return path
+
+
+def question_axes(names, batch, batch_max: int) -> dict:
+    """The dynamic axes of the question inputs ``names``: the batch (when the graph batches) and any row count up
+    to ``MAX_QUESTION_ROWS`` (the runtime embeds whatever the user asked)."""
+    rows = torch.export.Dim(QUESTION_ROWS_AXIS, min=1, max=MAX_QUESTION_ROWS)
+    return {name: ({0: batch, 1: rows} if batch_max >= 2 else {1: rows}) for name in names}
+
+
+def trace_to_onnx(module: nn.Module, inputs: dict, dynamic_shapes: dict | None, output_names, path: Path, opset: int,
+                  external_data: bool, what: str) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` on ``inputs`` (input name -> example tensor, in ``forward``'s
+    order), the exporter's warnings and logging silenced, saved to ``path``; a failure is one ExportError naming
+    ``what``. Every graph of an artifact (vision, reducer, text) is traced here."""
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(graph, tuple(example[n] for n in order), dynamo=True, opset_version=opset,
-                                        input_names=order, output_names=list(OUTPUT_NAMES),
-                                        dynamic_shapes={n: axes[n] for n in order}, optimize=True, verbose=False)
-            program.save(str(path))
+            program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=opset,
+                                        input_names=list(inputs), output_names=list(output_names),
+                                        dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+            program.save(str(path), external_data=external_data)
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for the reducer graph: {exc}") from exc
-    return path
+        raise ExportError(f"torch.onnx.export failed for {what}: {exc}") from exc
 
 
 MAX_QUESTION_ROWS = 4096  # the most embedding rows a question may have (a 4k-token prompt)
@@ -134,7 +148,8 @@ def input_specs(encoder: PruMergeEncoder, precision: str) -> list:
 
     pixels = TensorSpec(INPUT_NAME, "float32" if precision == "fp32" else "float16",
                         ["batch", 3, encoder.image_size, encoder.image_size])
-    shapes = {"question_embeds": ["batch", "question_rows", encoder.question_width], "question_mask": ["batch", "question_rows"]}
+    shapes = {"question_embeds": ["batch", QUESTION_ROWS_AXIS, encoder.question_width],
+              "question_mask": ["batch", QUESTION_ROWS_AXIS]}
     return [pixels, *(TensorSpec(name, "float32", shapes[name]) for name in encoder.reducer.spec.inputs)]
 
 
@@ -188,30 +203,13 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=batch_max)
     dynamic_shapes = {INPUT_NAME: {0: batch}} if batch_max >= 2 else None
     extra = question_example(encoder, example_batch)
-    if extra:  # the question's rows: any count (the runtime embeds whatever the user asked)
-        rows = torch.export.Dim("question_rows", min=1, max=MAX_QUESTION_ROWS)
-        dynamic_shapes = dynamic_shapes or {INPUT_NAME: {}}
-        dynamic_shapes |= {name: ({0: batch, 1: rows} if batch_max >= 2 else {1: rows}) for name in extra}
+    if extra:
+        dynamic_shapes = (dynamic_shapes or {INPUT_NAME: {}}) | question_axes(extra, batch, batch_max)
     size = sum(p.numel() * p.element_size() for p in encoder.parameters())
     path = Path(path)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                graph,
-                (example, *extra.values()),
-                dynamo=True,
-                opset_version=opset,
-                input_names=[INPUT_NAME, *extra],
-                output_names=[*OUTPUT_NAMES, *encoder.patch_output_names()],
-                dynamic_shapes=dynamic_shapes,
-                optimize=True,
-                verbose=False,
-            )
-            program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
-    except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for the {Contract.parse(contract).value} contract: {exc}") from exc
+    trace_to_onnx(graph, {INPUT_NAME: example, **extra}, dynamic_shapes, [*OUTPUT_NAMES, *encoder.patch_output_names()],
+                  path, opset, external_data=size > EXTERNAL_DATA_BYTES,
+                  what=f"the {Contract.parse(contract).value} contract")
     return path
 
 

@@ -26,6 +26,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from ..artifact.contract import QUESTION_ROWS_AXIS
 from ..artifact.engine import ENGINE_FILE, device_facts, engine_mismatch  # noqa: F401  (re-exported)
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 
@@ -86,7 +87,6 @@ class EngineOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "build_here"}
 
 
-QUESTION_ROWS_AXIS = "question_rows"  # the question inputs' token axis (export.graph)
 
 
 def optimization_profile(inputs: list, options: EngineOptions) -> dict:

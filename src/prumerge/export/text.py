@@ -9,9 +9,7 @@ against PyTorch on the build's probe instructions (one segment and several), lik
 
 from __future__ import annotations
 
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import numpy as np
 from ..errors import ExportError
 from ..model.text_relevance import TEXT_DIR, TEXT_GRAPH, TEXT_TOKENIZER, TextTower
 from ..artifact.contract import TEXT_INPUTS, text_segments as segments
+from .graph import trace_to_onnx
 
 TEXT_OUTPUT = "text_embeds"
 MAX_SEGMENTS = 64  # 64 x 77 tokens: longer instructions are refused by the runtime in one line
@@ -39,17 +38,8 @@ def export_text_side(tower: TextTower, tokenizer: Path, stage: Path, opset: int,
     example = [torch.from_numpy(a) for a in segments([1] * (positions + 2), positions)]  # 2 segments
     count = torch.export.Dim("segments", min=1, max=MAX_SEGMENTS)
     size = sum(p.numel() * p.element_size() for p in tower.parameters())
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(tower.eval(), tuple(example), dynamo=True, opset_version=opset,
-                                        input_names=list(TEXT_INPUTS), output_names=[TEXT_OUTPUT],
-                                        dynamic_shapes={name: {0: count} for name in TEXT_INPUTS}, optimize=True,
-                                        verbose=False)
-            program.save(str(out / TEXT_GRAPH), external_data=size > (1 << 30))
-    except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for the text graph: {exc}") from exc
+    trace_to_onnx(tower.eval(), dict(zip(TEXT_INPUTS, example)), {name: {0: count} for name in TEXT_INPUTS},
+                  [TEXT_OUTPUT], out / TEXT_GRAPH, opset, external_data=size > (1 << 30), what="the text graph")
 
     encoder = Tokenizer.from_file(str(out / TEXT_TOKENIZER))
     session = ort.InferenceSession(str(out / TEXT_GRAPH), providers=["CPUExecutionProvider"])

@@ -245,13 +245,17 @@ class Pipeline:
         names = sorted(self._special_ids, key=len, reverse=True)  # longest first, as the tokenizer matches
         return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
 
+    @functools.cached_property
+    def _questions(self):
+        from .question import QuestionEmbedder
+
+        return QuestionEmbedder(self.marker, self._plain, self.decoder.embed, self.text)
+
     def question(self, prompt: str, batch: int) -> dict:
         """What a reducer that reads the question (cdpruner) is given: the user's words (image markers removed,
         special-token strings kept as text), embedded with the decoder's own table (or the artifact's CLIP text
         graph), the same rows for each of the ``batch`` images of the prompt (:class:`QuestionEmbedder`)."""
-        from .question import QuestionEmbedder
-
-        return QuestionEmbedder(self.marker, self._plain, self.decoder.embed, self.text).arrays(prompt, batch)
+        return self._questions.arrays(prompt, batch)
 
     def build_prompt(self, images: Sequence[ImageLike], prompt: str, template: bool, clock: Stopwatch, visual=None):
         """(inputs_embeds [T, D], visual token counts) for one prompt: chunks, then images encoded (or ``visual``,
@@ -290,7 +294,7 @@ class Pipeline:
         """The vision graph's tokens for ``pixels``. A question-reading graph with a reducer graph runs the tower
         once per image: the patch outputs of the last few images are kept (keyed by their pixels' bytes), and another
         question on one of them runs the reducer graph alone."""
-        if (question is None or getattr(self.vision, "reducer", None) is None or not self.TOWER_CACHE
+        if (question is None or self.vision.reducer is None or not self.TOWER_CACHE
                 or len(pixels) > self.vision.batch_max):
             return self.vision.run_pixels(pixels, question)
         import hashlib

@@ -32,6 +32,7 @@ class GraphIO:
 class VisionSessionBase:
     provider = "?"
     question_rows_max: int | None = None  # a TensorRT engine's profile bound on the question's tokens
+    reducer = None  # a question-reading graph's reducer graph session (onnxruntime's: VisionSession.open_reducer)
 
     def __init__(self, directory: Path | None, manifest, graph, batch_max: int | None = None) -> None:
         """``graph``: the artifact's ``GraphSection``, or a bare graph file's :class:`GraphIO`. ``manifest`` None: a

@@ -22,19 +22,17 @@ class TextEncoder:
     """The artifact's text graph and CLIP tokenizer: ``embed(question)`` -> ``[segments, width]``."""
 
     def __init__(self, directory: Path, spec, provider: str = "cpu") -> None:
-        import onnxruntime as ort
-
-        from .vision import PROVIDERS
+        from .vision import _ort_session
 
         self.spec = spec
         base = inside(directory, spec.directory)
-        wanted = [p for p in PROVIDERS.get(provider, ["CPUExecutionProvider"]) if p in ort.get_available_providers()
-                  and p != "TensorrtExecutionProvider"]
+        # the runtime's one session opener (provider check, CUDA options, one-line load error); a small graph that
+        # runs once a question gets no TensorRT engine of its own, as the decoder gets none
+        self.session, _ = _ort_session(inside(base, spec.graph), "cuda" if provider == "tensorrt" else provider)
         try:
-            self.session = ort.InferenceSession(str(inside(base, spec.graph)), providers=wanted)
             self.tokenizer = ensure_tokenizers().from_file(str(inside(base, spec.tokenizer)))
         except Exception as exc:
-            raise ArtifactError(f"cannot load the text graph or its tokenizer in {base}: {exc}") from exc
+            raise ArtifactError(f"cannot load the text graph's tokenizer {base / spec.tokenizer}: {exc}") from exc
         names = [i.name for i in self.session.get_inputs()]
         if names != list(INPUT_NAMES):
             raise ArtifactError(f"the text graph {base / spec.graph} takes {', '.join(names)}, not "

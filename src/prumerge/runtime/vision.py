@@ -93,8 +93,6 @@ class VisionSession(VisionSessionBase):
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feed)))
 
     # ------------------------------------------------------------------ a second question on an image
-    reducer = None  # the reducer graph's session (a question-reading graph with contract.REDUCER_GRAPH_FILE)
-
     def open_reducer(self, path: Path, provider: str = "cpu") -> None:
         self.reducer, _ = _ort_session(path, provider)
         names = {i.name for i in self.reducer.get_inputs()}
